@@ -1,0 +1,262 @@
+"""``DecodeBatch``: every input of the DSV3.2 decode region, in real shapes and vLLM's formats.
+
+``make_decode_batch`` builds the region's inputs for one layer's decode step: the MLA query side
+(``q_c``, FP8 ``q_b_proj`` weight with 128x128 block scales quantized the way DeepSeek checkpoints
+are and re-quantized to UE8M0 as vLLM 0.33 does on Hopper, ``positions``, the YaRN
+``cos_sin_cache``, ``k_pe``) and the indexer tail (FP8 indexer queries, head weights, new keys, a
+paged indexer cache in vLLM's byte layout holding each request's earlier keys, a shuffled
+``block_table``, ``slot_mapping``, ``context_lens``), plus preallocated outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from . import dims, reference
+from .fp8 import FP8_DTYPE, ue8m0_ceil_torch
+from .region import RegionArgs
+
+
+@dataclasses.dataclass
+class DecodeBatch:
+    """One decode step's inputs and output buffers.
+
+    Attributes
+    ----------
+    args : RegionArgs, the tensors the entry point takes (outputs preallocated, poisoned).
+    q_b_proj_weight_bf16 : bf16 [H*192, 1536], the unquantized weight (for the loose GEMM check).
+    batch_size, num_heads, next_n : B, H, rows per request; ``T = B * next_n``.
+    use_ue8m0 : whether the scales are powers of two (vLLM 0.33 on Hopper).
+    tie_free : the logits were built exactly representable and distinct (index sets must match).
+    """
+
+    args: RegionArgs
+    q_b_proj_weight_bf16: torch.Tensor
+    batch_size: int
+    num_heads: int
+    next_n: int
+    use_ue8m0: bool
+    tie_free: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch_size * self.next_n
+
+    def clone(self) -> "DecodeBatch":
+        """A copy whose mutable buffers (kv_cache, k_pe, q, topk_indices) are independent."""
+        a = self.args
+        args = dataclasses.replace(
+            a, kv_cache=a.kv_cache.clone(), k_pe=a.k_pe.clone(), q=a.q.clone(),
+            topk_indices=a.topk_indices.clone(),
+        )
+        return dataclasses.replace(self, args=args)
+
+
+def _weight_block_quant(w: torch.Tensor, use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantize a bf16 [N, K] weight like a DeepSeek FP8 checkpoint (fp32 scale = amax/448),
+    then, if ``use_ue8m0``, re-quantize to power-of-two scales as vLLM's
+    ``fp8_utils.py::requant_weight_ue8m0_inplace`` / ``utils/deep_gemm.py::per_block_cast_to_fp8``."""
+
+    def per_block_cast(x: torch.Tensor, ue8m0: bool):
+        n, k = x.shape
+        xv = x.view(n // 128, 128, k // 128, 128)
+        amax = xv.abs().float().amax(dim=(1, 3), keepdim=True).clamp(1e-4)
+        sf = amax / dims.FP8_MAX
+        if ue8m0:
+            sf = ue8m0_ceil_torch(sf)
+        q = (xv.float() * (1.0 / sf)).to(FP8_DTYPE)
+        return q.view(n, k), sf.view(n // 128, k // 128)
+
+    q, s = per_block_cast(w, False)  # the checkpoint
+    if use_ue8m0:
+        deq = (q.float().view(q.shape[0] // 128, 128, -1, 128) * s[:, None, :, None]).view(q.shape)
+        q, s = per_block_cast(deq, True)
+    return q.contiguous(), s.contiguous()
+
+
+def make_decode_batch(
+    context_lens: Sequence[int] | int,
+    batch_size: int | None = None,
+    *,
+    num_heads: int = 128,
+    next_n: int = 1,
+    num_padding: int = 0,
+    tie_free: bool = False,
+    use_ue8m0: bool = True,
+    rope_dtype: torch.dtype = torch.bfloat16,
+    spare_blocks: int = 3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> DecodeBatch:
+    """Build a decode batch of the DSV3.2 region.
+
+    Parameters
+    ----------
+    context_lens : per-request lengths (vLLM ``seq_lens``, including the ``next_n`` new tokens),
+        or one int for every request. Each must be >= next_n and <= 163840.
+    batch_size : B (defaults to ``len(context_lens)``); with an int ``context_lens`` it is required.
+    num_heads : MLA heads H on this rank (128, 64, 32 or 16).
+    next_n : 1, or 2 with one MTP draft token.
+    num_padding : how many of the B requests (the last ones) are CUDA-graph padding: slot -1 and
+        context length 0, as vLLM pads a graph batch.
+    tie_free : build indexer queries/keys whose logits are exact in fp32 and distinct per row
+        (base-16 digit codes), so index sets must match the reference exactly.
+    use_ue8m0 : power-of-two scales for weights, activations and keys (vLLM 0.33 on Hopper).
+    rope_dtype : dtype of ``cos_sin_cache`` (bf16 as vLLM's DeepSeek YaRN rope; fp32 allowed).
+    spare_blocks : extra cache blocks, filled with random bytes, that no request owns.
+    seed : RNG seed. device : where tensors live.
+
+    Raises
+    ------
+    ValueError, TypeError : on bad arguments (named).
+    """
+    if isinstance(context_lens, int):
+        if batch_size is None:
+            raise ValueError("batch_size: required when context_lens is an int")
+        lens = [context_lens] * batch_size
+    else:
+        lens = [int(x) for x in context_lens]
+        if batch_size is None:
+            batch_size = len(lens)
+        if len(lens) != batch_size:
+            raise ValueError(f"context_lens: expected {batch_size} lengths, got {len(lens)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    if next_n not in dims.SUPPORTED_NEXT_N:
+        raise ValueError(f"next_n: expected one of {dims.SUPPORTED_NEXT_N}, got {next_n}")
+    if num_heads not in dims.SUPPORTED_H:
+        raise ValueError(f"num_heads: expected one of {dims.SUPPORTED_H}, got {num_heads}")
+    if batch_size * next_n > dims.T_MAX:
+        raise ValueError(f"batch_size: B*next_n must be <= {dims.T_MAX}, got {batch_size * next_n}")
+    if not 0 <= num_padding <= batch_size:
+        raise ValueError(f"num_padding: expected 0..{batch_size}, got {num_padding}")
+    for b, L in enumerate(lens[: batch_size - num_padding]):
+        if not next_n <= L <= dims.MAX_MODEL_LEN:
+            raise ValueError(f"context_lens[{b}]: expected {next_n}..{dims.MAX_MODEL_LEN}, got {L}")
+    if rope_dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"rope_dtype: expected torch.bfloat16 or torch.float32, got {rope_dtype}")
+    lens = [L if b < batch_size - num_padding else 0 for b, L in enumerate(lens)]
+
+    dev = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B, H, T = batch_size, num_heads, batch_size * next_n
+    N, K = H * dims.QK_HEAD_DIM, dims.Q_LORA_RANK
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    # ---- MLA query side ------------------------------------------------------------
+    q_c = randn(T, K).to(torch.bfloat16)
+    w_bf16 = randn(N, K, std=0.02).to(torch.bfloat16)
+    w_q, w_s = _weight_block_quant(w_bf16, use_ue8m0)
+    max_pos = max(max(lens), 1)
+    cos_sin_cache = reference.make_cos_sin_cache(max_pos, rope_dtype)
+    k_pe = randn(T, 1, dims.QK_ROPE_HEAD_DIM).to(torch.bfloat16)
+    positions = torch.tensor(
+        [max(0, lens[t // next_n] - next_n + t % next_n) for t in range(T)], dtype=torch.int64
+    )
+
+    # ---- paged cache and tables ------------------------------------------------------
+    blocks_per_req = [-(-L // dims.CACHE_BLOCK_SIZE) for L in lens]
+    num_blocks = sum(blocks_per_req) + spare_blocks
+    max_blocks = max(max(blocks_per_req), 1)
+    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    block_table = torch.zeros(B, max_blocks, dtype=torch.int32)
+    cursor = 0
+    for b, nb in enumerate(blocks_per_req):
+        block_table[b, :nb] = perm[cursor : cursor + nb]
+        cursor += nb
+    # stale bytes everywhere (fp8 NaN patterns 0x7f/0xff avoided so garbage stays finite)
+    kv_cache = torch.randint(0, 0x7F, (num_blocks, dims.CACHE_BLOCK_SIZE, dims.CACHE_BYTES_PER_TOKEN),
+                             generator=g, dtype=torch.uint8)
+    _, cache_scales = reference.cache_values_and_scales(kv_cache)
+    cache_scales.copy_(torch.rand(num_blocks, dims.CACHE_BLOCK_SIZE, generator=g))
+
+    slot_mapping = torch.full((T,), -1, dtype=torch.int64)
+    for t in range(T):
+        b = t // next_n
+        if lens[b] > 0:
+            p = int(positions[t])
+            slot_mapping[t] = int(block_table[b, p // 64]) * 64 + p % 64
+
+    # ---- indexer queries, weights, keys ----------------------------------------------
+    if tie_free:
+        index_q, index_w, prefill_k, new_k = _tie_free_indexer(lens, next_n, g)
+    else:
+        index_q = randn(T, dims.INDEX_N_HEADS, dims.INDEX_HEAD_DIM).clamp(-dims.FP8_MAX, dims.FP8_MAX)
+        index_q = index_q.to(FP8_DTYPE)
+        index_w = randn(T, dims.INDEX_N_HEADS, std=dims.INDEX_N_HEADS**-0.5 * dims.INDEX_HEAD_DIM**-0.5)
+        prefill_k = [randn(max(0, L - next_n), dims.INDEX_HEAD_DIM).to(torch.bfloat16) for L in lens]
+        new_k = randn(T, dims.INDEX_HEAD_DIM).to(torch.bfloat16)
+    # earlier keys of every request, written with vLLM's quantization (vectorized)
+    values, scales = reference.cache_values_and_scales(kv_cache)
+    for b, L in enumerate(lens):
+        n_prev = max(0, L - next_n)
+        if n_prev == 0:
+            continue
+        kf = prefill_k[b].float()
+        s = reference.quant_scale_torch(kf.abs().amax(-1), dims.KEY_SCALE_EPS, use_ue8m0)
+        qb = reference.quant_fp8_torch(kf, s[:, None]).view(torch.uint8)
+        pos = torch.arange(n_prev)
+        blk = block_table[b].long()[pos // 64]
+        values[blk, pos % 64] = qb
+        scales[blk, pos % 64] = s
+
+    args = RegionArgs(
+        q_c=q_c,
+        q_b_proj_weight=w_q,
+        q_b_proj_weight_scale=w_s,
+        positions=positions,
+        cos_sin_cache=cos_sin_cache,
+        k_pe=k_pe,
+        q=torch.full((T, H, dims.QK_HEAD_DIM), float("nan"), dtype=torch.bfloat16),
+        index_q_fp8=index_q,
+        index_weights=index_w.float(),
+        index_k=new_k,
+        kv_cache=kv_cache,
+        slot_mapping=slot_mapping,
+        block_table=block_table,
+        context_lens=torch.tensor(lens, dtype=torch.int32),
+        topk_indices=torch.full((T, dims.INDEX_TOPK), -7, dtype=torch.int32),
+        next_n=next_n,
+    )
+    args = args.to(dev)
+    return DecodeBatch(args=args, q_b_proj_weight_bf16=w_bf16.to(dev), batch_size=B, num_heads=H,
+                       next_n=next_n, use_ue8m0=use_ue8m0, tie_free=tie_free)
+
+
+_DIGITS = 5  # base-16 digits per code: 16**5 > 163840 positions
+
+
+def _tie_free_indexer(lens, next_n, g):
+    """Queries/keys whose logits are exact fp32 integers/256, distinct within every request.
+
+    Head 0 of each query is ``[256, 16, 1, 1/16, 1/256, 0, ...]`` (exact in e4m3) with weight 1,
+    other heads have weight 0; key ``p`` holds the base-16 digits of a per-request random code in
+    dims 0..4 and 448 in dim 127, so its scale is exactly 1 and ``q . k`` is the code / 256.
+    Sums of such terms are exact in fp32 in any order, so every implementation agrees bit for bit.
+    """
+    T = len(lens) * next_n
+    q = torch.zeros(T, dims.INDEX_N_HEADS, dims.INDEX_HEAD_DIM)
+    q[:, 0, :_DIGITS] = torch.tensor([256.0, 16.0, 1.0, 1 / 16, 1 / 256])
+    w = torch.zeros(T, dims.INDEX_N_HEADS)
+    w[:, 0] = 1.0
+
+    def keys_for(codes: torch.Tensor) -> torch.Tensor:
+        k = torch.zeros(codes.numel(), dims.INDEX_HEAD_DIM)
+        for d in range(_DIGITS):
+            k[:, d] = ((codes // 16 ** (_DIGITS - 1 - d)) % 16).float()
+        k[:, -1] = dims.FP8_MAX
+        return k.to(torch.bfloat16)
+
+    prefill, new = [], torch.zeros(T, dims.INDEX_HEAD_DIM, dtype=torch.bfloat16)
+    for b, L in enumerate(lens):
+        codes = torch.randperm(16**_DIGITS, generator=g)[: max(L, 1)]
+        prefill.append(keys_for(codes[: max(0, L - next_n)]))
+        new_codes = codes[max(0, L - next_n) : L] if L > 0 else codes[:0]
+        if L > 0:
+            new[b * next_n : b * next_n + next_n] = keys_for(new_codes)
+    return q.to(FP8_DTYPE), w, prefill, new

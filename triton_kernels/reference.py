@@ -1,0 +1,304 @@
+"""Plain-PyTorch ground truth of the DeepSeek-V3.2 decode region (DESIGN.md sections 1 and 3).
+
+Written for clarity, not speed: every test and the benchmark's pre-timing check compare against
+these functions. Each function names the vLLM / DeepGEMM file whose semantics it mirrors.
+
+Region (one decode step of one layer), in vLLM's order:
+
+1. ``indexer_k_quant_and_cache``: FP8-quantize each new indexer key into the paged cache.
+2. ``topk_indices[:T] = -1``.
+3. ``paged_mqa_logits`` over every visible position (the new keys included).
+4. ``topk_indices``: top-2048 positions per row.
+5. ``q_b_proj`` (W8A8 block FP8) then interleaved MLA RoPE on ``q[..., 128:]`` and ``k_pe``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from . import dims
+from .fp8 import FP8_DTYPE, quant_fp8_torch, quant_scale_torch
+
+
+# --------------------------------------------------------------------------------------
+# lengths and cache layout
+# --------------------------------------------------------------------------------------
+def visible_lens(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:
+    """Visible length of every decode row.
+
+    Parameters
+    ----------
+    context_lens : int32 [B], vLLM ``seq_lens`` (each request's length including its new tokens).
+    next_n : 1 or 2 rows per request.
+
+    Returns
+    -------
+    int32 [B * next_n]: row ``t = b*next_n + j`` sees ``max(0, context_lens[b] - next_n + 1 + j)``
+    positions (DESIGN.md 7a; DeepGEMM's ``context_lens_2d``).
+    """
+    j = torch.arange(next_n, device=context_lens.device, dtype=torch.int64)
+    lens = context_lens.to(torch.int64)[:, None] - next_n + 1 + j[None, :]
+    return lens.clamp(min=0).reshape(-1).to(torch.int32)
+
+
+def cache_values_and_scales(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the indexer cache's two regions.
+
+    Parameters
+    ----------
+    kv_cache : uint8 [num_blocks, 64, 132] (vLLM's allocation; 8448 bytes per block).
+
+    Returns
+    -------
+    (values uint8 [num_blocks, 64, 128], scales float32 [num_blocks, 64]), both views into
+    ``kv_cache`` (vLLM ``csrc/cache_kernels.cu``: values token-major, then the 64 fp32 scales).
+    """
+    flat = kv_cache.view(kv_cache.shape[0], dims.CACHE_BYTES_PER_BLOCK)
+    values = flat[:, : dims.CACHE_SCALE_OFFSET].view(-1, dims.CACHE_BLOCK_SIZE, dims.INDEX_HEAD_DIM)
+    scales = flat[:, dims.CACHE_SCALE_OFFSET :].view(torch.float32)
+    return values, scales
+
+
+def indexer_k_quant_and_cache(
+    k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, use_ue8m0: bool = True
+) -> None:
+    """Quantize new indexer keys to FP8 and write them into the paged cache, in place.
+
+    Mirrors vLLM ``csrc/cache_kernels.cu::indexer_k_quant_and_cache_kernel``:
+    ``scale = max(amax, 1e-4) / 448`` (power of two, rounded up, when ``use_ue8m0``),
+    ``bytes = e4m3(k / scale)``. Rows whose slot is negative (padding) write nothing.
+
+    Parameters
+    ----------
+    k : bf16 [T, 128]. kv_cache : uint8 [num_blocks, 64, 132]. slot_mapping : int64 [T].
+    """
+    values, scales = cache_values_and_scales(kv_cache)
+    kf = k.float()
+    scale = quant_scale_torch(kf.abs().amax(dim=-1), dims.KEY_SCALE_EPS, use_ue8m0)  # [T]
+    q = quant_fp8_torch(kf, scale[:, None]).view(torch.uint8)  # [T, 128]
+    for t in range(k.shape[0]):
+        slot = int(slot_mapping[t])
+        if slot < 0:
+            continue
+        block, off = divmod(slot, dims.CACHE_BLOCK_SIZE)
+        values[block, off] = q[t]
+        scales[block, off] = scale[t]
+
+
+def gather_keys(
+    kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``length`` keys of one request: (float8 [length, 128], fp32 scales [length])."""
+    values, scales = cache_values_and_scales(kv_cache)
+    pos = torch.arange(length, device=kv_cache.device)
+    blocks = block_table_row.long()[pos // dims.CACHE_BLOCK_SIZE]
+    offs = pos % dims.CACHE_BLOCK_SIZE
+    return values[blocks, offs].view(FP8_DTYPE), scales[blocks, offs]
+
+
+# --------------------------------------------------------------------------------------
+# indexer: logits and top-k
+# --------------------------------------------------------------------------------------
+def paged_mqa_logits(
+    q_fp8: torch.Tensor,
+    weights: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    next_n: int,
+    max_len: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """FP8 paged MQA logits of the DSV3.2 indexer (decode).
+
+    ``logit[t, p] = sum_h weights[t, h] * relu(q[t, h] . k[p]) * k_scale[p]`` for ``p < L_t``,
+    ``-inf`` for ``L_t <= p < max_len`` (mirrors DeepGEMM ``fp8_fp4_paged_mqa_logits`` and the
+    reference in DeepGEMM ``tests/test_attention.py``; vLLM ``sparse_attn_indexer.py``).
+
+    Parameters
+    ----------
+    q_fp8 : float8_e4m3fn [T, 64, 128]. weights : fp32 [T, 64]. kv_cache : uint8 [N, 64, 132].
+    block_table : int32 [B, max_blocks]. context_lens : int32 [B]. next_n : rows per request.
+    max_len : columns of the result. dtype : float32, or float64 for the high-precision check.
+
+    Returns
+    -------
+    ``dtype`` [T, max_len].
+    """
+    T = q_fp8.shape[0]
+    lens = visible_lens(context_lens, next_n)
+    out = torch.full((T, max_len), float("-inf"), dtype=dtype, device=q_fp8.device)
+    for t in range(T):
+        L = int(lens[t])
+        if L == 0:
+            continue
+        k, k_scale = gather_keys(kv_cache, block_table[t // next_n], L)
+        s = q_fp8[t].to(dtype) @ k.to(dtype).T  # [64 heads, L]
+        out[t, :L] = (s.relu() * weights[t].to(dtype)[:, None]).sum(0) * k_scale.to(dtype)
+    return out
+
+
+def topk_indices(logits: torch.Tensor, lens: torch.Tensor, k: int = dims.INDEX_TOPK) -> torch.Tensor:
+    """Top-``k`` positions per row, padded with -1 (vLLM ``top_k_per_row_decode`` semantics).
+
+    Parameters
+    ----------
+    logits : float [T, >= max(lens)]; only ``logits[t, :lens[t]]`` is read.
+    lens : int [T] visible lengths.
+
+    Returns
+    -------
+    int32 [T, k]: the positions of the ``min(k, L_t)`` largest logits of row ``t`` (largest first,
+    ties to the lower position), then -1.
+    """
+    T = logits.shape[0]
+    out = torch.full((T, k), -1, dtype=torch.int32, device=logits.device)
+    for t in range(T):
+        L = int(lens[t])
+        if L == 0:
+            continue
+        n = min(k, L)
+        # stable descending sort: ties resolve to the lower position
+        order = torch.sort(logits[t, :L], descending=True, stable=True).indices[:n]
+        out[t, :n] = order.to(torch.int32)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# MLA query side
+# --------------------------------------------------------------------------------------
+def per_token_group_quant(x: torch.Tensor, use_ue8m0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-128-column FP8 activation quantization.
+
+    Mirrors vLLM ``fp8_utils.py::per_token_group_quant_fp8`` (``_per_token_group_quant_fp8``):
+    ``s = max(amax, 1e-10) / 448`` (UE8M0: rounded up to a power of two), ``q = clamp(x / s)``.
+
+    Returns (float8_e4m3fn [T, K], fp32 [T, K/128]).
+    """
+    T, K = x.shape
+    g = x.float().view(T, K // dims.QUANT_GROUP, dims.QUANT_GROUP)
+    s = quant_scale_torch(g.abs().amax(dim=-1), dims.ACT_SCALE_EPS, use_ue8m0)
+    return quant_fp8_torch(g, s[..., None]).view(T, K), s
+
+
+def q_b_proj(
+    q_c: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, use_ue8m0: bool = True
+) -> torch.Tensor:
+    """W8A8 block-FP8 ``q_b_proj``: bf16 [T, N] = q_c [T, K] @ weight[N, K]^T.
+
+    Mirrors vLLM's block-FP8 linear with DeepGEMM ``fp8_gemm_nt``: activations quantized per token
+    per 128 columns, weights with one fp32 scale per 128x128 block, fp32 accumulation of
+    ``sum_kb (x_q . w_q)_kb * x_s[t, kb] * w_s[n//128, kb]``, bf16 output.
+    """
+    x_q, x_s = per_token_group_quant(q_c, use_ue8m0)
+    T, K = q_c.shape
+    N = weight.shape[0]
+    G = K // dims.QUANT_GROUP
+    xq = x_q.float().view(T, G, dims.QUANT_GROUP)
+    wq = weight.float().view(N, G, dims.QUANT_GROUP)
+    partial = torch.einsum("tgk,ngk->tng", xq, wq)  # [T, N, G], exact in fp32 (FP8 x FP8 sums)
+    w_s = weight_scale.repeat_interleave(dims.QUANT_GROUP, dim=0)[:N]  # [N, G]
+    acc = (partial * x_s[:, None, :] * w_s[None, :, :]).sum(-1)
+    return acc.to(torch.bfloat16)
+
+
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved (GPT-J) RoPE, the rounding of vLLM ``deepseek_scaling_rope.py::forward_static``.
+
+    ``x`` bf16 [..., 64]; ``cos``/``sin`` [..., 32] broadcastable. With a bf16 cache every product
+    and sum rounds to bf16 (as vLLM's bf16 math does); with an fp32 cache the math is fp32 and
+    rounds once.
+    """
+    x_e, x_o = x[..., 0::2], x[..., 1::2]
+    if cos.dtype == torch.bfloat16:
+        out_e = x_e * cos - x_o * sin
+        out_o = x_o * cos + x_e * sin
+    else:
+        xe, xo = x_e.float(), x_o.float()
+        out_e = (xe * cos - xo * sin).to(x.dtype)
+        out_o = (xo * cos + xe * sin).to(x.dtype)
+    return torch.stack((out_e, out_o), dim=-1).flatten(-2)
+
+
+def mla_rope_(q: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """In-place MLA RoPE on ``q[..., 128:]`` ([T, H, 192] bf16) and ``k_pe`` ([T, 1, 64] bf16).
+
+    ``cos_sin_cache`` [max_pos, 64] (cos in the first 32 columns, sin in the last 32), indexed by
+    ``positions`` (int64 [T]); interleaved pairs (``is_neox_style=False``), as vLLM's
+    ``MultiHeadLatentAttentionWrapper.forward`` calls ``rotary_emb(positions, q[..., 128:], k_pe)``.
+    """
+    cs = cos_sin_cache[positions.long()]
+    half = dims.QK_ROPE_HEAD_DIM // 2
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    q_pe = q[..., dims.QK_NOPE_HEAD_DIM :]
+    q_pe.copy_(rope_interleaved(q_pe, cos, sin))
+    k_pe.copy_(rope_interleaved(k_pe, cos, sin))
+
+
+@functools.lru_cache(maxsize=8)
+def _cos_sin_cache_cpu(max_pos: int) -> torch.Tensor:
+    rot = dims.QK_ROPE_HEAD_DIM
+    base, factor, orig = dims.ROPE_THETA, dims.ROPE_FACTOR, dims.ROPE_ORIGINAL_MAX_POS
+
+    def corr_dim(n_rot: float) -> float:
+        return (rot * math.log(orig / (n_rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(corr_dim(dims.ROPE_BETA_FAST)), 0)
+    high = min(math.ceil(corr_dim(dims.ROPE_BETA_SLOW)), rot - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = base ** (torch.arange(0, rot, 2, dtype=torch.float) / rot)
+    inv_extra = 1.0 / pos_freqs
+    inv_inter = 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(rot // 2, dtype=torch.float) - low) / (high - low), 0, 1)
+    mask = 1 - ramp
+    inv_freq = inv_inter * (1 - mask) + inv_extra * mask
+
+    def mscale(scale: float, m: float) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    ms = mscale(factor, dims.ROPE_MSCALE) / mscale(factor, dims.ROPE_MSCALE_ALL_DIM)
+    t = torch.arange(max_pos, dtype=torch.float32)
+    freqs = torch.einsum("i,j -> ij", t, inv_freq)
+    return torch.cat((freqs.cos() * ms, freqs.sin() * ms), dim=-1)
+
+
+def make_cos_sin_cache(
+    max_pos: int = dims.MAX_MODEL_LEN, dtype: torch.dtype = torch.bfloat16, device="cpu"
+) -> torch.Tensor:
+    """DeepSeek YaRN ``cos_sin_cache`` [max_pos, 64] (cos | sin), as vLLM builds it.
+
+    Mirrors vLLM ``rotary_embedding/deepseek_scaling_rope.py::_compute_cos_sin_cache`` with
+    DSV3.2's rope_scaling (theta 1e4, factor 40, original 4096, beta 32/1, mscale 1/1), cast to
+    the model dtype (bf16) as ``RotaryEmbeddingBase`` does.
+    """
+    return _cos_sin_cache_cpu(int(max_pos)).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# whole region
+# --------------------------------------------------------------------------------------
+def run_region(args, use_ue8m0: bool = True) -> None:
+    """Run the whole region in vLLM's order, writing into ``args``' output buffers.
+
+    ``args`` is a :class:`smpart.triton_kernels.region.RegionArgs`. Writes ``kv_cache`` (new keys),
+    ``topk_indices`` [T, 2048], ``q`` [T, H, 192] and ``k_pe`` (roped in place).
+    """
+    T = args.q_c.shape[0]
+    indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping, use_ue8m0)
+    args.topk_indices[:T] = -1
+    lens = visible_lens(args.context_lens, args.next_n)
+    max_len = max(int(lens.max()) if T else 0, 1)
+    logits = paged_mqa_logits(
+        args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table, args.context_lens,
+        args.next_n, max_len,
+    )
+    args.topk_indices[:T] = topk_indices(logits, lens)
+    H = args.q.shape[1]
+    args.q.view(T, H * dims.QK_HEAD_DIM).copy_(
+        q_b_proj(args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, use_ue8m0)
+    )
+    mla_rope_(args.q, args.k_pe, args.positions, args.cos_sin_cache)

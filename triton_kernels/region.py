@@ -1,0 +1,133 @@
+"""The one entry point of the DSV3.2 decode region: ``run_region(args, path=..., workspace=...)``.
+
+Paths (DESIGN.md 4 / 7a): ``reference`` (PyTorch), ``sequential`` (standalone Triton kernels on
+one stream), ``dual_stream``, ``green_ctx``, ``partitioned`` (one persistent launch), and the
+vendor variants ``vllm_sequential`` / ``vllm_dual_stream``. Every path reads the same
+:class:`RegionArgs` and writes the same caller-provided buffers (``kv_cache``, ``topk_indices``,
+``q``, ``k_pe``); the Triton paths allocate nothing and never sync the host, so they capture in
+CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from . import dims
+from .validate import validate_region_args
+
+
+@dataclasses.dataclass
+class RegionArgs:
+    """Tensors of one decode step of the region (vLLM names; T = B * next_n rows).
+
+    Inputs
+    ------
+    q_c : bf16 [T, 1536] (after ``q_a_layernorm``).
+    q_b_proj_weight : float8_e4m3fn [H*192, 1536]; q_b_proj_weight_scale : fp32 [H*192/128, 12].
+    positions : int64 [T]; cos_sin_cache : bf16 or fp32 [max_pos, 64] (cos | sin).
+    index_q_fp8 : float8_e4m3fn [T, 64, 128]; index_weights : fp32 [T, 64]; index_k : bf16 [T, 128].
+    slot_mapping : int64 [T] (-1 = padding row); block_table : int32 [B, max_blocks];
+    context_lens : int32 [B] (vLLM ``seq_lens``: lengths including the new tokens).
+    next_n : int, 1 or 2.
+
+    Outputs (written in place)
+    --------------------------
+    kv_cache : uint8 [num_blocks, 64, 132] (the new keys are written); k_pe : bf16 [T, 1, 64]
+    (roped in place; last dim unit-stride); q : bf16 [T, H, 192]; topk_indices : int32 [T, 2048].
+    """
+
+    q_c: torch.Tensor
+    q_b_proj_weight: torch.Tensor
+    q_b_proj_weight_scale: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    k_pe: torch.Tensor
+    q: torch.Tensor
+    index_q_fp8: torch.Tensor
+    index_weights: torch.Tensor
+    index_k: torch.Tensor
+    kv_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    context_lens: torch.Tensor
+    topk_indices: torch.Tensor
+    next_n: int = 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.q_c.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_b_proj_weight.shape[0] // dims.QK_HEAD_DIM
+
+    def to(self, device) -> "RegionArgs":
+        """A copy with every tensor moved to ``device``."""
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                     if isinstance(getattr(self, f.name), torch.Tensor)}
+        )
+
+
+PATHS = ("reference", "sequential", "dual_stream", "green_ctx", "partitioned", "vllm_sequential", "vllm_dual_stream")
+
+_IMPLS: dict[str, Callable] = {}
+
+
+def register_path(name: str):
+    """Decorator: register ``fn(args, workspace, config)`` as the implementation of ``name``."""
+    if name not in PATHS:
+        raise ValueError(f"name: expected one of {PATHS}, got {name!r}")
+
+    def deco(fn):
+        _IMPLS[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_impls() -> None:
+    # Import the modules that register paths (kept lazy so importing region is cheap).
+    from . import paths  # noqa: F401
+
+
+def run_region(args: RegionArgs, path: str = "sequential", workspace=None, config=None,
+               use_ue8m0: bool = True, check_values: bool | None = None) -> None:
+    """Run the decode region on one batch, writing ``kv_cache``, ``topk_indices``, ``q``, ``k_pe``.
+
+    Parameters
+    ----------
+    args : RegionArgs (see its docstring for shapes and dtypes).
+    path : one of ``PATHS``.
+    workspace : :class:`smpart.triton_kernels.workspace.RegionWorkspace` sized for this shape
+        bucket (required by every path but ``reference``; made once, reused across steps).
+    config : path-specific launch parameters (e.g. the partitioned split); ``None`` = the tuned or
+        default choice.
+    use_ue8m0 : power-of-two activation/key scales (vLLM 0.33 on Hopper); False = plain fp32 scales.
+    check_values : see :func:`validate_region_args` (default: on unless capturing a CUDA graph).
+
+    Raises
+    ------
+    ValueError / TypeError : bad inputs (before any kernel runs; nothing is written).
+    RuntimeError : the path cannot run here (e.g. vendor kernels or green contexts unavailable).
+    """
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    max_len = None if workspace is None else workspace.max_len
+    validate_region_args(args, max_len=max_len, check_values=check_values)
+    if path == "reference":
+        from . import reference
+
+        reference.run_region(args, use_ue8m0=use_ue8m0)
+        return
+    if workspace is None:
+        raise ValueError(f"workspace: path {path!r} needs a RegionWorkspace (RegionWorkspace.for_args(args))")
+    workspace.check_fits(args)
+    _load_impls()
+    impl = _IMPLS.get(path)
+    if impl is None:
+        raise RuntimeError(f"path {path!r} is not available in this build")
+    impl(args, workspace, config, use_ue8m0)
