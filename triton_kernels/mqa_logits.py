@@ -73,7 +73,7 @@ def _mqa_logits_item(
     """
     BLOCK_BYTES: tl.constexpr = CACHE_BLOCK * (HEAD_DIM + 4)
     SCALE_OFFSET: tl.constexpr = CACHE_BLOCK * HEAD_DIM
-    tl.static_assert(BLOCKS_PER_ITEM >= 1)
+    tl.static_assert(BLOCKS_PER_ITEM >= 1 and BLOCKS_PER_ITEM <= 8)
     tl.static_assert(NUM_HEADS % 16 == 0)
 
     t = item // runs_per_row
@@ -97,21 +97,28 @@ def _mqa_logits_item(
     q = tl.trans(q)
     w = tl.load(weights_ptr + t64 * stride_w + heads, mask=active, other=0.0)
 
+    # read the cache bytes as FP8 through a pointer cast (a value bitcast would force the MMA's
+    # A operand through registers)
+    kv_fp8_ptr = kv_cache_ptr.to(tl.pointer_type(tl.float8e4nv))
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt + blk0
     out_row = logits_ptr + t64 * stride_logits + blk0 * CACHE_BLOCK
     if FIXED_TRIP:
         n_iter = BLOCKS_PER_ITEM
     else:
         n_iter = n_blk
+    # the run's block ids, loaded once (a load inside the loop would sit between the pipeliner's
+    # stages and serialize it); ids outside [0, num_blocks) or past the visible blocks are masked
+    r = tl.arange(0, 8)
+    ids = tl.load(bt_row + r, mask=r < n_blk, other=-1)
+    ids = tl.where((ids >= 0) & (ids < num_blocks), ids, -1)
     for i in tl.range(0, n_iter, num_stages=NUM_STAGES):
-        in_run = i < n_blk
-        block_id = tl.load(bt_row + i, mask=in_run, other=-1)
-        valid = in_run & (block_id >= 0) & (block_id < num_blocks)
-        base = kv_cache_ptr + tl.where(valid, block_id, 0).to(tl.int64) * BLOCK_BYTES
-        k = tl.load(base + tok[:, None] * HEAD_DIM + d[None, :], mask=valid, other=0)
+        block_id = tl.max(tl.where(r == i, ids, -1), axis=0)
+        valid = block_id >= 0
+        base = kv_fp8_ptr + tl.maximum(block_id, 0).to(tl.int64) * BLOCK_BYTES
+        k = tl.load(base + tok[:, None] * HEAD_DIM + d[None, :], mask=valid, other=0.0)
         k_scale = tl.load((base + SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + tok, mask=valid, other=0.0)
         # [64 tokens, 128] x [128, 64 heads] -> fp32 [64 tokens, 64 heads]
-        s = tl.dot(k.to(tl.float8e4nv, bitcast=True), q, out_dtype=tl.float32)
+        s = tl.dot(k, q, out_dtype=tl.float32)
         s = tl.maximum(s, 0.0) * w[None, :]
         logit = tl.sum(s, axis=1) * k_scale
         pos = (blk0 + i) * CACHE_BLOCK + tok

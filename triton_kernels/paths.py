@@ -1,0 +1,107 @@
+"""Triton execution paths of the region: ``sequential``, ``dual_stream``, ``green_ctx``.
+
+All three run the same standalone kernels; only the scheduling differs (DESIGN.md 4):
+
+* ``sequential``: indexer tail then q side, one stream (vLLM's order).
+* ``dual_stream``: q side on an aux stream, indexer tail on the current stream, fork/join with
+  events (vLLM ``vllm/utils/multi_stream_utils.py::maybe_execute_in_parallel``; SGLang's
+  alt-stream pattern). Capturable: the fork joins inside the captured region.
+* ``green_ctx``: the same two chains, each on the stream of a ``torch.cuda.green_contexts``
+  context with a fixed SM count (``config``: ``(indexer_sms, gemm_sms)``; the driver rounds SM
+  counts up to multiples of 8 and may grant fewer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fill import fill_topk_indices
+from .indexer_cache import indexer_k_quant_and_cache
+from .mqa_logits import paged_mqa_logits
+from .q_b_proj import q_b_proj_rope
+from .region import register_path
+from .topk import topk_decode
+
+
+def indexer_tail(args, ws, use_ue8m0: bool) -> None:
+    """Key write, fill, logits, top-k: four launches on the current stream."""
+    T = args.num_tokens
+    indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping, use_ue8m0=use_ue8m0)
+    fill_topk_indices(args.topk_indices, T)
+    paged_mqa_logits(args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table, args.context_lens,
+                     ws.logits, next_n=args.next_n)
+    topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n, workspace=ws.topk)
+
+
+def q_side(args, use_ue8m0: bool) -> None:
+    """q_b_proj with fused activation quant and RoPE epilogue, plus k_pe RoPE: one launch."""
+    q_b_proj_rope(args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
+                  args.k_pe, args.q, use_ue8m0=use_ue8m0)
+
+
+@register_path("sequential")
+def run_sequential(args, ws, config, use_ue8m0):
+    indexer_tail(args, ws, use_ue8m0)
+    q_side(args, use_ue8m0)
+
+
+def _two_streams(args, ws, use_ue8m0, idx_stream, aux_stream):
+    cur = torch.cuda.current_stream()
+    fork = torch.cuda.Event()
+    fork.record(cur)
+    aux_stream.wait_event(fork)
+    idx_stream.wait_event(fork)
+    with torch.cuda.stream(aux_stream):
+        q_side(args, use_ue8m0)
+    with torch.cuda.stream(idx_stream):
+        indexer_tail(args, ws, use_ue8m0)
+    for s in {aux_stream, idx_stream}:
+        if s is not cur:
+            done = torch.cuda.Event()
+            done.record(s)
+            cur.wait_event(done)
+
+
+@register_path("dual_stream")
+def run_dual_stream(args, ws, config, use_ue8m0):
+    if args.q_c.device.type != "cuda":
+        run_sequential(args, ws, config, use_ue8m0)  # one stream is all a CPU has
+        return
+    aux = ws.extra.get("aux_stream")
+    if aux is None:
+        aux = ws.extra["aux_stream"] = torch.cuda.Stream(device=args.q_c.device)
+    _two_streams(args, ws, use_ue8m0, torch.cuda.current_stream(), aux)
+
+
+def green_contexts(ws, indexer_sms: int, gemm_sms: int, device):
+    """Two green contexts (indexer, GEMM) cached on the workspace; returns their streams.
+
+    Raises
+    ------
+    RuntimeError : green contexts unsupported by this torch/driver (the message says why).
+    """
+    key = ("green", indexer_sms, gemm_sms)
+    if key in ws.extra:
+        return ws.extra[key]
+    try:
+        from torch.cuda.green_contexts import GreenContext
+    except ImportError as e:  # pragma: no cover - torch without the module
+        raise RuntimeError(f"green_ctx: torch.cuda.green_contexts unavailable ({e})") from e
+    dev = torch.device(device).index or 0
+    try:
+        ctxs = [GreenContext.create(num_sms=n, device_id=dev) for n in (indexer_sms, gemm_sms)]
+    except Exception as e:  # noqa: BLE001 - report the driver's reason
+        raise RuntimeError(f"green_ctx: cannot create green contexts ({type(e).__name__}: {e})") from e
+    streams = tuple(c.Stream() for c in ctxs)
+    ws.extra[key] = (ctxs, streams)
+    return ws.extra[key]
+
+
+@register_path("green_ctx")
+def run_green_ctx(args, ws, config, use_ue8m0):
+    if args.q_c.device.type != "cuda":
+        raise RuntimeError("green_ctx: needs a CUDA device")
+    num_sms = torch.cuda.get_device_properties(args.q_c.device).multi_processor_count
+    indexer_sms, gemm_sms = config if config is not None else (num_sms // 4 // 8 * 8, num_sms - num_sms // 4 // 8 * 8)
+    _, (idx_stream, gemm_stream) = green_contexts(ws, indexer_sms, gemm_sms, args.q_c.device)
+    _two_streams(args, ws, use_ue8m0, idx_stream, gemm_stream)

@@ -1,0 +1,334 @@
+"""MLA query side of the DSV3.2 decode step: FP8 ``q_b_proj`` with fused activation quant and RoPE.
+
+One launch computes ``q = q_c @ W^T`` (W8A8, 128x128 block-scaled FP8), applies interleaved RoPE to
+``q[..., 128:192]`` of every 192-column head in the GEMM epilogue, and ropes ``k_pe`` in place.
+
+Mirrors, in vLLM 0.33 (DESIGN.md 3):
+
+* activation quant: ``vllm/model_executor/layers/quantization/utils/fp8_utils.py``
+  ``per_token_group_quant_fp8`` (group 128, ``eps = 1e-10``, ``s = max(amax, eps) / 448``, a power
+  of two rounded up when UE8M0 is in use, ``x_q = e4m3(clamp(x / s, +-448))``);
+* GEMM: DeepGEMM ``fp8_gemm_nt`` as vLLM's block-FP8 linear calls it (``acc += (x_q . w_q)_kb *
+  x_s[t, kb] * w_s[n // 128, kb]`` in fp32 per 128-wide K block, bf16 output);
+* RoPE: ``vllm/model_executor/layers/rotary_embedding/deepseek_scaling_rope.py`` with
+  ``is_neox_style=False`` (``common.py::rotate_gptj``): pairs ``(2i, 2i+1)``,
+  ``out_e = x_e cos_i - x_o sin_i``, ``out_o = x_o cos_i + x_e sin_i``, ``cos_i = cache[p, i]``,
+  ``sin_i = cache[p, 32 + i]``. With a bf16 ``cos_sin_cache`` (vLLM's) the GEMM output is rounded
+  to bf16 first and every product and the sum round to bf16, as vLLM's bf16 math does; with an
+  fp32 cache the math is fp32 (products formed exactly in fp64 and rounded once to fp32, so no FMA
+  contraction can change a bit) and rounds once to bf16.
+
+Kernel shape (DESIGN.md 5): swap-AB, i.e. weights on the MMA's M side. A work item is one
+``(n_tile, t_tile)`` pair: ``BLOCK_N`` weight rows (output columns) x ``BLOCK_T`` tokens, the whole
+K = 1536 in a pipelined loop of 12 steps of 128. Each step quantizes its ``[BLOCK_T, 128]`` slice
+of ``q_c`` in registers (the same group-of-128 quant as vLLM; ``q_c`` is tiny and L2-resident, so
+recomputing it per tile costs issue slots, not bytes). Items are numbered n-tile-major
+(``item = n_tile * num_t_tiles + t_tile``) so that concurrently running items share weight tiles
+in L2. The items of ``n_tile == 0`` also rope ``k_pe`` for their tokens, so the item count is just
+``num_n_tiles * num_t_tiles``.
+
+Torch ground truth: ``reference.q_b_proj`` followed by ``reference.mla_rope_``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import dims
+from .fp8 import fp8e4m3_rne, quant_scale
+
+
+# --------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _bf16_rne(x):
+    """fp32 -> bf16, round to nearest even, with integer arithmetic (finite or inf inputs).
+
+    Same bits as ``torch.Tensor.to(torch.bfloat16)`` and the GPU's ``cvt.rn.bf16.f32``, also under
+    ``TRITON_INTERPRET=1``, whose own fp32->bf16 cast truncates.
+    """
+    b = x.to(tl.int32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _pow2_reciprocal(s):
+    """Exact ``1 / s`` for a power-of-two fp32 ``s`` in ``[2**-126, 2**126]`` (exponent flip)."""
+    e = (s.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return ((254 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quant_group(x, USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr):
+    """Per-row FP8 quant of one 128-column group: fp32 ``[R, 128]`` -> (float8e4nv ``[R, 128]``, fp32 ``[R]``).
+
+    ``s = max(amax, 1e-10) / 448`` (``fp8.quant_scale``), ``x_q = e4m3_rne(clamp(x / s, +-448))``.
+    With UE8M0 ``s`` is a power of two, so ``x * (1/s)`` with the exact reciprocal is bitwise the
+    IEEE quotient and saves the precise divide. ``HW_CVT`` uses the hardware conversion
+    (``cvt.rn.satfinite.e4m3x2.f32`` on sm_89+, RNE and saturating, the same bytes as torch) instead
+    of the integer helper ``fp8.fp8e4m3_rne``; never set it under ``TRITON_INTERPRET=1``, whose own
+    conversion rounds ties away from zero.
+    """
+    amax = tl.max(tl.abs(x), axis=1)
+    s = quant_scale(amax, 1e-10, USE_UE8M0)  # dims.ACT_SCALE_EPS
+    if USE_UE8M0:
+        y = x * _pow2_reciprocal(s)[:, None]
+    else:
+        y = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    if HW_CVT:
+        xq = y.to(tl.float8e4nv)
+    else:
+        xq = fp8e4m3_rne(y).to(tl.float8e4nv, bitcast=True)
+    return xq, s
+
+
+@triton.jit
+def _rope_pairs(xe, xo, c, s, CS_FP32: tl.constexpr):
+    """Interleaved RoPE of pairs with vLLM's rounding; bf16-exact fp32 ``xe``/``xo`` -> bf16 pair.
+
+    ``c``/``s`` fp32 (their values bf16-exact when ``CS_FP32`` is False).
+    """
+    if CS_FP32:
+        # fp32 math, each product rounded once (fp64 holds bf16 x fp32 exactly: no FMA contraction)
+        ec = (xe.to(tl.float64) * c.to(tl.float64)).to(tl.float32)
+        os_ = (xo.to(tl.float64) * s.to(tl.float64)).to(tl.float32)
+        oc = (xo.to(tl.float64) * c.to(tl.float64)).to(tl.float32)
+        es = (xe.to(tl.float64) * s.to(tl.float64)).to(tl.float32)
+        out_e = _bf16_rne(ec - os_)
+        out_o = _bf16_rne(oc + es)
+    else:
+        # bf16 math: bf16 x bf16 is exact in fp32, then each product and the sum round to bf16
+        ec = _bf16_rne(xe * c).to(tl.float32)
+        os_ = _bf16_rne(xo * s).to(tl.float32)
+        oc = _bf16_rne(xo * c).to(tl.float32)
+        es = _bf16_rne(xe * s).to(tl.float32)
+        out_e = _bf16_rne(ec - os_)
+        out_o = _bf16_rne(oc + es)
+    return out_e, out_o
+
+
+# --------------------------------------------------------------------------------------
+# role function
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _q_b_proj_item(
+    item,
+    q_c_ptr,
+    w_ptr,
+    ws_ptr,
+    positions_ptr,
+    cos_sin_ptr,
+    k_pe_ptr,
+    q_ptr,
+    T,
+    N,
+    max_pos,
+    stride_qc,
+    stride_q,
+    stride_kpe,
+    stride_cs,
+    USE_UE8M0: tl.constexpr,
+    APPLY_ROPE: tl.constexpr,
+    HW_CVT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """One work item: ``BLOCK_N`` output columns x ``BLOCK_T`` tokens of ``q``, RoPE included.
+
+    Parameters (all pointers to contiguous inner dims)
+    ----------
+    item : int, in ``[0, q_b_proj_num_items(T, H, BLOCK_N, BLOCK_T))``; ``n_tile = item // nt``,
+        ``t_tile = item % nt`` with ``nt = cdiv(T, BLOCK_T)``. Items of ``n_tile == 0`` also rope
+        ``k_pe`` rows ``[t_tile*BLOCK_T, ...)``.
+    q_c_ptr : bf16 ``[T, 1536]``, row stride ``stride_qc``.
+    w_ptr : float8e4nv ``[N, 1536]`` (out x in, row-major); ``ws_ptr`` fp32 ``[N/128, 12]``.
+    positions_ptr : int64 ``[T]``; clamped to ``[0, max_pos)`` before indexing the cache.
+    cos_sin_ptr : bf16 or fp32 ``[max_pos, 64]`` (cos | sin), row stride ``stride_cs``.
+    k_pe_ptr : bf16 ``[T, 1, 64]``, token stride ``stride_kpe``, roped in place.
+    q_ptr : bf16 ``[T, N]`` (= ``[T, H, 192]``), row stride ``stride_q``; written.
+    T, N : tokens and output columns (``N = H * 192``).
+    USE_UE8M0 : power-of-two activation scales. APPLY_ROPE : False = plain GEMM (tests only; k_pe
+        untouched). HW_CVT : hardware fp32->e4m3 conversion (GPU only, see ``_quant_group``).
+    BLOCK_N : 64 or 128 weight rows (a divisor of 128, so one weight-scale row per tile).
+    BLOCK_T : tokens per tile, a power of two >= 16 (the MMA's N side).
+    NUM_STAGES : software-pipelining depth of the K loop.
+    """
+    K: tl.constexpr = 1536  # dims.Q_LORA_RANK
+    G: tl.constexpr = 128  # dims.QUANT_GROUP
+    KB: tl.constexpr = K // G
+    HEAD: tl.constexpr = 192  # dims.QK_HEAD_DIM
+    NOPE: tl.constexpr = 128  # dims.QK_NOPE_HEAD_DIM
+    ROT: tl.constexpr = 64  # dims.QK_ROPE_HEAD_DIM
+    HALF: tl.constexpr = ROT // 2
+    tl.static_assert(G % BLOCK_N == 0, "BLOCK_N must divide 128 (one weight-scale row per tile)")
+    tl.static_assert(BLOCK_N % 2 == 0)
+    tl.static_assert(BLOCK_T >= 16, "BLOCK_T: tokens are padded to >= 16 for the MMA")
+
+    num_t_tiles = tl.cdiv(T, BLOCK_T)
+    n_tile = item // num_t_tiles
+    t_tile = item % num_t_tiles
+    n0 = n_tile * BLOCK_N
+    t0 = t_tile * BLOCK_T
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # weight rows = output columns
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, G)
+    n_mask = offs_n < N
+    t_mask = offs_t < T
+
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]  # [BLOCK_N, 128] fp8
+    x_ptrs = q_c_ptr + offs_t.to(tl.int64)[:, None] * stride_qc + offs_k[None, :]  # [BLOCK_T, 128]
+    ws_row = ws_ptr + (tl.minimum(n0, N - 1) // G) * KB
+
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for kb in tl.range(0, KB, num_stages=NUM_STAGES):
+        w = tl.load(w_ptrs + kb * G, mask=n_mask[:, None], other=0.0)
+        x = tl.load(x_ptrs + kb * G, mask=t_mask[:, None], other=0.0).to(tl.float32)
+        w_s = tl.load(ws_row + kb)
+        xq, x_s = _quant_group(x, USE_UE8M0, HW_CVT)
+        part = tl.dot(w, tl.trans(xq))  # [BLOCK_N, BLOCK_T] fp32, exact FP8 x FP8 sums
+        acc += part * (x_s * w_s)[None, :]
+
+    # ---- epilogue: [BLOCK_T, BLOCK_N] orientation, so column pairs are the last dim ----------
+    out = _bf16_rne(tl.trans(acc))  # [BLOCK_T, BLOCK_N] bf16
+    q_ptrs = q_ptr + offs_t.to(tl.int64)[:, None] * stride_q + offs_n[None, :]
+    st_mask = t_mask[:, None] & n_mask[None, :]
+    if APPLY_ROPE:
+        CS_FP32: tl.constexpr = cos_sin_ptr.dtype.element_ty == tl.float32
+        pos = tl.load(positions_ptr + offs_t, mask=t_mask, other=0)
+        pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1).to(tl.int64)
+        cs_row = cos_sin_ptr + pos[:, None] * stride_cs  # [BLOCK_T, 1]
+        # does any column of this tile fall in a head's rope part (c % 192 >= 128)?
+        has_rope = (n0 % HEAD) + BLOCK_N > NOPE  # BLOCK_N <= 128 < 192: no wrap into the next head's rope
+        if has_rope:
+            col_e = n0 + 2 * tl.arange(0, BLOCK_N // 2)  # even column of each pair
+            in_head = col_e % HEAD
+            is_rope = in_head >= NOPE
+            i = tl.where(is_rope, (in_head - NOPE) // 2, 0)  # pair index 0..31
+            cs_mask = t_mask[:, None] & is_rope[None, :]
+            c = tl.load(cs_row + i[None, :], mask=cs_mask, other=0.0).to(tl.float32)
+            s = tl.load(cs_row + HALF + i[None, :], mask=cs_mask, other=0.0).to(tl.float32)
+            xe, xo = tl.split(tl.reshape(out.to(tl.float32), (BLOCK_T, BLOCK_N // 2, 2)))
+            re, ro = _rope_pairs(xe, xo, c, s, CS_FP32)
+            roped = tl.reshape(tl.join(re, ro), (BLOCK_T, BLOCK_N))
+            rope_col = ((offs_n % HEAD) >= NOPE)[None, :]
+            tl.store(q_ptrs, tl.where(rope_col, roped, out), mask=st_mask)
+        else:
+            tl.store(q_ptrs, out, mask=st_mask)
+        if n_tile == 0:
+            # k_pe [T, 1, 64]: the same interleaved rope at the same positions, in place
+            offs_i = tl.arange(0, HALF)
+            c = tl.load(cs_row + offs_i[None, :], mask=t_mask[:, None], other=0.0).to(tl.float32)
+            s = tl.load(cs_row + HALF + offs_i[None, :], mask=t_mask[:, None], other=0.0).to(tl.float32)
+            k_ptrs = k_pe_ptr + offs_t.to(tl.int64)[:, None] * stride_kpe + tl.arange(0, ROT)[None, :]
+            k = tl.load(k_ptrs, mask=t_mask[:, None], other=0.0).to(tl.float32)
+            ke, ko = tl.split(tl.reshape(k, (BLOCK_T, HALF, 2)))
+            re, ro = _rope_pairs(ke, ko, c, s, CS_FP32)
+            tl.store(k_ptrs, tl.reshape(tl.join(re, ro), (BLOCK_T, ROT)), mask=t_mask[:, None])
+    else:
+        tl.store(q_ptrs, out, mask=st_mask)
+
+
+@triton.jit
+def _q_b_proj_kernel(
+    q_c_ptr,
+    w_ptr,
+    ws_ptr,
+    positions_ptr,
+    cos_sin_ptr,
+    k_pe_ptr,
+    q_ptr,
+    T,
+    N,
+    max_pos,
+    stride_qc,
+    stride_q,
+    stride_kpe,
+    stride_cs,
+    USE_UE8M0: tl.constexpr,
+    APPLY_ROPE: tl.constexpr,
+    HW_CVT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """Standalone kernel: one work item per program (grid = ``q_b_proj_num_items``)."""
+    _q_b_proj_item(
+        tl.program_id(0), q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
+        T, N, max_pos, stride_qc, stride_q, stride_kpe, stride_cs,
+        USE_UE8M0, APPLY_ROPE, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------
+def default_block_t(T: int) -> int:
+    """Default token tile: the next power of two >= T, between 16 and 64."""
+    return min(max(16, triton.next_power_of_2(max(T, 1))), 64)
+
+
+def q_b_proj_num_items(T: int, H: int, block_n: int = 64, block_t: int = 16) -> int:
+    """Work items of one ``q_b_proj_rope`` call: ``cdiv(H*192, block_n) * cdiv(T, block_t)``."""
+    return triton.cdiv(H * dims.QK_HEAD_DIM, block_n) * triton.cdiv(T, block_t)
+
+
+def q_b_proj_rope(
+    q_c: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_pe: torch.Tensor,
+    q: torch.Tensor,
+    *,
+    use_ue8m0: bool = True,
+    block_n: int = 64,
+    block_t: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 4,
+    apply_rope: bool = True,
+    hw_cvt: bool = False,
+) -> None:
+    """``q = rope(q_c @ weight^T)`` (W8A8 block FP8) into ``q``; ``k_pe`` roped in place. One launch.
+
+    Parameters
+    ----------
+    q_c : bf16 ``[T, 1536]`` (after ``q_a_layernorm``), unit column stride.
+    weight : float8_e4m3fn ``[H*192, 1536]`` (out x in, contiguous).
+    weight_scale : fp32 ``[H*192/128, 12]`` (one scale per 128x128 weight block, contiguous).
+    positions : int64 ``[T]`` (token positions; validated ``< max_pos``, clamped in the kernel).
+    cos_sin_cache : bf16 (vLLM's) or fp32 ``[max_pos, 64]``, cos in columns 0..31, sin in 32..63.
+    k_pe : bf16 ``[T, 1, 64]``, unit stride on the last dim (any token stride); roped in place.
+    q : bf16 ``[T, H, 192]`` contiguous, preallocated; fully overwritten.
+    use_ue8m0 : power-of-two activation scales (vLLM 0.33 on Hopper: DeepGEMM E8M0).
+    block_n : weight rows per tile, 64 or 128. block_t : tokens per tile (power of two >= 16;
+        default :func:`default_block_t`). num_warps, num_stages : launch parameters.
+    apply_rope : False skips both RoPEs (plain GEMM; used by tests to check the epilogue).
+    hw_cvt : use the hardware fp32->e4m3 conversion in the activation quant (GPU only; same
+        bytes as torch on sm_89+, cheaper than the integer helper).
+
+    Math: ``x_s[t,kb] = max(amax, 1e-10)/448``; ``acc[t,n] = sum_kb (e4m3(x/x_s) . w)_kb *
+    x_s[t,kb] * w_s[n//128,kb]``; ``q = bf16(acc)``, then interleaved RoPE on ``q[..., 128:]``
+    (see the module docstring for the rounding). No validation, allocation or host sync here
+    (``validate.py`` checks inputs).
+    """
+    T = q_c.shape[0]
+    if T == 0:
+        return
+    N = weight.shape[0]
+    H = N // dims.QK_HEAD_DIM
+    if block_t is None:
+        block_t = default_block_t(T)
+    grid = (q_b_proj_num_items(T, H, block_n, block_t),)
+    _q_b_proj_kernel[grid](
+        q_c, weight, weight_scale, positions, cos_sin_cache, k_pe, q,
+        T, N, cos_sin_cache.shape[0], q_c.stride(0), N, k_pe.stride(0), cos_sin_cache.stride(0),
+        USE_UE8M0=bool(use_ue8m0), APPLY_ROPE=bool(apply_rope), HW_CVT=bool(hw_cvt),
+        BLOCK_N=block_n, BLOCK_T=block_t, NUM_STAGES=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
+    )

@@ -1,0 +1,78 @@
+"""``RegionWorkspace``: every scratch buffer of the region, made once per shape bucket.
+
+The forward of every Triton path allocates nothing (DESIGN.md 7a): the logits, the top-k
+candidate buffers and the partitioned kernel's counters live here. Counters are zero at creation
+and every kernel that uses them leaves them zero again (reset in-kernel by the last user), so one
+workspace serves every CUDA-graph replay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import dims
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+@dataclasses.dataclass
+class RegionWorkspace:
+    """Scratch buffers for up to ``max_tokens`` decode rows of up to ``max_len`` visible positions.
+
+    Attributes
+    ----------
+    max_tokens : rows T the buffers hold (<= 256).
+    max_len : logits columns (a multiple of 64); every visible length must be <= max_len.
+    logits : fp32 [max_tokens, max_len] (bytes: 4 * max_tokens * max_len).
+    topk : the top-k kernel's workspace (:class:`smpart.triton_kernels.topk.TopkWorkspace`).
+    counters : int32 [4 * max_tokens + 64], zero between launches (partitioned kernel).
+    """
+
+    max_tokens: int
+    max_len: int
+    logits: torch.Tensor
+    topk: object
+    counters: torch.Tensor
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def for_shape(cls, max_tokens: int, max_len: int, device) -> "RegionWorkspace":
+        """Allocate for ``max_tokens`` rows (1..256) and ``max_len`` positions (1..163840).
+
+        Raises
+        ------
+        ValueError : out-of-range sizes.
+        """
+        if not 1 <= max_tokens <= dims.T_MAX:
+            raise ValueError(f"max_tokens: expected 1..{dims.T_MAX}, got {max_tokens}")
+        if not 1 <= max_len <= dims.MAX_MODEL_LEN:
+            raise ValueError(f"max_len: expected 1..{dims.MAX_MODEL_LEN}, got {max_len}")
+        from .topk import TopkWorkspace
+
+        max_len = _round_up(max_len, dims.CACHE_BLOCK_SIZE)
+        return cls(
+            max_tokens=max_tokens,
+            max_len=max_len,
+            logits=torch.empty(max_tokens, max_len, dtype=torch.float32, device=device),
+            topk=TopkWorkspace(max_tokens, max_len, device),
+            counters=torch.zeros(4 * max_tokens + 64, dtype=torch.int32, device=device),
+        )
+
+    @classmethod
+    def for_args(cls, args, max_len: int | None = None) -> "RegionWorkspace":
+        """A workspace for ``args`` (RegionArgs); ``max_len`` defaults to the block table's capacity
+        (``block_table.shape[1] * 64``, capped at 163840), which needs no device read."""
+        if max_len is None:
+            max_len = min(args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE, dims.MAX_MODEL_LEN)
+        return cls.for_shape(args.num_tokens, max_len, args.q_c.device)
+
+    def check_fits(self, args) -> None:
+        """Raise ``ValueError`` if ``args`` has more rows than the workspace or another device."""
+        if args.num_tokens > self.max_tokens:
+            raise ValueError(f"workspace: holds {self.max_tokens} rows, the batch has {args.num_tokens}")
+        if self.logits.device != args.q_c.device:
+            raise ValueError(f"workspace: on {self.logits.device}, the batch is on {args.q_c.device}")
