@@ -14,16 +14,16 @@ from smpart.triton_kernels import dims, reference
 from smpart.triton_kernels.fill import fill_topk_indices
 from smpart.triton_kernels.indexer_cache import indexer_k_quant_and_cache
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device: run with TRITON_INTERPRET=1", allow_module_level=True)
 
 
 def _poisoned_cache(num_blocks: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    cache = torch.randint(0, 256, (num_blocks, dims.CACHE_BLOCK_SIZE, dims.CACHE_BYTES_PER_TOKEN),
-                          dtype=torch.uint8, generator=g)
-    return cache.to(DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randint(0, 256, (num_blocks, dims.CACHE_BLOCK_SIZE, dims.CACHE_BYTES_PER_TOKEN),
+                         dtype=torch.uint8, generator=g, device=DEVICE)
 
 
 def _keys(T: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -140,15 +140,16 @@ def test_fill_topk_indices_strided_odd_width():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton)")
 @pytest.mark.parametrize("use_ue8m0", [True, False], ids=["ue8m0", "fp32scale"])
 @pytest.mark.parametrize("T", [1, 128, 256])
 def test_cache_bytes_exact_gpu_large(T, use_ue8m0):
-    num_blocks = 40000  # 338 MB: byte offsets beyond 2**31 need int64
+    num_blocks = 260000  # 2.2 GB: byte offsets beyond 2**31 need int64
     k = _keys(T, torch.bfloat16, seed=T)
     g = torch.Generator().manual_seed(T)
-    slots = torch.randperm(num_blocks * dims.CACHE_BLOCK_SIZE, generator=g)[:T]
-    slots[: min(T, 4)] = num_blocks * dims.CACHE_BLOCK_SIZE - 1 - torch.arange(min(T, 4))  # top of cache
+    num_slots = num_blocks * dims.CACHE_BLOCK_SIZE
+    n_top = min(T, 4)  # the last slots of the cache (byte offsets past 2**31), then unique random ones
+    slots = torch.cat([num_slots - 1 - torch.arange(n_top), torch.randperm(num_slots - n_top, generator=g)[: T - n_top]])
     if T > 8:
         slots[5] = -1
     slot_mapping = slots.to(torch.int64).to(DEVICE)

@@ -15,8 +15,14 @@ DeepGEMM leaves garbage there and vLLM's top-k never reads past ``L_t``).
 Work item = (row ``t``, run of ``BLOCKS_PER_ITEM`` consecutive 64-token blocks). As in DeepGEMM,
 the key tile is the MMA's M side (64 tokens) and the row's 64 heads its N side, so the sum over
 heads is a reduction inside each thread and its quad (no shared-memory reduction). ``q[t]``
-(64 x 128 FP8) and ``weights[t]`` are loaded once per item; the loop over the run's blocks is a
-software-pipelined ``tl.range`` with a branch-free, masked body.
+(64 x 128 FP8, staged once in shared memory: a wgmma B operand lives there) and ``weights[t]``
+(registers) are loaded once per item; the run's block ids are loaded once, before the loop; the
+loop over the run's blocks is a software-pipelined ``tl.range`` with a branch-free, masked body.
+
+Compiled for sm_90 (Triton 3.6): the dot is ``wgmma.mma_async m64n64k32 f32.e4m3.e4m3`` with both
+operands in shared memory (m64n32k32 with 8 warps, which then reduces heads across warp groups:
+prefer 4 warps); key tiles arrive by 16-byte ``cp.async`` into ``num_stages`` buffers, with up to
+``num_stages - 1`` blocks in flight per program.
 
 Bounds (DESIGN.md 7a; nothing here trusts values): block ids outside ``[0, num_blocks)`` are not
 dereferenced (their keys count as zero, so their logits are 0); lengths are clamped to
@@ -54,6 +60,7 @@ def _mqa_logits_item(
     NUM_STAGES: tl.constexpr,
     WRITE_NEG_INF: tl.constexpr,
     FIXED_TRIP: tl.constexpr = False,
+    PRECISE_ACC: tl.constexpr = False,
     NUM_HEADS: tl.constexpr = 64,
     HEAD_DIM: tl.constexpr = 128,
     CACHE_BLOCK: tl.constexpr = 64,
@@ -70,6 +77,11 @@ def _mqa_logits_item(
     are not read: with ``FIXED_TRIP=False`` the loop runs only over the run's visible blocks (an
     item past the row's length loads nothing); with ``FIXED_TRIP=True`` it always runs
     ``BLOCKS_PER_ITEM`` iterations with masked loads.
+
+    ``PRECISE_ACC``: on sm_90 the FP8 wgmma accumulates with reduced precision; by default the
+    four k=32 steps chain in the MMA accumulator (as DeepGEMM's kernel does); with
+    ``PRECISE_ACC`` each step's partial sum is added in fp32 registers
+    (``max_num_imprecise_acc=32``). No effect under the interpreter.
     """
     BLOCK_BYTES: tl.constexpr = CACHE_BLOCK * (HEAD_DIM + 4)
     SCALE_OFFSET: tl.constexpr = CACHE_BLOCK * HEAD_DIM
@@ -106,11 +118,12 @@ def _mqa_logits_item(
         n_iter = BLOCKS_PER_ITEM
     else:
         n_iter = n_blk
-    # the run's block ids, loaded once (a load inside the loop would sit between the pipeliner's
-    # stages and serialize it); ids outside [0, num_blocks) or past the visible blocks are masked
+    # The run's block ids, loaded once before the loop (a load inside the loop would sit between
+    # the pipeliner's stages and serialize it), masked only by the table's width so that the load
+    # does not wait for context_lens; ids past the visible blocks or outside [0, num_blocks) -> -1.
     r = tl.arange(0, 8)
-    ids = tl.load(bt_row + r, mask=r < n_blk, other=-1)
-    ids = tl.where((ids >= 0) & (ids < num_blocks), ids, -1)
+    ids = tl.load(bt_row + r, mask=(r < BLOCKS_PER_ITEM) & (blk0 + r < max_blocks), other=-1)
+    ids = tl.where((r < n_blk) & (ids >= 0) & (ids < num_blocks), ids, -1)
     for i in tl.range(0, n_iter, num_stages=NUM_STAGES):
         block_id = tl.max(tl.where(r == i, ids, -1), axis=0)
         valid = block_id >= 0
@@ -118,7 +131,10 @@ def _mqa_logits_item(
         k = tl.load(base + tok[:, None] * HEAD_DIM + d[None, :], mask=valid, other=0.0)
         k_scale = tl.load((base + SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + tok, mask=valid, other=0.0)
         # [64 tokens, 128] x [128, 64 heads] -> fp32 [64 tokens, 64 heads]
-        s = tl.dot(k, q, out_dtype=tl.float32)
+        if PRECISE_ACC:
+            s = tl.dot(k, q, out_dtype=tl.float32, max_num_imprecise_acc=32)
+        else:
+            s = tl.dot(k, q, out_dtype=tl.float32)
         s = tl.maximum(s, 0.0) * w[None, :]
         logit = tl.sum(s, axis=1) * k_scale
         pos = (blk0 + i) * CACHE_BLOCK + tok
@@ -147,18 +163,22 @@ def _mqa_logits_kernel(
     max_blocks,
     max_len,
     runs_per_row,
+    num_items,
     NEXT_N: tl.constexpr,
     BLOCKS_PER_ITEM: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     WRITE_NEG_INF: tl.constexpr,
     FIXED_TRIP: tl.constexpr,
+    PRECISE_ACC: tl.constexpr,
 ):
-    """One work item per program (grid = ``mqa_logits_num_items(...)``)."""
-    _mqa_logits_item(
-        tl.program_id(0), q_ptr, weights_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr, logits_ptr,
-        stride_q, stride_w, stride_bt, stride_logits, num_blocks, max_blocks, max_len, runs_per_row,
-        NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, WRITE_NEG_INF, FIXED_TRIP,
-    )
+    """Items ``pid, pid + grid, ...`` below ``num_items`` (one item per program when the grid is
+    ``mqa_logits_num_items(...)``; a smaller grid makes it persistent)."""
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        _mqa_logits_item(
+            item, q_ptr, weights_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr, logits_ptr,
+            stride_q, stride_w, stride_bt, stride_logits, num_blocks, max_blocks, max_len, runs_per_row,
+            NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, WRITE_NEG_INF, FIXED_TRIP, PRECISE_ACC,
+        )
 
 
 def mqa_logits_runs_per_row(max_len: int, max_blocks: int, blocks_per_item: int, write_neg_inf: bool = True) -> int:
@@ -189,10 +209,12 @@ def paged_mqa_logits(
     next_n: int,
     blocks_per_item: int = 4,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 4,
     write_neg_inf: bool = True,
     fixed_trip: bool = False,
     max_len: int | None = None,
+    num_programs: int | None = None,
+    precise_acc: bool = False,
 ) -> torch.Tensor:
     """FP8 paged MQA logits into the caller's workspace ``logits``.
 
@@ -210,7 +232,14 @@ def paged_mqa_logits(
     write_neg_inf : write ``-inf`` into ``[L_t, max_len)`` of each row.
     fixed_trip : always loop ``blocks_per_item`` times with masked loads (else only over visible
         blocks).
-    max_len : columns written (default ``logits.shape[1]``).
+    max_len : columns written (default ``logits.shape[1]``). The grid is
+        ``T * cdiv(cdiv(max_len, 64), blocks_per_item)`` items whatever the lengths: pass the
+        shape bucket's length, not vLLM's full-width table (163840 columns), to keep it small.
+    num_programs : if given, launch ``min(num_items, num_programs)`` programs that stride over
+        the items (persistent); else one program per item.
+    precise_acc : add each k=32 wgmma step's partial sum in fp32 registers (sm_90 FP8 MMAs
+        accumulate with reduced precision; the default chains them in the accumulator, as
+        DeepGEMM does).
 
     Returns
     -------
@@ -224,12 +253,14 @@ def paged_mqa_logits(
     runs = mqa_logits_runs_per_row(max_len, max_blocks, blocks_per_item, write_neg_inf)
     if T == 0 or max_len <= 0:
         return logits
-    _mqa_logits_kernel[(T * runs,)](
+    num_items = T * runs
+    grid = num_items if num_programs is None else max(1, min(num_items, num_programs))
+    _mqa_logits_kernel[(grid,)](
         q_fp8, weights, kv_cache, block_table, context_lens, logits,
         q_fp8.stride(0), weights.stride(0), block_table.stride(0), logits.stride(0),
-        kv_cache.shape[0], max_blocks, max_len, runs,
+        kv_cache.shape[0], max_blocks, max_len, runs, num_items,
         NEXT_N=next_n, BLOCKS_PER_ITEM=blocks_per_item, NUM_STAGES=num_stages,
-        WRITE_NEG_INF=bool(write_neg_inf), FIXED_TRIP=bool(fixed_trip),
+        WRITE_NEG_INF=bool(write_neg_inf), FIXED_TRIP=bool(fixed_trip), PRECISE_ACC=bool(precise_acc),
         num_warps=num_warps, num_stages=num_stages,
     )
     return logits

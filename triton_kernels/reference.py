@@ -111,6 +111,7 @@ def paged_mqa_logits(
     next_n: int,
     max_len: int,
     dtype: torch.dtype = torch.float32,
+    absolute: bool = False,
 ) -> torch.Tensor:
     """FP8 paged MQA logits of the DSV3.2 indexer (decode).
 
@@ -123,6 +124,8 @@ def paged_mqa_logits(
     q_fp8 : float8_e4m3fn [T, 64, 128]. weights : fp32 [T, 64]. kv_cache : uint8 [N, 64, 132].
     block_table : int32 [B, max_blocks]. context_lens : int32 [B]. next_n : rows per request.
     max_len : columns of the result. dtype : float32, or float64 for the high-precision check.
+    absolute : compute ``sum_h |w| * (|q| . |k|) * k_scale`` instead: the magnitude ``A`` that bounds
+        the rounding error of any summation order (error bounds in ``checks.logits_tolerance``).
 
     Returns
     -------
@@ -136,8 +139,11 @@ def paged_mqa_logits(
         if L == 0:
             continue
         k, k_scale = gather_keys(kv_cache, block_table[t // next_n], L)
-        s = q_fp8[t].to(dtype) @ k.to(dtype).T  # [64 heads, L]
-        out[t, :L] = (s.relu() * weights[t].to(dtype)[:, None]).sum(0) * k_scale.to(dtype)
+        q, w, kk = q_fp8[t].to(dtype), weights[t].to(dtype), k.to(dtype)
+        if absolute:
+            q, w, kk = q.abs(), w.abs(), kk.abs()
+        s = q @ kk.T  # [64 heads, L]
+        out[t, :L] = (s.relu() * w[:, None]).sum(0) * k_scale.to(dtype)
     return out
 
 

@@ -91,7 +91,7 @@ def register_path(name: str):
 
 def _load_impls() -> None:
     # Import the modules that register paths (kept lazy so importing region is cheap).
-    from . import paths  # noqa: F401
+    from . import partitioned, paths, vendor  # noqa: F401
 
 
 def run_region(args: RegionArgs, path: str = "sequential", workspace=None, config=None,

@@ -115,6 +115,16 @@ def validate_region_args(args, max_len: int | None = None, check_values: bool | 
     if (slots < -1).any() or (slots >= num_blocks * dims.CACHE_BLOCK_SIZE).any():
         bad = slots[(slots < -1) | (slots >= num_blocks * dims.CACHE_BLOCK_SIZE)][0].item()
         raise ValueError(f"slot_mapping: slot {bad} outside [-1, {num_blocks * dims.CACHE_BLOCK_SIZE})")
+    # every written slot must be the cache position of the row's new token (vLLM's invariant; the
+    # partitioned kernel relies on it to use the new keys before the cache write lands)
+    table = a.block_table.cpu().long()
+    for t in (slots >= 0).nonzero().flatten().tolist():
+        b, j = divmod(t, a.next_n)
+        p = int(lens[b]) - a.next_n + j
+        want = int(table[b, p // dims.CACHE_BLOCK_SIZE]) * dims.CACHE_BLOCK_SIZE + p % dims.CACHE_BLOCK_SIZE if p >= 0 else None
+        if want != int(slots[t]):
+            raise ValueError(f"slot_mapping: row {t} writes slot {int(slots[t])}, but its new token (position {p}) "
+                             f"lives at slot {want} through block_table")
     pos = a.positions.cpu()
     if (pos < 0).any() or (pos >= a.cos_sin_cache.shape[0]).any():
         raise ValueError(f"positions: expected values in [0, {a.cos_sin_cache.shape[0]}), "

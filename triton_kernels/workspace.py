@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import triton
 
 from . import dims
 
@@ -29,7 +30,7 @@ class RegionWorkspace:
     max_len : logits columns (a multiple of 64); every visible length must be <= max_len.
     logits : fp32 [max_tokens, max_len] (bytes: 4 * max_tokens * max_len).
     topk : the top-k kernel's workspace (:class:`smpart.triton_kernels.topk.TopkWorkspace`).
-    counters : int32 [4 * max_tokens + 64], zero between launches (partitioned kernel).
+    counters : int32 [64 + max_tokens * max_chunks], zero between launches (partitioned kernel).
     """
 
     max_tokens: int
@@ -51,7 +52,7 @@ class RegionWorkspace:
             raise ValueError(f"max_tokens: expected 1..{dims.T_MAX}, got {max_tokens}")
         if not 1 <= max_len <= dims.MAX_MODEL_LEN:
             raise ValueError(f"max_len: expected 1..{dims.MAX_MODEL_LEN}, got {max_len}")
-        from .topk import TopkWorkspace
+        from .topk import TOPK_CHUNK, TopkWorkspace
 
         max_len = _round_up(max_len, dims.CACHE_BLOCK_SIZE)
         return cls(
@@ -59,7 +60,8 @@ class RegionWorkspace:
             max_len=max_len,
             logits=torch.empty(max_tokens, max_len, dtype=torch.float32, device=device),
             topk=TopkWorkspace(max_tokens, max_len, device),
-            counters=torch.zeros(4 * max_tokens + 64, dtype=torch.int32, device=device),
+            counters=torch.zeros(64 + max_tokens * triton.cdiv(max_len, TOPK_CHUNK), dtype=torch.int32,
+                                 device=device),
         )
 
     @classmethod

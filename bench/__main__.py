@@ -1,0 +1,437 @@
+"""``smpart-bench``: time every path of the region on a grid of decode shapes (DESIGN.md 9).
+
+For each shape (H, B, context, next_n): one ``make_decode_batch`` on the GPU, one
+``RegionWorkspace``; the ``reference`` path's outputs; then for each requested path: one eager run
+on a clone checked against the reference (``checks.check_region``; a failure marks the path
+FAILED for that shape and it is not timed), then the CUDA-graph timing of
+:func:`smpart.bench.harness.time_graph` with a read-only L2 flush before each replay. Paths that
+raise ``RuntimeError`` (unavailable here: no DeepGEMM, no green contexts, not built yet) are
+listed as skipped with the reason.
+
+Outputs under ``--out``: ``results.csv`` (rows appended: GPU, versions, date, shape, path, status,
+median/p10/p90 us, floor us, ratio to the dual-stream baseline, ratio to the floor, GB/s),
+``results.md`` (this run's table) and ``latency.png`` (latency vs batch per context length, one
+line per path, the floor dashed).
+
+Without CUDA: runs the interpreter comparison of ``sequential`` (and ``partitioned`` when
+registered) against ``reference`` at one small shape (H=16, B=2, context 300) under
+``TRITON_INTERPRET=1`` (re-running itself in a subprocess with it set if needed), says that
+timings need a GPU, and exits 0 (1 if a path gives wrong results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import itertools
+import os
+import subprocess
+import sys
+import time
+
+VENDOR_PATHS = ("vllm_sequential", "vllm_dual_stream")
+DEFAULT_PATHS = "sequential,dual_stream,partitioned,vllm_sequential,vllm_dual_stream"
+CPU_PATHS = ("sequential", "partitioned")
+CPU_SHAPE = dict(num_heads=16, batch_size=2, context=300, next_n=1)
+
+CSV_FIELDS = [
+    "gpu", "torch", "triton", "deep_gemm", "date", "num_heads", "batch_size", "context", "next_n", "num_tokens",
+    "path", "status", "median_us", "p10_us", "p90_us", "floor_us", "baseline_path", "ratio_to_baseline",
+    "ratio_to_floor", "gbps", "floor_bytes", "copy_bw_gbps", "replays", "note",
+]
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _str_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smpart-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch", type=_int_list, default="1,8,32", help="batch sizes B")
+    p.add_argument("--context", type=_int_list, default="4096,16384", help="context lengths (vLLM seq_lens)")
+    p.add_argument("--heads", type=_int_list, default="128,32", help="MLA heads per rank H")
+    p.add_argument("--next-n", type=_int_list, default="1", help="rows per request (1, 2)")
+    p.add_argument("--paths", type=_str_list, default=DEFAULT_PATHS, help="paths to run")
+    p.add_argument("--replays", type=int, default=50, help="timed CUDA-graph replays per path (>= 30 advised)")
+    p.add_argument("--out", default="bench_out", help="output folder (CSV appended, MD and PNG rewritten)")
+    p.add_argument("--seed", type=int, default=0, help="make_decode_batch seed")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check before timing")
+    p.add_argument("--fp32-scales", action="store_true", help="plain fp32 scales instead of UE8M0")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # the harness's own tests
+    return p
+
+
+def _require(pkg: str):
+    import importlib
+
+    try:
+        return importlib.import_module(pkg)
+    except ImportError:
+        raise SystemExit(f"smpart-bench: the '{pkg}' package is missing; install the bench extra: "
+                         "pip install -e '.[bench]' (tqdm, tabulate, matplotlib)") from None
+
+
+# --------------------------------------------------------------------------------------
+# correctness check shared by the GPU and CPU modes
+# --------------------------------------------------------------------------------------
+def check_path(path: str, out, want, batch, logits64=None) -> None:
+    """``checks.check_region`` of a path's outputs against the reference's.
+
+    Vendor paths run vLLM's ``_C.rotary_embedding``, which computes in fp32 and rounds once,
+    while the reference mirrors vLLM's DeepSeek rope ``forward_native`` (bf16 at each step): their
+    ``k_pe`` may differ by an ulp, so for them ``k_pe`` is compared by normalized difference
+    (< 1e-5) and every other output by the common rule.
+
+    Raises
+    ------
+    AssertionError : naming the first bad output.
+    """
+    import dataclasses
+
+    from smpart.triton_kernels import checks
+
+    if path in VENDOR_PATHS:
+        d = checks.calc_diff(out.k_pe.float(), want.k_pe.float())
+        if not d < 1e-5:
+            raise AssertionError(f"k_pe: normalized difference {d:.3e} >= 1e-05")
+        want = dataclasses.replace(want, k_pe=out.k_pe)
+    checks.check_region(out, want, batch, logits64=logits64)
+
+
+def _reference_logits64(args):
+    """float64 reference logits of the (post-write) cache, computed once per shape for every check."""
+    import torch
+
+    from smpart.triton_kernels import reference
+
+    lens = reference.visible_lens(args.context_lens, args.next_n)
+    max_len = max(int(lens.max()), 1)
+    return reference.paged_mqa_logits(args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table,
+                                      args.context_lens, args.next_n, max_len, dtype=torch.float64)
+
+
+def _load_paths() -> str | None:
+    """Import the path modules; returns the error text if that fails, else ``None``."""
+    import importlib
+
+    from smpart.triton_kernels import region
+
+    errors = []
+    try:
+        region._load_impls()
+    except Exception as e:  # noqa: BLE001 - a module not written yet must not stop the bench
+        errors.append(f"paths: {type(e).__name__}: {e}")
+    # modules that register paths themselves (in case region._load_impls does not import them yet)
+    for mod in ("partitioned", "vendor"):
+        try:
+            importlib.import_module(f"smpart.triton_kernels.{mod}")
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{mod}: {type(e).__name__}: {e}")
+    return "; ".join(errors) or None
+
+
+def _unavailable(e: BaseException) -> bool:
+    """A path's "cannot run here" (``RuntimeError`` raised by the path, per ``run_region``'s contract),
+    as opposed to a crash: CUDA errors (also ``RuntimeError`` subclasses) and every other exception."""
+    if not isinstance(e, RuntimeError) or type(e).__name__ == "AcceleratorError":
+        return False
+    return "CUDA error" not in str(e) and "CUDA-capable" not in str(e)
+
+
+def _registered(path: str) -> bool:
+    from smpart.triton_kernels import region
+
+    return path == "reference" or path in region._IMPLS
+
+
+# --------------------------------------------------------------------------------------
+# CPU mode
+# --------------------------------------------------------------------------------------
+def cpu_main(args) -> int:
+    """Interpreter correctness of the Triton paths at one small shape; no timings."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        print("smpart-bench: no CUDA device; re-running under TRITON_INTERPRET=1", flush=True)
+        return subprocess.call([sys.executable, "-m", "smpart.bench", *sys_argv_for(args)], env=env)
+
+    from smpart.triton_kernels import region
+    from smpart.triton_kernels.batch import make_decode_batch
+
+    err = _load_paths()
+    if err:
+        print(f"smpart-bench: path modules did not import ({err})")
+    shape = CPU_SHAPE
+    print(f"smpart-bench (CPU, interpreter): H={shape['num_heads']} B={shape['batch_size']} "
+          f"context={shape['context']} next_n={shape['next_n']}", flush=True)
+    batch = make_decode_batch(shape["context"], shape["batch_size"], num_heads=shape["num_heads"],
+                              next_n=shape["next_n"], use_ue8m0=not args.fp32_scales, seed=args.seed, device="cpu")
+    ref = batch.clone()
+    region.run_region(ref.args, "reference", use_ue8m0=batch.use_ue8m0)
+    logits64 = _reference_logits64(ref.args)
+    failed = 0
+    for path in [p for p in CPU_PATHS if p in args.paths]:
+        if not _registered(path):
+            print(f"skipped: {path} (not registered{'; ' + err if err else ''})", flush=True)
+            continue
+        out = batch.clone()
+        t0 = time.perf_counter()
+        try:
+            from smpart.triton_kernels.workspace import RegionWorkspace
+
+            ws = RegionWorkspace.for_args(out.args)
+            region.run_region(out.args, path, workspace=ws, use_ue8m0=batch.use_ue8m0)
+        except Exception as e:  # noqa: BLE001 - report every path, whatever one of them raises
+            if _unavailable(e):
+                print(f"skipped: {path} ({e})", flush=True)
+            else:
+                failed += 1
+                print(f"FAILED: {path}: raised {type(e).__name__}: {e}", flush=True)
+            continue
+        try:
+            check_path(path, out.args, ref.args, batch, logits64)
+        except AssertionError as e:
+            failed += 1
+            print(f"FAILED: {path}: {e}", flush=True)
+            continue
+        print(f"{path}: OK (matches reference; {time.perf_counter() - t0:.1f} s under the interpreter)", flush=True)
+    print("Timings need a CUDA GPU: run smpart-bench on the GPU machine.")
+    return 1 if failed else 0
+
+
+def sys_argv_for(args) -> list[str]:
+    """The CLI arguments reproducing ``args`` (for the interpreter re-run)."""
+    out = ["--paths", ",".join(args.paths), "--seed", str(args.seed)]
+    if args.fp32_scales:
+        out.append("--fp32-scales")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# GPU mode
+# --------------------------------------------------------------------------------------
+def _env_info() -> dict:
+    import torch
+    import triton
+
+    from smpart.triton_kernels.vendor import deep_gemm_version
+
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "deep_gemm": deep_gemm_version() or "n/a",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def _fmt(x, nd=1):
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+def gpu_main(args) -> int:
+    import torch
+
+    tqdm = _require("tqdm").tqdm
+    tabulate = _require("tabulate").tabulate
+    _require("matplotlib")
+
+    from smpart.bench.harness import copy_bandwidth, floor_bytes, l2_flush_buffer, time_graph
+    from smpart.triton_kernels import region
+    from smpart.triton_kernels.batch import make_decode_batch
+    from smpart.triton_kernels.workspace import RegionWorkspace
+
+    unknown = [p for p in args.paths if p not in region.PATHS or p == "reference"]
+    if unknown:
+        raise SystemExit(f"--paths: unknown {unknown}; choose from {[p for p in region.PATHS if p != 'reference']}")
+    err = _load_paths()
+    if err:
+        print(f"smpart-bench: some path modules did not import ({err})")
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device(args.device)
+    env = _env_info()
+    flush = l2_flush_buffer(dev)
+    bw = copy_bandwidth(dev)
+    print(f"{env['gpu']}: copy bandwidth {bw / 1e9:.0f} GB/s; L2 flush sweeps {flush.nbytes / 2**20:.0f} MiB; "
+          f"torch {env['torch']}, triton {env['triton']}, DeepGEMM {env['deep_gemm']}", flush=True)
+
+    shapes = list(itertools.product(args.heads, args.next_n, args.context, args.batch))
+    rows = []
+    skipped: dict[str, str] = {}
+    bar = tqdm(total=len(shapes) * len(args.paths), desc="smpart-bench", unit="run")
+    for H, next_n, ctx, B in shapes:
+        shape = dict(num_heads=H, batch_size=B, context=ctx, next_n=next_n, num_tokens=B * next_n)
+        try:
+            batch = make_decode_batch(ctx, B, num_heads=H, next_n=next_n, use_ue8m0=not args.fp32_scales,
+                                      seed=args.seed, device=dev)
+        except (ValueError, TypeError) as e:
+            tqdm.write(f"shape {shape}: not built ({e})")
+            bar.update(len(args.paths))
+            continue
+        ws = RegionWorkspace.for_args(batch.args)
+        ref = batch.clone()
+        if not args.no_check:
+            region.run_region(ref.args, "reference", use_ue8m0=batch.use_ue8m0)
+            logits64 = _reference_logits64(ref.args)
+        fb = floor_bytes(batch.args)
+        floor_us = fb / bw * 1e6
+        results = {}
+        for path in args.paths:
+            bar.set_postfix_str(f"H={H} B={B} L={ctx} n={next_n} {path}")
+            row = {**env, **shape, "path": path, "floor_us": floor_us, "floor_bytes": fb, "copy_bw_gbps": bw / 1e9,
+                   "replays": args.replays, "status": "ok", "note": ""}
+            if not _registered(path):
+                row.update(status="skipped", note=f"not registered{'; ' + err if err else ''}")
+            else:
+                out = batch.clone()
+                try:
+                    region.run_region(out.args, path, workspace=ws, use_ue8m0=batch.use_ue8m0)
+                    torch.cuda.synchronize()
+                except Exception as e:  # noqa: BLE001 - one broken path must not stop the others
+                    if _unavailable(e):
+                        row.update(status="skipped", note=str(e))
+                    else:
+                        row.update(status="FAILED", note=f"raised {type(e).__name__}: {e}")
+                        tqdm.write(f"FAILED {path} H={H} B={B} L={ctx} next_n={next_n}: {row['note']}")
+                else:
+                    if not args.no_check:
+                        try:
+                            check_path(path, out.args, ref.args, batch, logits64)
+                        except AssertionError as e:
+                            row.update(status="FAILED", note=str(e))
+                            tqdm.write(f"FAILED {path} H={H} B={B} L={ctx} next_n={next_n}: {e}")
+                    if row["status"] == "ok":
+                        work = batch.clone()
+
+                        def fn(a=work.args, p=path):
+                            region.run_region(a, p, workspace=ws, use_ue8m0=batch.use_ue8m0, check_values=False)
+
+                        try:
+                            t = time_graph(fn, flush, replays=args.replays)
+                        except Exception as e:  # noqa: BLE001 - e.g. not capturable
+                            row.update(status="FAILED", note=f"timing (CUDA-graph capture/replay) raised "
+                                                             f"{type(e).__name__}: {e}")
+                            tqdm.write(f"FAILED {path} H={H} B={B} L={ctx} next_n={next_n}: {row['note']}")
+                        else:
+                            row.update(median_us=t["median_us"], p10_us=t["p10_us"], p90_us=t["p90_us"],
+                                       gbps=fb / (t["median_us"] * 1e-6) / 1e9,
+                                       ratio_to_floor=t["median_us"] / floor_us)
+                            results[path] = t["median_us"]
+                        del work
+                    del out
+            if row["status"] == "skipped":
+                skipped.setdefault(path, row["note"])
+            rows.append(row)
+            bar.update(1)
+        base = "vllm_dual_stream" if "vllm_dual_stream" in results else ("dual_stream" if "dual_stream" in results
+                                                                          else None)
+        for row in rows[-len(args.paths):]:
+            if base and row.get("median_us") is not None:
+                row["baseline_path"] = base
+                row["ratio_to_baseline"] = row["median_us"] / results[base]
+        del batch, ref, ws
+        torch.cuda.empty_cache()
+    bar.close()
+
+    for path, why in skipped.items():
+        print(f"skipped: {path}: {why}")
+    _write_csv(os.path.join(args.out, "results.csv"), rows)
+    table = _table(rows, tabulate)
+    md = os.path.join(args.out, "results.md")
+    with open(md, "w") as f:
+        f.write(f"# smpart-bench, {env['gpu']}, {env['date']}\n\n")
+        f.write(f"torch {env['torch']}, triton {env['triton']}, DeepGEMM {env['deep_gemm']}; copy bandwidth "
+                f"{bw / 1e9:.0f} GB/s; CUDA graphs, L2 flushed (read sweep of {flush.nbytes / 2**20:.0f} MiB) "
+                f"before each of {args.replays} replays; median us (p10-p90).\n\n")
+        f.write(table + "\n")
+    print(table)
+    png = os.path.join(args.out, "latency.png")
+    _plot(rows, png)
+    print(f"wrote {os.path.join(args.out, 'results.csv')}, {md}, {png}")
+    return 1 if any(r["status"] == "FAILED" for r in rows) else 0
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def _table(rows: list[dict], tabulate) -> str:
+    out = []
+    for r in rows:
+        t = (f"{r['median_us']:.1f} ({r['p10_us']:.1f}-{r['p90_us']:.1f})" if r.get("median_us") is not None
+             else r["status"])
+        out.append([r["num_heads"], r["batch_size"], r["context"], r["next_n"], r["path"], t,
+                    _fmt(r.get("ratio_to_baseline"), 2), _fmt(r["floor_us"]), _fmt(r.get("ratio_to_floor"), 2),
+                    _fmt(r.get("gbps"), 0)])
+    return tabulate(out, headers=["H", "B", "context", "next_n", "path", "us", "x baseline", "floor us", "x floor",
+                                  "GB/s"], tablefmt="github")
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["num_heads"], r["next_n"], r["context"]) for r in rows})
+    if not panels:
+        return
+    ncols = len({p[2] for p in panels})
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    for ax, (H, n, ctx) in zip(axes.flat, panels):
+        sel = [r for r in rows if (r["num_heads"], r["next_n"], r["context"]) == (H, n, ctx)]
+        for p in paths:
+            pts = sorted((r["batch_size"], r["median_us"]) for r in sel if r["path"] == p and r.get("median_us"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=p)
+        fl = sorted({(r["batch_size"], r["floor_us"]) for r in sel})
+        if fl:
+            ax.plot(*zip(*fl), "k--", label="HBM floor")
+        ax.set_xscale("log", base=2)
+        batches = sorted({r["batch_size"] for r in sel})
+        ax.set_xticks(batches)
+        ax.set_xticklabels([str(b) for b in batches])
+        ax.minorticks_off()
+        ax.set_xlabel("batch B")
+        ax.set_ylabel("us (median, cold L2)")
+        ax.set_title(f"H={H} next_n={n} context={ctx}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``smpart-bench`` (and ``python -m smpart.bench``). Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        return cpu_main(args)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("smpart-bench: TRITON_INTERPRET=1 with a GPU present: running the CPU correctness check only")
+        return cpu_main(args)
+    return gpu_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

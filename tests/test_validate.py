@@ -1,0 +1,104 @@
+"""Bad input: a named ValueError/TypeError before any kernel runs, nothing written (DESIGN.md 7a)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from smpart.triton_kernels import dims
+from smpart.triton_kernels.batch import make_decode_batch
+from smpart.triton_kernels.region import run_region
+from smpart.triton_kernels.validate import validate_region_args
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_decode_batch([70, 130], num_heads=16, next_n=1, seed=11)
+
+
+def _with(batch, **kw):
+    return dataclasses.replace(batch.clone().args, **kw)
+
+
+BAD_META = [
+    ("q_c", lambda a: a.q_c.float(), TypeError, "q_c"),
+    ("q_c", lambda a: a.q_c[:, :1024], ValueError, "q_c"),
+    ("q_b_proj_weight", lambda a: a.q_b_proj_weight.view(torch.uint8), TypeError, "q_b_proj_weight"),
+    ("q_b_proj_weight", lambda a: a.q_b_proj_weight[:100], ValueError, "q_b_proj_weight"),
+    ("q_b_proj_weight_scale", lambda a: a.q_b_proj_weight_scale.double(), TypeError, "q_b_proj_weight_scale"),
+    ("positions", lambda a: a.positions.int(), TypeError, "positions"),
+    ("cos_sin_cache", lambda a: a.cos_sin_cache.half(), TypeError, "cos_sin_cache"),
+    ("k_pe", lambda a: a.k_pe[..., :32], ValueError, "k_pe"),
+    ("k_pe", lambda a: torch.empty(2, 1, 128, dtype=torch.bfloat16)[..., ::2], ValueError, "k_pe"),
+    ("q", lambda a: a.q.transpose(0, 1).contiguous().transpose(0, 1), ValueError, "q"),
+    ("index_q_fp8", lambda a: a.index_q_fp8.view(torch.uint8), TypeError, "index_q_fp8"),
+    ("index_weights", lambda a: a.index_weights[:, :32], ValueError, "index_weights"),
+    ("index_k", lambda a: a.index_k.float(), TypeError, "index_k"),
+    ("kv_cache", lambda a: a.kv_cache.view(-1, 32, 264), ValueError, "kv_cache"),
+    ("slot_mapping", lambda a: a.slot_mapping.int(), TypeError, "slot_mapping"),
+    ("block_table", lambda a: a.block_table.long(), TypeError, "block_table"),
+    ("context_lens", lambda a: a.context_lens[:1], ValueError, "context_lens"),
+    ("topk_indices", lambda a: a.topk_indices[:, :1024], ValueError, "topk_indices"),
+    ("topk_indices", lambda a: torch.empty(dims.INDEX_TOPK, 2, dtype=torch.int32).T, ValueError, "topk_indices"),
+]
+
+
+@pytest.mark.parametrize("field,make,exc,name", BAD_META, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_META)])
+def test_metadata_errors_name_the_argument(batch, field, make, exc, name):
+    a = batch.clone().args
+    a = dataclasses.replace(a, **{field: make(a)})
+    with pytest.raises(exc, match=name):
+        validate_region_args(a)
+
+
+def test_too_many_rows():
+    b = make_decode_batch(10, batch_size=dims.T_MAX, num_heads=16)
+    a = b.args
+    big = dataclasses.replace(a, q_c=torch.cat([a.q_c, a.q_c[:1]]))
+    with pytest.raises(ValueError, match="q_c"):
+        validate_region_args(big)
+
+
+def test_next_n_mismatch(batch):
+    with pytest.raises(ValueError, match="next_n"):
+        validate_region_args(_with(batch, next_n=3))
+    with pytest.raises(ValueError, match="block_table"):
+        validate_region_args(_with(batch, next_n=2))  # T=2 -> B=1 but block_table has 2 rows
+
+
+BAD_VALUES = [
+    ("context_lens", lambda a: a.context_lens + 1000, "context_lens"),
+    ("context_lens", lambda a: a.context_lens - 1000, "context_lens"),
+    ("block_table", lambda a: a.block_table + 10_000, "block_table"),
+    ("slot_mapping", lambda a: a.slot_mapping - 10_000, "slot_mapping"),
+    ("slot_mapping", lambda a: a.slot_mapping + 10**9, "slot_mapping"),
+    ("slot_mapping", lambda a: a.slot_mapping.roll(1), "slot_mapping"),
+    ("positions", lambda a: a.positions + 10**7, "positions"),
+]
+
+
+@pytest.mark.parametrize("field,make,name", BAD_VALUES, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_VALUES)])
+@pytest.mark.parametrize("path", ["reference", "sequential"])
+def test_value_errors_write_nothing(batch, field, make, name, path):
+    from smpart.triton_kernels.workspace import RegionWorkspace
+
+    a = batch.clone().args
+    a = dataclasses.replace(a, **{field: make(a)})
+    before = a.kv_cache.clone(), a.topk_indices.clone(), a.k_pe.clone()
+    ws = None if path == "reference" else RegionWorkspace.for_args(batch.args)
+    with pytest.raises(ValueError, match=name):
+        run_region(a, path=path, workspace=ws)
+    assert torch.equal(a.kv_cache, before[0]) and torch.equal(a.topk_indices, before[1])
+    assert torch.equal(a.k_pe, before[2]) and a.q.isnan().all()
+
+
+def test_workspace_too_small(batch):
+    from smpart.triton_kernels.workspace import RegionWorkspace
+
+    ws = RegionWorkspace.for_shape(2, 64, "cpu")
+    with pytest.raises(ValueError, match="context_lens"):
+        run_region(batch.clone().args, path="sequential", workspace=ws)
+    with pytest.raises(ValueError, match="path"):
+        run_region(batch.clone().args, path="fastest")
+    with pytest.raises(ValueError, match="workspace"):
+        run_region(batch.clone().args, path="sequential")

@@ -1,0 +1,367 @@
+"""The SM-partitioned persistent kernel: indexer tail || q_b_proj + RoPE in ONE launch.
+
+Programs pick a role from ``tl.program_id(0)`` (static split) or claim chunks of a shared work
+list from an atomic queue (dynamic, POD-Attention style). The roles call the standalone kernels'
+role functions, so nothing is written twice:
+
+==========  ==================================================================================
+indexer     ``_indexer_k_cache_item`` (new keys -> cache), ``_mqa_logits_item`` over (row, run of
+            blocks) items; the last item of a (row, chunk) runs the top-k chunk stage, the last
+            chunk of a row the merge (``topk.py``); that program also writes the row's -1 padding.
+GEMM        ``_q_b_proj_item`` tiles (FP8 block-scaled GEMM, fused activation quant, MLA RoPE
+            epilogue and ``k_pe`` RoPE).
+==========  ==================================================================================
+
+Cross-program protocol (no program ever waits for another):
+
+* per (row, chunk) and per row int32 counters in the workspace; an item arrives with a CTA
+  barrier then ``atomic_add(acq_rel, gpu)``; the arriver that completes the count owns the next
+  stage and resets the counter to 0, so every CUDA-graph replay starts from zero (no memset node).
+* the new keys: the cache write (any program, any time) is not ordered before the logits of the
+  same rows. The program that finishes a row's chunk therefore recomputes the logits of the new
+  positions from ``index_k`` directly, with the exact quantization of the cache write
+  (``_patch_new_key_logits``), before the top-k reads them. ``validate.py`` checks (eager) that
+  ``slot_mapping`` is the new token's cache slot, which makes this identical to write-then-read.
+* loads of data written by other programs in this launch use ``.cg`` (L2, never a stale L1 line).
+
+Every per-step value (lengths, tables, slots) is read on the device: the grid and all launch
+arguments depend only on shapes, so one captured graph serves every step of a shape bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import dims
+from .fp8 import quant_fp8_bytes, quant_scale
+from .indexer_cache import _indexer_k_cache_item
+from .mqa_logits import _mqa_logits_item
+from .q_b_proj import _q_b_proj_item, default_block_t, q_b_proj_num_items
+from .region import register_path
+from .topk import TOPK_BLOCK, TOPK_LOG2_BINS, _topk_stage
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig:
+    """Launch parameters of the partitioned kernel (STYLE.md 5: explicit, no global state).
+
+    Attributes
+    ----------
+    indexer_programs : programs running the indexer role (static schedule); ``None`` = cost model.
+    gemm_programs : programs running the GEMM role; ``None`` = fill the resident grid.
+    dynamic : claim work from one atomic queue (indexer items first) instead of a static split.
+    queue_chunk : work items claimed per atomic in the dynamic schedule.
+    block_n, block_t : GEMM tile (weight rows x tokens); ``block_t=None`` = by T.
+    blocks_per_item : 64-token cache blocks per logits item (divides 256).
+    num_warps, num_stages : shared by both roles.
+    """
+
+    indexer_programs: int | None = None
+    gemm_programs: int | None = None
+    dynamic: bool = False
+    queue_chunk: int = 4
+    block_n: int = 64
+    block_t: int | None = None
+    blocks_per_item: int = 4
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# RegionWorkspace.counters (int32): [0] queue head, [1] exited programs (dynamic schedule),
+# [_QUEUE_SLOTS + t*max_chunks + c]: logits items of (row t, chunk c) that arrived.
+# TopkWorkspace.counters [t]: chunks of row t that arrived. All zero between launches.
+_QUEUE_SLOTS = 64
+
+
+@triton.jit
+def _arrive(counter_ptr, expected):
+    """Count one arrival; True for the arriver that completes ``expected`` (it resets to 0)."""
+    tl.debug_barrier()  # every thread's stores of this program precede the release
+    old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = old == expected - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def _patch_new_key_logits(
+    t, c, q_ptr, weights_ptr, k_ptr, slot_mapping_ptr, context_lens_ptr, logits_ptr,
+    stride_q, stride_w, stride_k, stride_logits, num_slots, L,
+    USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Logits of row ``t``'s visible new tokens inside chunk ``c``, from ``index_k`` directly.
+
+    Row ``(b, j)`` sees the new tokens ``j' <= j`` of its request, at positions
+    ``context_lens[b] - NEXT_N + j'``; each key is quantized exactly as the cache write does
+    (``quant_scale`` / ``quant_fp8_bytes``), so the logit equals the one computed from the cache.
+    Only written when the row's slot is a real one (padding rows leave the cache, and so the
+    logits, as they are).
+    """
+    b = t // NEXT_N
+    j = t - b * NEXT_N
+    ctx = tl.load(context_lens_ptr + b)
+    heads = tl.arange(0, 64)
+    d = tl.arange(0, 128)
+    t64 = t.to(tl.int64)
+    q = tl.load(q_ptr + t64 * stride_q + heads[:, None] * 128 + d[None, :]).to(tl.float32)  # [64, 128]
+    w = tl.load(weights_ptr + t64 * stride_w + heads)
+    for jj in tl.static_range(NEXT_N):
+        tt = b * NEXT_N + jj
+        p = ctx - NEXT_N + jj
+        slot = tl.load(slot_mapping_ptr + tt)
+        ok = (jj <= j) & (slot >= 0) & (slot < num_slots) & (p >= 0) & (p < L)
+        ok = ok & (p >= c * CHUNK) & (p < (c + 1) * CHUNK)
+        if ok:
+            x = tl.load(k_ptr + tt.to(tl.int64) * stride_k + d).to(tl.float32)
+            scale = quant_scale(tl.max(tl.abs(x), axis=0), 1e-4, USE_UE8M0)
+            kq = quant_fp8_bytes(x, scale).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            s = tl.sum(q * kq[None, :], axis=1)  # [64 heads]
+            logit = tl.sum(tl.maximum(s, 0.0) * w, axis=0) * scale
+            tl.store(logits_ptr + t64 * stride_logits + p, logit)
+
+
+@triton.jit
+def _row_items(context_lens_ptr, T, max_blocks, max_len,
+               NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, T_PAD: tl.constexpr):
+    """Per-row real logits items (>= 1, so an empty row still gets its -1 row) and their
+    inclusive prefix sum, for rows ``[0, T)`` (vectors of ``T_PAD`` lanes, zero past ``T``)."""
+    rows = tl.arange(0, T_PAD)
+    b = rows // NEXT_N
+    L = tl.load(context_lens_ptr + b, mask=rows < T, other=0) - NEXT_N + 1 + (rows - b * NEXT_N)
+    L = tl.minimum(tl.maximum(L, 0), tl.minimum(max_blocks * 64, max_len))
+    n = tl.where(rows < T, tl.maximum(tl.cdiv(tl.cdiv(L, 64), BLOCKS_PER_ITEM), 1), 0)
+    return n, tl.cumsum(n, axis=0)
+
+
+@triton.jit
+def _indexer_logits_and_topk_item(
+    i, n_items, cum_items,
+    # tensors
+    index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr, slot_mapping_ptr,
+    logits_ptr, topk_ptr, chunk_ctr_ptr, row_ctr_ptr, cand_vals_ptr, cand_idx_ptr,
+    # strides and sizes
+    stride_q, stride_w, stride_k, stride_bt, stride_logits, stride_topk,
+    num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
+    USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, NUM_STAGES: tl.constexpr,
+    CHUNK: tl.constexpr, T_PAD: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
+    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr,
+):
+    """The ``i``-th real logits item of the step (rows' items laid end to end, ``cum_items`` their
+    inclusive prefix sum), then whatever top-k stage its arrival completes."""
+    rows = tl.arange(0, T_PAD)
+    t = tl.sum((cum_items <= i).to(tl.int32), axis=0)  # the row whose items cover i
+    run = i - tl.sum(tl.where(rows == t, cum_items - n_items, 0), axis=0)
+    _mqa_logits_item(
+        t * runs_per_row + run, index_q_ptr, index_w_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr,
+        logits_ptr, stride_q, stride_w, stride_bt, stride_logits, num_blocks, max_blocks, max_len, runs_per_row,
+        NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, False,
+    )
+    BPC: tl.constexpr = CHUNK // 64  # cache blocks per top-k chunk
+    tl.static_assert(BPC % BLOCKS_PER_ITEM == 0)
+    b = t // NEXT_N
+    j = t - b * NEXT_N
+    L = tl.load(context_lens_ptr + b) - NEXT_N + 1 + j
+    L = tl.minimum(tl.maximum(L, 0), tl.minimum(max_blocks * 64, max_len))
+    nblk = tl.cdiv(L, 64)
+    c = (run * BLOCKS_PER_ITEM) // BPC
+    n_chunks = tl.maximum(tl.cdiv(L, CHUNK), 1)
+    items_in_chunk = tl.maximum(tl.cdiv(tl.minimum(nblk, (c + 1) * BPC) - c * BPC, BLOCKS_PER_ITEM), 1)
+    if _arrive(chunk_ctr_ptr + t * max_chunks + c, items_in_chunk):
+        _patch_new_key_logits(
+            t, c, index_q_ptr, index_w_ptr, index_k_ptr, slot_mapping_ptr, context_lens_ptr, logits_ptr,
+            stride_q, stride_w, stride_k, stride_logits, num_blocks * 64, L, USE_UE8M0, NEXT_N, CHUNK,
+        )
+        tl.debug_barrier()
+        # stage 1 of chunk c, then (for the row's last chunk to finish) the merge; one inlined
+        # selection for both (topk._topk_stage takes the stage as a runtime flag)
+        merge = c < 0
+        todo = c >= 0
+        while todo:
+            _topk_stage(t, c, L, n_chunks, merge, logits_ptr, stride_logits, topk_ptr, stride_topk,
+                        cand_vals_ptr, cand_idx_ptr, max_chunks, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP)
+            again = c < 0
+            if (n_chunks > 1) & (not merge):
+                again = _arrive(row_ctr_ptr + t, n_chunks)
+            merge = again
+            todo = again
+
+
+@triton.jit
+def _partitioned_kernel(
+    # q side
+    q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
+    T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
+    # indexer
+    index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr, slot_mapping_ptr,
+    logits_ptr, topk_ptr, counters_ptr, row_ctr_ptr, cand_vals_ptr, cand_idx_ptr,
+    stride_q, stride_w, stride_k, stride_bt, stride_logits, stride_topk,
+    num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
+    # schedule
+    n_gemm_items, num_idx_programs, num_gemm_programs,
+    USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, NUM_STAGES: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, T_PAD: tl.constexpr,
+    DYNAMIC: tl.constexpr, QUEUE_CHUNK: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
+    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr,
+):
+    """Whole region, one launch (module docstring). ``counters_ptr``: [0] queue head, [1] exited
+    programs, [64 + t*max_chunks + c] (row, chunk) arrivals; ``row_ctr_ptr``: [t] chunk arrivals."""
+    pid = tl.program_id(0)
+    zero = pid * 0  # loop indices + zero are tensors under the interpreter too (role functions call .to)
+    chunk_ctr_ptr = counters_ptr + _QUEUE_SLOTS
+    if DYNAMIC:
+        # one work list: [cache rows T][real logits items][gemm tiles]; claimed QUEUE_CHUNK at a time
+        n_items, cum_items = _row_items(context_lens_ptr, T, max_blocks, max_len, NEXT_N, BLOCKS_PER_ITEM, T_PAD)
+        n_logit = tl.sum(n_items, axis=0)
+        total = T + n_logit + n_gemm_items
+        start = tl.atomic_add(counters_ptr, QUEUE_CHUNK, sem="relaxed", scope="gpu")
+        while start < total:
+            for w in range(start, tl.minimum(start + QUEUE_CHUNK, total)):
+                w = zero + w
+                if w < T:
+                    _indexer_k_cache_item(w, index_k_ptr, kv_cache_ptr, slot_mapping_ptr, num_blocks * 64, stride_k,
+                                          USE_UE8M0)
+                elif w < T + n_logit:
+                    _indexer_logits_and_topk_item(
+                        w - T, n_items, cum_items, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
+                        block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
+                        row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
+                        stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
+                        USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, T_PAD, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP,
+                    )
+                else:
+                    _q_b_proj_item(
+                        w - T - n_logit, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
+                        T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
+                        USE_UE8M0, True, False, BLOCK_N, BLOCK_T, NUM_STAGES,
+                    )
+            start = tl.atomic_add(counters_ptr, QUEUE_CHUNK, sem="relaxed", scope="gpu")
+        # the last program out resets the queue head for the next replay
+        if _arrive(counters_ptr + 1, tl.num_programs(0)):
+            tl.atomic_xchg(counters_ptr, 0, sem="relaxed", scope="gpu")
+    else:
+        if pid < num_idx_programs:
+            for t in range(pid, T, num_idx_programs):
+                _indexer_k_cache_item(zero + t, index_k_ptr, kv_cache_ptr, slot_mapping_ptr, num_blocks * 64, stride_k,
+                                      USE_UE8M0)
+            n_items, cum_items = _row_items(context_lens_ptr, T, max_blocks, max_len, NEXT_N, BLOCKS_PER_ITEM, T_PAD)
+            n_logit = tl.sum(n_items, axis=0)
+            for i in range(pid, n_logit, num_idx_programs):
+                _indexer_logits_and_topk_item(
+                    zero + i, n_items, cum_items, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
+                    block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
+                    row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
+                    stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
+                    USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, T_PAD, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP,
+                )
+        else:
+            for item in range(pid - num_idx_programs, n_gemm_items, num_gemm_programs):
+                _q_b_proj_item(
+                    zero + item, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
+                    T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
+                    USE_UE8M0, True, False, BLOCK_N, BLOCK_T, NUM_STAGES,
+                )
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: a small grid keeps CPU runs short
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=64)
+def _resident_programs(device_index: int, n_regs: int, shared: int, num_warps: int, num_sms: int) -> int:
+    """Programs resident at once: occupancy (registers, shared memory, warps) x SMs (H100/H200 limits:
+    64K registers, 228 KiB shared memory of which 1 KiB is reserved per block, 64 warps, 32 blocks)."""
+    by_regs = 65536 // max(n_regs * 32 * num_warps, 1)
+    by_smem = (228 * 1024) // max(shared + 1024, 1) if shared else 32
+    by_warps = 64 // num_warps
+    return max(1, min(by_regs, by_smem, by_warps, 32)) * num_sms
+
+
+def split_programs(total: int, index_bytes: float, gemm_bytes: float) -> tuple[int, int]:
+    """Cost-model split of ``total`` programs in proportion to each role's bytes (both >= 1).
+
+    A role's time is its bytes over its share of bandwidth; equal finish times give shares
+    proportional to bytes (DESIGN.md 5: a quarter of the SMs already pulls 2/3 of HBM bandwidth,
+    so the split only needs to balance, not to saturate).
+    """
+    if total < 2:
+        raise ValueError(f"total: need at least 2 programs, got {total}")
+    frac = index_bytes / max(index_bytes + gemm_bytes, 1.0)
+    n_idx = min(max(int(round(total * frac)), 1), total - 1)
+    return n_idx, total - n_idx
+
+
+def region_bytes(T: int, H: int, mean_len: float) -> tuple[float, float]:
+    """(indexer bytes, q-side bytes) of one step: cache bytes read (132 per visible position per
+    row) vs FP8 weights + scales + q_c + q (units: bytes)."""
+    idx = T * mean_len * dims.CACHE_BYTES_PER_TOKEN + T * (dims.INDEX_N_HEADS * (dims.INDEX_HEAD_DIM + 4))
+    n = H * dims.QK_HEAD_DIM
+    gemm = n * dims.Q_LORA_RANK + n // 128 * 12 * 4 + T * (dims.Q_LORA_RANK + n) * 2
+    return float(idx), float(gemm)
+
+
+def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m0: bool = True) -> None:
+    """Run the whole region in one launch of :func:`_partitioned_kernel` (see module docstring).
+
+    Parameters
+    ----------
+    args : RegionArgs (validated by the caller, ``run_region``).
+    ws : RegionWorkspace (logits, top-k candidates, zeroed counters).
+    config : PartitionConfig; ``None`` = defaults with the cost-model split.
+    """
+    cfg = config or PartitionConfig()
+    T, H, next_n = args.num_tokens, args.num_heads, args.next_n
+    dev = args.q_c.device
+    N = H * dims.QK_HEAD_DIM
+    block_t = cfg.block_t or default_block_t(T)
+    max_blocks = args.block_table.shape[1]
+    max_len = ws.max_len
+    cols = min(max_len, max_blocks * dims.CACHE_BLOCK_SIZE)
+    runs = max(triton.cdiv(triton.cdiv(cols, dims.CACHE_BLOCK_SIZE), cfg.blocks_per_item), 1)
+    n_gemm = q_b_proj_num_items(T, H, cfg.block_n, block_t)
+    tw = ws.topk
+    max_chunks = tw.max_chunks
+    if cfg.dynamic:
+        total = _num_sms(dev) * 2 if cfg.indexer_programs is None else cfg.indexer_programs + (cfg.gemm_programs or 0)
+        n_idx, n_gemm_p = total, 0
+    else:
+        n_idx, n_gemm_p = cfg.indexer_programs, cfg.gemm_programs
+        if n_idx is None or n_gemm_p is None:
+            total = _num_sms(dev) * 2
+            mean_len = min(max_len, max(1, cols))  # shapes only: the bucket's capacity
+            model_idx, model_gemm = split_programs(total, *region_bytes(T, H, mean_len))
+            n_idx = n_idx or model_idx
+            n_gemm_p = n_gemm_p or model_gemm
+        total = n_idx + n_gemm_p
+    if n_idx < 1 or (not cfg.dynamic and n_gemm_p < 1):
+        raise ValueError(f"config: need >= 1 program per role, got indexer={n_idx}, gemm={n_gemm_p}")
+    if T > ws.topk.max_tokens:
+        raise ValueError(f"workspace: top-k candidates hold {ws.topk.max_tokens} rows, the batch has {T}")
+    _partitioned_kernel[(total,)](
+        args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
+        args.k_pe, args.q,
+        T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
+        args.index_q_fp8, args.index_weights, args.index_k, args.kv_cache, args.block_table, args.context_lens,
+        args.slot_mapping, ws.logits, args.topk_indices, ws.counters, tw.counters, tw.cand_vals, tw.cand_idx,
+        args.index_q_fp8.stride(0), args.index_weights.stride(0), args.index_k.stride(0), args.block_table.stride(0),
+        ws.logits.stride(0), args.topk_indices.stride(0),
+        args.kv_cache.shape[0], max_blocks, max_len, runs, max_chunks,
+        n_gemm, n_idx, max(n_gemm_p, 1),
+        USE_UE8M0=bool(use_ue8m0), NEXT_N=next_n, BLOCKS_PER_ITEM=cfg.blocks_per_item, NUM_STAGES=cfg.num_stages,
+        CHUNK=tw.chunk, BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
+        DYNAMIC=bool(cfg.dynamic),
+        QUEUE_CHUNK=cfg.queue_chunk, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=tw.cap,
+        num_warps=cfg.num_warps, num_stages=1,
+    )
+
+
+@register_path("partitioned")
+def run_partitioned(args, ws, config, use_ue8m0):
+    partitioned_region(args, ws, config, use_ue8m0)
