@@ -23,7 +23,7 @@ _DEFAULT_L2_BYTES = 60 * 2**20  # H100/H200 L2 (50-60 MB) if the property is mis
 
 
 class L2Flush:
-    """A read-only L2 sweep: ``torch.sum(buffer, out=scalar)`` over ``nbytes`` of fp32.
+    """A read-only L2 sweep: ``torch.sum(buffer, dim=0, out=scalar)`` over ``nbytes`` of fp32.
 
     Reading a buffer twice the L2 size evicts every line the timed kernel could reuse, and
     writes only the 4-byte result, so no dirty lines are left for the next kernel to write back.
@@ -40,7 +40,7 @@ class L2Flush:
         self._out = torch.empty((), dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
-        torch.sum(self.buffer, out=self._out)
+        torch.sum(self.buffer, dim=0, out=self._out)  # torch 2.11 has no out= without dim
 
 
 def l2_flush_buffer(device="cuda", factor: int = 2) -> L2Flush:

@@ -87,7 +87,10 @@ def ue8m0_ceil_torch(s: torch.Tensor) -> torch.Tensor:
 
 def quant_scale_torch(amax: torch.Tensor, eps: float, use_ue8m0: bool) -> torch.Tensor:
     """Torch twin of :func:`quant_scale` (fp32)."""
-    s = torch.clamp(amax.float(), min=eps) / FP8_MAX
+    a = torch.clamp(amax.float(), min=eps)
+    # a tensor divisor: torch turns division by a Python scalar into a multiply by its (rounded)
+    # reciprocal on CUDA, while vLLM's kernels divide (IEEE) by 448
+    s = a / torch.full_like(a, FP8_MAX)
     return ue8m0_ceil_torch(s) if use_ue8m0 else s
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 import triton
@@ -59,6 +60,8 @@ class PartitionConfig:
     block_n, block_t : GEMM tile (weight rows x tokens); ``block_t=None`` = by T.
     blocks_per_item : 64-token cache blocks per logits item (divides 256).
     num_warps, num_stages : shared by both roles.
+    roles : bit mask of the work run (1 key write, 2 logits, 4 top-k, 8 GEMM); anything but 15
+        gives incomplete outputs: a benchmark knob to time one role inside the fused launch.
     """
 
     indexer_programs: int | None = None
@@ -70,12 +73,13 @@ class PartitionConfig:
     blocks_per_item: int = 4
     num_warps: int = 4
     num_stages: int = 3
+    roles: int = 15
 
 
 # RegionWorkspace.counters (int32): [0] queue head, [1] exited programs (dynamic schedule),
 # [_QUEUE_SLOTS + t*max_chunks + c]: logits items of (row t, chunk c) that arrived.
 # TopkWorkspace.counters [t]: chunks of row t that arrived. All zero between launches.
-_QUEUE_SLOTS = 64
+_QUEUE_SLOTS = tl.constexpr(64)
 
 
 @triton.jit
@@ -150,18 +154,19 @@ def _indexer_logits_and_topk_item(
     num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
     USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, NUM_STAGES: tl.constexpr,
     CHUNK: tl.constexpr, T_PAD: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
-    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr,
+    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr, ROLES: tl.constexpr,
 ):
     """The ``i``-th real logits item of the step (rows' items laid end to end, ``cum_items`` their
     inclusive prefix sum), then whatever top-k stage its arrival completes."""
     rows = tl.arange(0, T_PAD)
     t = tl.sum((cum_items <= i).to(tl.int32), axis=0)  # the row whose items cover i
     run = i - tl.sum(tl.where(rows == t, cum_items - n_items, 0), axis=0)
-    _mqa_logits_item(
-        t * runs_per_row + run, index_q_ptr, index_w_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr,
-        logits_ptr, stride_q, stride_w, stride_bt, stride_logits, num_blocks, max_blocks, max_len, runs_per_row,
-        NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, False,
-    )
+    if ROLES & 2:
+        _mqa_logits_item(
+            t * runs_per_row + run, index_q_ptr, index_w_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr,
+            logits_ptr, stride_q, stride_w, stride_bt, stride_logits, num_blocks, max_blocks, max_len, runs_per_row,
+            NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, False,
+        )
     BPC: tl.constexpr = CHUNK // 64  # cache blocks per top-k chunk
     tl.static_assert(BPC % BLOCKS_PER_ITEM == 0)
     b = t // NEXT_N
@@ -172,24 +177,25 @@ def _indexer_logits_and_topk_item(
     c = (run * BLOCKS_PER_ITEM) // BPC
     n_chunks = tl.maximum(tl.cdiv(L, CHUNK), 1)
     items_in_chunk = tl.maximum(tl.cdiv(tl.minimum(nblk, (c + 1) * BPC) - c * BPC, BLOCKS_PER_ITEM), 1)
-    if _arrive(chunk_ctr_ptr + t * max_chunks + c, items_in_chunk):
-        _patch_new_key_logits(
-            t, c, index_q_ptr, index_w_ptr, index_k_ptr, slot_mapping_ptr, context_lens_ptr, logits_ptr,
-            stride_q, stride_w, stride_k, stride_logits, num_blocks * 64, L, USE_UE8M0, NEXT_N, CHUNK,
-        )
-        tl.debug_barrier()
-        # stage 1 of chunk c, then (for the row's last chunk to finish) the merge; one inlined
-        # selection for both (topk._topk_stage takes the stage as a runtime flag)
-        merge = c < 0
-        todo = c >= 0
-        while todo:
-            _topk_stage(t, c, L, n_chunks, merge, logits_ptr, stride_logits, topk_ptr, stride_topk,
-                        cand_vals_ptr, cand_idx_ptr, max_chunks, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP)
-            again = c < 0
-            if (n_chunks > 1) & (not merge):
-                again = _arrive(row_ctr_ptr + t, n_chunks)
-            merge = again
-            todo = again
+    if ROLES & 4:
+        if _arrive(chunk_ctr_ptr + t * max_chunks + c, items_in_chunk):
+            _patch_new_key_logits(
+                t, c, index_q_ptr, index_w_ptr, index_k_ptr, slot_mapping_ptr, context_lens_ptr, logits_ptr,
+                stride_q, stride_w, stride_k, stride_logits, num_blocks * 64, L, USE_UE8M0, NEXT_N, CHUNK,
+            )
+            tl.debug_barrier()
+            # stage 1 of chunk c, then (for the row's last chunk to finish) the merge; one inlined
+            # selection for both (topk._topk_stage takes the stage as a runtime flag)
+            merge = c < 0
+            todo = c >= 0
+            while todo:
+                _topk_stage(t, c, L, n_chunks, merge, logits_ptr, stride_logits, topk_ptr, stride_topk,
+                            cand_vals_ptr, cand_idx_ptr, max_chunks, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP)
+                again = c < 0
+                if (n_chunks > 1) & (not merge):
+                    again = _arrive(row_ctr_ptr + t, n_chunks)
+                merge = again
+                todo = again
 
 
 @triton.jit
@@ -206,8 +212,8 @@ def _partitioned_kernel(
     n_gemm_items, num_idx_programs, num_gemm_programs,
     USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, NUM_STAGES: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, T_PAD: tl.constexpr,
-    DYNAMIC: tl.constexpr, QUEUE_CHUNK: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
-    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr,
+    DYNAMIC: tl.constexpr, QUEUE_CHUNK: tl.constexpr, HW_CVT: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
+    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr, ROLES: tl.constexpr,
 ):
     """Whole region, one launch (module docstring). ``counters_ptr``: [0] queue head, [1] exited
     programs, [64 + t*max_chunks + c] (row, chunk) arrivals; ``row_ctr_ptr``: [t] chunk arrivals."""
@@ -224,7 +230,8 @@ def _partitioned_kernel(
             for w in range(start, tl.minimum(start + QUEUE_CHUNK, total)):
                 w = zero + w
                 if w < T:
-                    _indexer_k_cache_item(w, index_k_ptr, kv_cache_ptr, slot_mapping_ptr, num_blocks * 64, stride_k,
+                    if ROLES & 1:
+                        _indexer_k_cache_item(w, index_k_ptr, kv_cache_ptr, slot_mapping_ptr, num_blocks * 64, stride_k,
                                           USE_UE8M0)
                 elif w < T + n_logit:
                     _indexer_logits_and_topk_item(
@@ -232,13 +239,13 @@ def _partitioned_kernel(
                         block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
                         row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
                         stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
-                        USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, T_PAD, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP,
+                        USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, T_PAD, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP, ROLES,
                     )
-                else:
+                elif ROLES & 8:
                     _q_b_proj_item(
                         w - T - n_logit, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
                         T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
-                        USE_UE8M0, True, False, BLOCK_N, BLOCK_T, NUM_STAGES,
+                        USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES,
                     )
             start = tl.atomic_add(counters_ptr, QUEUE_CHUNK, sem="relaxed", scope="gpu")
         # the last program out resets the queue head for the next replay
@@ -246,7 +253,7 @@ def _partitioned_kernel(
             tl.atomic_xchg(counters_ptr, 0, sem="relaxed", scope="gpu")
     else:
         if pid < num_idx_programs:
-            for t in range(pid, T, num_idx_programs):
+            for t in range(pid, T if ROLES & 1 else 0, num_idx_programs):
                 _indexer_k_cache_item(zero + t, index_k_ptr, kv_cache_ptr, slot_mapping_ptr, num_blocks * 64, stride_k,
                                       USE_UE8M0)
             n_items, cum_items = _row_items(context_lens_ptr, T, max_blocks, max_len, NEXT_N, BLOCKS_PER_ITEM, T_PAD)
@@ -257,14 +264,14 @@ def _partitioned_kernel(
                     block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
                     row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
                     stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
-                    USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, T_PAD, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP,
+                    USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, T_PAD, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP, ROLES,
                 )
         else:
-            for item in range(pid - num_idx_programs, n_gemm_items, num_gemm_programs):
+            for item in range(pid - num_idx_programs, n_gemm_items if ROLES & 8 else 0, num_gemm_programs):
                 _q_b_proj_item(
                     zero + item, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
                     T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
-                    USE_UE8M0, True, False, BLOCK_N, BLOCK_T, NUM_STAGES,
+                    USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES,
                 )
 
 
@@ -357,7 +364,8 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         USE_UE8M0=bool(use_ue8m0), NEXT_N=next_n, BLOCKS_PER_ITEM=cfg.blocks_per_item, NUM_STAGES=cfg.num_stages,
         CHUNK=tw.chunk, BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
         DYNAMIC=bool(cfg.dynamic),
-        QUEUE_CHUNK=cfg.queue_chunk, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=tw.cap,
+        QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
+        ROLES=cfg.roles, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=tw.cap,
         num_warps=cfg.num_warps, num_stages=1,
     )
 

@@ -15,8 +15,8 @@ Mirrors, in vLLM 0.33 (DESIGN.md 3):
   ``out_e = x_e cos_i - x_o sin_i``, ``out_o = x_o cos_i + x_e sin_i``, ``cos_i = cache[p, i]``,
   ``sin_i = cache[p, 32 + i]``. With a bf16 ``cos_sin_cache`` (vLLM's) the GEMM output is rounded
   to bf16 first and every product and the sum round to bf16, as vLLM's bf16 math does; with an
-  fp32 cache the math is fp32 (products formed exactly in fp64 and rounded once to fp32, so no FMA
-  contraction can change a bit) and rounds once to bf16.
+  fp32 cache the math is fp32 (each product rounded to fp32 with ``mul.rn``, so no FMA contraction
+  can change a bit, then the sum) and rounds once to bf16.
 
 Kernel shape (DESIGN.md 5): swap-AB, i.e. weights on the MMA's M side. A work item is one
 ``(n_tile, t_tile)`` pair: ``BLOCK_N`` weight rows (output columns) x ``BLOCK_T`` tokens, the whole
@@ -25,7 +25,22 @@ of ``q_c`` in registers (the same group-of-128 quant as vLLM; ``q_c`` is tiny an
 recomputing it per tile costs issue slots, not bytes). Items are numbered n-tile-major
 (``item = n_tile * num_t_tiles + t_tile``) so that concurrently running items share weight tiles
 in L2. The items of ``n_tile == 0`` also rope ``k_pe`` for their tokens, so the item count is just
-``num_n_tiles * num_t_tiles``.
+``num_n_tiles * num_t_tiles``. Role function: ``_q_b_proj_item(item, ...)`` (no ``tl.program_id``);
+standalone kernel: ``_q_b_proj_kernel``; launcher: :func:`q_b_proj_rope`.
+
+Numerics notes (documented on purpose):
+
+* UE8M0 scales use the exact integer round-up ``fp8.ue8m0_ceil`` (vLLM: ``exp2(ceil(log2(s)))``;
+  they differ only within a few ulps above a power of two). With UE8M0, ``x / s`` is computed as
+  ``x * 2**-e`` with the exact reciprocal, which is bitwise the IEEE quotient.
+* e4m3 bytes come from ``fp8.fp8e4m3_rne`` (torch's RNE bytes, also under the interpreter), or,
+  with ``HW_CVT`` (the launcher's default on CUDA), from ``cvt.rn.satfinite.e4m3x2.f32``: the same
+  bytes, about 45% fewer instructions in the K loop. The GPU tests assert both give the same ``q``.
+* Every fp32 -> bf16 rounding goes through ``_bf16_rne`` (integer RNE), because the interpreter's
+  own fp32 -> bf16 cast truncates; on the GPU it costs a few integer ops per output element.
+* The fp32 sum over K blocks runs in K order per tile (DeepGEMM's promotion order); the reference
+  sums in another order, so outputs may differ from it by one bf16 ulp where fp32 rounding
+  crosses a bf16 rounding boundary.
 
 Torch ground truth: ``reference.q_b_proj`` followed by ``reference.mla_rope_``.
 """
@@ -40,9 +55,30 @@ from . import dims
 from .fp8 import fp8e4m3_rne, quant_scale
 
 
+# True when kernels run in Triton's interpreter (read when this module is imported, as Triton reads
+# TRITON_INTERPRET when it decorates a kernel); selects Python-side twins of GPU-only intrinsics.
+_INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 # --------------------------------------------------------------------------------------
 # device helpers
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _mul_rn(a, b):
+    """fp32 ``a * b`` rounded once, never contracted into an FMA with a following add.
+
+    Triton compiles with FP fusion on, so a plain ``a * b - c`` may become ``fma(a, b, -c)`` (one
+    rounding instead of two), which changes bits against torch's separately rounded ops; PTX
+    ``mul.rn.f32`` is never fused (inline asm: libdevice's ``__nv_fmul_rn`` would be the
+    flush-to-zero variant under Triton's FTZ reflect setting). The interpreter (numpy) never fuses.
+    """
+    if _INTERPRET:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
 @triton.jit
 def _bf16_rne(x):
     """fp32 -> bf16, round to nearest even, with integer arithmetic (finite or inf inputs).
@@ -62,11 +98,11 @@ def _rope_pairs(xe, xo, c, s, CS_FP32: tl.constexpr):
     ``c``/``s`` fp32 (their values bf16-exact when ``CS_FP32`` is False).
     """
     if CS_FP32:
-        # fp32 math, each product rounded once (fp64 holds bf16 x fp32 exactly: no FMA contraction)
-        ec = (xe.to(tl.float64) * c.to(tl.float64)).to(tl.float32)
-        os_ = (xo.to(tl.float64) * s.to(tl.float64)).to(tl.float32)
-        oc = (xo.to(tl.float64) * c.to(tl.float64)).to(tl.float32)
-        es = (xe.to(tl.float64) * s.to(tl.float64)).to(tl.float32)
+        # fp32 math as torch does it: each product rounded to fp32, then the sum (no FMA)
+        ec = _mul_rn(xe, c)
+        os_ = _mul_rn(xo, s)
+        oc = _mul_rn(xo, c)
+        es = _mul_rn(xe, s)
         out_e = _bf16_rne(ec - os_)
         out_o = _bf16_rne(oc + es)
     else:
@@ -120,10 +156,10 @@ def _q_b_proj_item(
     cos_sin_ptr : bf16 or fp32 ``[max_pos, 64]`` (cos | sin), row stride ``stride_cs``.
     k_pe_ptr : bf16 ``[T, 1, 64]``, token stride ``stride_kpe``, roped in place.
     q_ptr : bf16 ``[T, N]`` (= ``[T, H, 192]``), row stride ``stride_q``; written.
-    T, N : tokens and output columns (``N = H * 192``).
+    T, N : tokens and output columns (``N = H * 192``); max_pos : ``cos_sin_cache.shape[0]``.
     USE_UE8M0 : power-of-two activation scales. APPLY_ROPE : False = plain GEMM (tests only; k_pe
-        untouched). HW_CVT : hardware fp32->e4m3 conversion (``cvt.rn.satfinite``, the same bytes as torch; GPU
-        only: the interpreter's own conversion rounds ties away from zero).
+        untouched). HW_CVT : hardware fp32->e4m3 conversion (``cvt.rn.satfinite``, the same bytes
+        as torch; GPU only: the interpreter's own conversion rounds ties away from zero).
     BLOCK_N : 64, 128 or 256 weight rows (<= 128: one weight-scale row per tile, a scalar per K
         step; 256: a per-row scale vector).
     BLOCK_T : tokens per tile, a power of two >= 16 (the MMA's N side).
@@ -322,7 +358,7 @@ def q_b_proj_rope(
     grid = (q_b_proj_num_items(T, H, block_n, block_t),)
     _q_b_proj_kernel[grid](
         q_c, weight, weight_scale, positions, cos_sin_cache, k_pe, q,
-        T, N, cos_sin_cache.shape[0], q_c.stride(0), N, k_pe.stride(0), cos_sin_cache.stride(0),
+        T, N, cos_sin_cache.shape[0], q_c.stride(0), q.stride(0), k_pe.stride(0), cos_sin_cache.stride(0),
         USE_UE8M0=bool(use_ue8m0), APPLY_ROPE=bool(apply_rope), HW_CVT=bool(hw_cvt),
         BLOCK_N=block_n, BLOCK_T=block_t, NUM_STAGES=num_stages,
         num_warps=num_warps, num_stages=num_stages,

@@ -15,14 +15,15 @@ Algorithm
 * ``_select_topk`` (one program, n values in global memory): narrow a key bracket ``[lo, hi]``
   known to hold the K-th largest key with ``tl.histogram`` passes of 64 bins: bins are equal
   key intervals above ``lo`` (or, while the bracket straddles zero, equal *value* intervals, which
-  suit logits of both signs). After each histogram pass an emit pass writes every element of
-  the bins above the threshold bin, takes the exact min/max of the threshold bin and, once it holds
-  <= CAP elements, compacts their positions to a scratch buffer. The rest runs in registers
-  (histogram passes over a [CAP] tensor, then one prefix sum that emits the elements above the
-  final bracket and the first ``need`` members of it: exactly K outputs, ties included).
-  Typical logits take three streaming passes (min/max, histogram, emit+compact); at most
-  2 value-mode + 7 key-mode narrowings run in any case (each key pass removes >= 5 bits).
-  Rows with ``n <= CAP`` skip the streaming passes (one load into registers).
+  suit logits of both signs); both are monotone in the key, so a bin's members are exactly the
+  keys between its min and max. After each histogram pass an emit pass writes every element of
+  the bins above the threshold bin and, once that bin holds <= CAP elements, compacts their
+  positions to a scratch buffer (else one more pass takes the bin's exact min/max). The rest runs
+  in registers (histogram passes over a [CAP] tensor, then one prefix sum that emits the elements
+  above the final bracket and the first ``need`` members of it: exactly K outputs, ties included).
+  Typical logits take three streaming passes (min/max, histogram, emit+compact); every phase
+  ends after at most 2 value-mode + 7 key-mode narrowings (a key pass removes >= 5 bits of range).
+  Inputs of ``n <= CAP`` values skip the streaming passes (one load into registers).
 * Two stages for long rows: stage 1 (``_topk_chunk_stage``), one program per (row, chunk of
   ``CHUNK`` positions), selects the chunk's top-min(K, n) into the candidate workspace (values
   and positions; a row of one chunk writes ``topk_indices`` directly, with its -1 padding).
@@ -37,6 +38,10 @@ Workspace layout (:class:`TopkWorkspace`, per row, ``max_chunks = cdiv(max_len, 
 ``[T, max_chunks*K + (max_chunks+1)*CAP]``: the candidates' positions, then one CAP-sized
 scratch per chunk and one for the merge. All loads use ``.cg`` (data written by other programs
 of the same launch is never read through a stale L1 line).
+
+For a persistent kernel: ``_topk_chunk_stage`` / ``_topk_merge_stage`` take a row and chunk, never
+``tl.program_id``; a row of ``L <= CHUNK`` is finished (with its -1 padding) by the one
+``_topk_chunk_stage(t, 0, ...)`` call, e.g. in the program that completed its logits.
 """
 
 from __future__ import annotations
@@ -331,11 +336,12 @@ def _topk_stage(t, c, L, n_chunks, merge, logits_ptr, stride_logits, topk_ptr, s
                 cand_vals_ptr, cand_idx_ptr, max_chunks, CHUNK: tl.constexpr,
                 K: tl.constexpr = _K, BLOCK: tl.constexpr = _BLOCK, LOG2_NB: tl.constexpr = _LOG2_NB,
                 CAP: tl.constexpr = _CAP):
-    """Stage 1 (``merge`` false) or stage 2 (``merge`` true) of row ``t``; ONE inlined selection.
+    """Stage 1 (``merge`` false) or stage 2 (``merge`` true) of row ``t``.
 
-    ``L``: the row's visible length; ``n_chunks = max(cdiv(L, CHUNK), 1)``; ``merge`` may be a
-    runtime flag, so a caller that may run both stages (a chunk, then the merge when it is the
-    row's last) keeps one copy of :func:`_select_topk` in its binary.
+    ``L``: the row's visible length; ``n_chunks = max(cdiv(L, CHUNK), 1)``. ``merge`` may be a
+    runtime flag (one inlined :func:`_select_topk` for both stages, e.g. in a two-trip loop), but
+    on sm_90 that loop cost ~60 more registers than two call sites with a constexpr ``merge``
+    (the wrappers ``_topk_chunk_stage`` / ``_topk_merge_stage``), which the kernels here use.
 
     * stage 1, ``n_chunks == 1``: the row's top-min(K, L) positions and -1 padding -> ``topk[t]``.
     * stage 1, ``n_chunks >= 2``: the top-min(K, n_c) of positions ``[c*CHUNK, c*CHUNK + n_c)``
@@ -415,21 +421,17 @@ def _topk_chunk_item(item, num_rows, lens_ptr, next_n, lmax, logits_ptr, stride_
     t = item - c * num_rows
     L = _topk_row_len(t, lens_ptr, next_n, lmax, PER_ROW_LENS)
     n_chunks = tl.maximum(tl.cdiv(L, CHUNK), 1)
-    merge = c < 0  # false: this chunk's stage 1 first
-    todo = c < n_chunks
-    while todo:  # at most two trips (stage 1, then the merge); one inlined selection
-        _topk_stage(t, c, L, n_chunks, merge, logits_ptr, stride_logits, topk_ptr, stride_topk,
-                    cand_vals_ptr, cand_idx_ptr, max_chunks, CHUNK, K, BLOCK, LOG2_NB, CAP)
-        again = c < 0
+    if c < n_chunks:
+        _topk_chunk_stage(t, c, L, n_chunks, logits_ptr, stride_logits, topk_ptr, stride_topk,
+                          cand_vals_ptr, cand_idx_ptr, max_chunks, CHUNK, K, BLOCK, LOG2_NB, CAP)
         if FUSED_MERGE:
-            if (n_chunks > 1) & (not merge):
+            if n_chunks > 1:
                 tl.debug_barrier()  # every thread's candidate stores precede the release
                 old = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel", scope="gpu")
-                again = old == n_chunks - 1
-                if again:
+                if old == n_chunks - 1:
                     tl.atomic_xchg(counters_ptr + t, 0, sem="relaxed", scope="gpu")
-        merge = again
-        todo = again
+                    _topk_merge_stage(t, L, n_chunks, topk_ptr, stride_topk, cand_vals_ptr, cand_idx_ptr,
+                                      max_chunks, CHUNK, K, BLOCK, LOG2_NB, CAP)
 
 
 @triton.jit
@@ -476,15 +478,29 @@ class TopkConfig:
     Attributes
     ----------
     block : tile of the streaming passes (power of two, <= 32767).
+    cap : register capacity: inputs of <= cap values skip the streaming passes, and a threshold
+        bin of <= cap values finishes in registers (power of two, <= ``workspace.cap``).
+        ``None``: 4096 when every work item gets its own SM (latency: a 4K row is one register
+        load), else 2048 (half the registers: two programs per SM).
     log2_bins : log2 of the histogram bins per narrowing pass (5..8; 6 = 64 bins).
     num_warps : warps per program (the role functions are correct with 4 and 8).
     fused_merge : one launch (last chunk of a row merges) instead of two launches.
+
+    Registers on sm_90 (ptxas, fused kernel, no spills): block 2048 / cap 4096 / 8 warps: 208;
+    block 2048 / cap 2048 / 8 warps: 122; block 1024 / cap 2048 / 4 warps (the role defaults): 167.
     """
 
-    block: int = TOPK_BLOCK
+    block: int = 2048
+    cap: int | None = None
     log2_bins: int = TOPK_LOG2_BINS
     num_warps: int = 8
     fused_merge: bool = True
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter: no occupancy to trade
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class TopkWorkspace:
@@ -497,18 +513,20 @@ class TopkWorkspace:
     max_len : largest visible length (the logits width); lengths beyond it are clamped.
     device : torch device.
     chunk : positions per stage-1 program (>= k); ``max_chunks = max(cdiv(max_len, chunk), 1)``.
-    cap : register capacity / scratch ints per item (<= 32767).
+    cap : scratch ints per item: the largest ``CAP`` a kernel may use with this workspace.
     k : top-k (2048).
 
     Attributes
     ----------
     cand_vals : fp32 [max_tokens, max_chunks * k], chunk ``c``'s candidates at ``c * k``.
     cand_idx : int32 [max_tokens, max_chunks * k + (max_chunks + 1) * cap]: candidate positions, then
-        per-chunk scratch (``max_chunks * k + c * cap``) and the merge's scratch (``c = max_chunks``).
+        per-chunk scratch (``max_chunks * k + c * CAP``) and the merge's scratch (``c = max_chunks``).
+        Kernels lay rows out with their own ``CAP <= cap`` (row stride
+        ``max_chunks * k + (max_chunks + 1) * CAP``), which stays inside the buffer.
     counters : int32 [max_tokens], zero between launches (reset in-kernel by the merging program).
     """
 
-    def __init__(self, max_tokens: int, max_len: int, device, *, chunk: int = TOPK_CHUNK, cap: int = TOPK_CAP,
+    def __init__(self, max_tokens: int, max_len: int, device, *, chunk: int = TOPK_CHUNK, cap: int = TOPK_CAP_MAX,
                  k: int = TOPK_K):
         if chunk < k:
             raise ValueError(f"chunk: expected >= k = {k}, got {chunk}")
@@ -570,7 +588,12 @@ def topk_decode(logits: torch.Tensor, context_lens: torch.Tensor, topk_indices: 
     n_chunks = max(triton.cdiv(lmax, ws.chunk), 1)
     per_row = row_lens is not None
     lens = row_lens if per_row else context_lens
-    common = dict(K=ws.k, BLOCK=cfg.block, LOG2_NB=cfg.log2_bins, CAP=ws.cap)
+    cap = cfg.cap
+    if cap is None:
+        cap = min(TOPK_CAP_MAX if T * n_chunks <= _num_sms(logits.device) else TOPK_CAP, ws.cap)
+    if cap > ws.cap:
+        raise ValueError(f"config.cap: {cap} exceeds the workspace's scratch of {ws.cap} ints per item")
+    common = dict(K=ws.k, BLOCK=cfg.block, LOG2_NB=cfg.log2_bins, CAP=cap)
     fused = cfg.fused_merge or n_chunks == 1
     _topk_chunk_kernel[(T * n_chunks,)](
         logits, lens, topk_indices, ws.cand_vals, ws.cand_idx, ws.counters,
@@ -606,7 +629,7 @@ def topk_decode_torch(logits: torch.Tensor, lens: torch.Tensor, k: int = TOPK_K)
 
 
 __all__ = [
-    "TOPK_K", "TOPK_CHUNK", "TOPK_CAP", "TopkConfig", "TopkWorkspace", "topk_workspace", "topk_decode",
+    "TOPK_K", "TOPK_CHUNK", "TOPK_BLOCK", "TOPK_CAP", "TOPK_CAP_MAX", "TopkConfig", "TopkWorkspace", "topk_workspace", "topk_decode",
     "topk_decode_torch", "_select_topk", "_topk_chunk_stage", "_topk_merge_stage", "_topk_chunk_item",
     "_topk_merge_item",
 ]
