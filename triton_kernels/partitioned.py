@@ -18,10 +18,11 @@ Cross-program protocol (no program ever waits for another):
   barrier then ``atomic_add(acq_rel, gpu)``; the arriver that completes the count owns the next
   stage and resets the counter to 0, so every CUDA-graph replay starts from zero (no memset node).
 * the new keys: the cache write (any program, any time) is not ordered before the logits of the
-  same rows. The program that finishes a row's chunk therefore recomputes the logits of the new
-  positions from ``index_k`` directly, with the exact quantization of the cache write
-  (``_patch_new_key_logits``), before the top-k reads them. ``validate.py`` checks (eager) that
-  ``slot_mapping`` is the new token's cache slot, which makes this identical to write-then-read.
+  same rows. The logits item that covers a row's new positions therefore recomputes their logits
+  from ``index_k`` directly, with the exact quantization of the cache write
+  (``_patch_new_key_logits``), right after its own stores (program order, a CTA barrier between).
+  ``validate.py`` checks (eager) that ``slot_mapping`` is the new token's cache slot, which makes
+  this identical to write-then-read.
 * loads of data written by other programs in this launch use ``.cg`` (L2, never a stale L1 line).
 
 Every per-step value (lengths, tables, slots) is read on the device: the grid and all launch
@@ -44,7 +45,7 @@ from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item
 from .q_b_proj import _q_b_proj_item, default_block_t, q_b_proj_num_items
 from .region import register_path
-from .topk import TOPK_BLOCK, TOPK_LOG2_BINS, _topk_stage
+from .topk import TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, _topk_stage, topk_decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,10 @@ class PartitionConfig:
     block_n, block_t : GEMM tile (weight rows x tokens); ``block_t=None`` = by T.
     blocks_per_item : 64-token cache blocks per logits item (divides 256).
     num_warps, num_stages : shared by both roles.
+    fuse_topk : run the top-k inside the launch (last arriving item of a row / chunk); False runs
+        the fused launch without it (fewer registers, higher occupancy for the GEMM and logits
+        roles), then ``topk.topk_decode`` as a second launch (with ``topk_config``, a
+        ``topk.TopkConfig``; ``None`` = its defaults).
     roles : bit mask of the work run (1 key write, 2 logits, 4 top-k, 8 GEMM); anything but 15
         gives incomplete outputs: a benchmark knob to time one role inside the fused launch.
     """
@@ -73,6 +78,8 @@ class PartitionConfig:
     blocks_per_item: int = 4
     num_warps: int = 4
     num_stages: int = 3
+    fuse_topk: bool = False
+    topk_config: object = None
     roles: int = 15
 
 
@@ -95,39 +102,41 @@ def _arrive(counter_ptr, expected):
 
 @triton.jit
 def _patch_new_key_logits(
-    t, c, q_ptr, weights_ptr, k_ptr, slot_mapping_ptr, context_lens_ptr, logits_ptr,
+    t, p_lo, p_hi, q_ptr, weights_ptr, k_ptr, slot_mapping_ptr, context_lens_ptr, logits_ptr,
     stride_q, stride_w, stride_k, stride_logits, num_slots, L,
-    USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, CHUNK: tl.constexpr,
+    USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr,
 ):
-    """Logits of row ``t``'s visible new tokens inside chunk ``c``, from ``index_k`` directly.
+    """Logits of row ``t``'s visible new tokens inside positions ``[p_lo, p_hi)``, from ``index_k``.
 
     Row ``(b, j)`` sees the new tokens ``j' <= j`` of its request, at positions
     ``context_lens[b] - NEXT_N + j'``; each key is quantized exactly as the cache write does
-    (``quant_scale`` / ``quant_fp8_bytes``), so the logit equals the one computed from the cache.
-    Only written when the row's slot is a real one (padding rows leave the cache, and so the
-    logits, as they are).
+    (``quant_scale`` / ``quant_fp8_bytes``), so the logit equals the one computed from the cache
+    after the write. Only rows whose slot is a real one are patched (a padding row's cache, and so
+    its logits, stay as they are). Called by the logits item that covers those positions, right
+    after its own stores: program order makes the patch win, whenever the cache write lands.
     """
     b = t // NEXT_N
     j = t - b * NEXT_N
     ctx = tl.load(context_lens_ptr + b)
-    heads = tl.arange(0, 64)
+    heads16 = tl.arange(0, 16)
     d = tl.arange(0, 128)
     t64 = t.to(tl.int64)
-    q = tl.load(q_ptr + t64 * stride_q + heads[:, None] * 128 + d[None, :]).to(tl.float32)  # [64, 128]
-    w = tl.load(weights_ptr + t64 * stride_w + heads)
     for jj in tl.static_range(NEXT_N):
         tt = b * NEXT_N + jj
         p = ctx - NEXT_N + jj
         slot = tl.load(slot_mapping_ptr + tt)
-        ok = (jj <= j) & (slot >= 0) & (slot < num_slots) & (p >= 0) & (p < L)
-        ok = ok & (p >= c * CHUNK) & (p < (c + 1) * CHUNK)
+        ok = (jj <= j) & (slot >= 0) & (slot < num_slots) & (p >= 0) & (p < L) & (p >= p_lo) & (p < p_hi)
         if ok:
             x = tl.load(k_ptr + tt.to(tl.int64) * stride_k + d).to(tl.float32)
             scale = quant_scale(tl.max(tl.abs(x), axis=0), 1e-4, USE_UE8M0)
             kq = quant_fp8_bytes(x, scale).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            s = tl.sum(q * kq[None, :], axis=1)  # [64 heads]
-            logit = tl.sum(tl.maximum(s, 0.0) * w, axis=0) * scale
-            tl.store(logits_ptr + t64 * stride_logits + p, logit)
+            acc = tl.sum(kq, axis=0) * 0.0
+            for hg in tl.static_range(4):  # 16 heads at a time keeps the fp32 tile small
+                h = hg * 16 + heads16
+                q = tl.load(q_ptr + t64 * stride_q + h[:, None] * 128 + d[None, :]).to(tl.float32)  # [16, 128]
+                w = tl.load(weights_ptr + t64 * stride_w + h)
+                acc += tl.sum(tl.maximum(tl.sum(q * kq[None, :], axis=1), 0.0) * w, axis=0)
+            tl.store(logits_ptr + t64 * stride_logits + p, acc * scale)
 
 
 @triton.jit
@@ -174,16 +183,19 @@ def _indexer_logits_and_topk_item(
     L = tl.load(context_lens_ptr + b) - NEXT_N + 1 + j
     L = tl.minimum(tl.maximum(L, 0), tl.minimum(max_blocks * 64, max_len))
     nblk = tl.cdiv(L, 64)
+    if ROLES & 2:
+        tl.debug_barrier()  # this item's logits stores (all threads) precede the patch's stores
+        p_lo = run * BLOCKS_PER_ITEM * 64
+        _patch_new_key_logits(
+            t, p_lo, p_lo + BLOCKS_PER_ITEM * 64, index_q_ptr, index_w_ptr, index_k_ptr, slot_mapping_ptr,
+            context_lens_ptr, logits_ptr, stride_q, stride_w, stride_k, stride_logits, num_blocks * 64, L,
+            USE_UE8M0, NEXT_N,
+        )
     c = (run * BLOCKS_PER_ITEM) // BPC
     n_chunks = tl.maximum(tl.cdiv(L, CHUNK), 1)
     items_in_chunk = tl.maximum(tl.cdiv(tl.minimum(nblk, (c + 1) * BPC) - c * BPC, BLOCKS_PER_ITEM), 1)
     if ROLES & 4:
         if _arrive(chunk_ctr_ptr + t * max_chunks + c, items_in_chunk):
-            _patch_new_key_logits(
-                t, c, index_q_ptr, index_w_ptr, index_k_ptr, slot_mapping_ptr, context_lens_ptr, logits_ptr,
-                stride_q, stride_w, stride_k, stride_logits, num_blocks * 64, L, USE_UE8M0, NEXT_N, CHUNK,
-            )
-            tl.debug_barrier()
             # stage 1 of chunk c, then (for the row's last chunk to finish) the merge; one inlined
             # selection for both (topk._topk_stage takes the stage as a runtime flag)
             merge = c < 0
@@ -365,9 +377,14 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         CHUNK=tw.chunk, BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
         DYNAMIC=bool(cfg.dynamic),
         QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
-        ROLES=cfg.roles, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=tw.cap,
+        ROLES=cfg.roles if cfg.fuse_topk else cfg.roles & ~4, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
         num_warps=cfg.num_warps, num_stages=1,
     )
+
+
+    if not cfg.fuse_topk and cfg.roles & 4:
+        topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=tw,
+                    max_len=max_len, config=cfg.topk_config)
 
 
 @register_path("partitioned")

@@ -120,6 +120,33 @@ def _rope_pairs(xe, xo, c, s, CS_FP32: tl.constexpr):
 # role function
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _q_b_proj_kstep(acc, w, x, w_s, USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One 128-wide K step: quantize the activations ``x`` [BLOCK_T, 128] fp32 (vLLM
+    per_token_group_quant_fp8: s = max(amax, 1e-10) / 448, x_q = e4m3_rne(clamp(x / s, +-448))),
+    MMA with the FP8 weight tile ``w`` [BLOCK_N, 128], scale and accumulate into ``acc``."""
+    G: tl.constexpr = 128
+    amax = tl.max(tl.abs(x), axis=1)
+    x_s = quant_scale(amax, 1e-10, USE_UE8M0)  # [BLOCK_T]; dims.ACT_SCALE_EPS
+    if USE_UE8M0:
+        # s = 2**e exactly: x * 2**-e (exponent-flipped reciprocal) is bitwise the IEEE x / s
+        rcp = ((254 - ((x_s.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
+        y = x * rcp[:, None]
+    else:
+        y = tl.math.div_rn(x, tl.broadcast_to(x_s[:, None], x.shape))
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    if HW_CVT:
+        xq = y.to(tl.float8e4nv)  # cvt.rn.satfinite.e4m3x2.f32 on sm_89+: torch's bytes
+    else:
+        xq = fp8e4m3_rne(y).to(tl.float8e4nv, bitcast=True)
+    part = tl.dot(w, tl.trans(xq))  # [BLOCK_N, BLOCK_T] fp32, exact FP8 x FP8 sums
+    if BLOCK_N <= G:
+        acc += part * (x_s * w_s)[None, :]
+    else:
+        acc += part * w_s[:, None] * x_s[None, :]
+    return acc
+
+
+@triton.jit
 def _q_b_proj_item(
     item,
     q_c_ptr,
@@ -195,30 +222,26 @@ def _q_b_proj_item(
         ws_ptrs = ws_ptr + (tl.minimum(offs_n, N - 1) // G) * KB  # [BLOCK_N], several scale rows
 
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for kb in tl.range(0, KB, num_stages=NUM_STAGES):
-        w = tl.load(w_ptrs + kb * G, mask=n_mask[:, None], other=0.0)
-        x = tl.load(x_ptrs + kb * G, mask=t_mask[:, None], other=0.0).to(tl.float32)
-        w_s = tl.load(ws_ptrs + kb)
-        # activation quant of this 128-column group (vLLM per_token_group_quant_fp8), in registers:
-        # s = max(amax, 1e-10) / 448 (fp8.quant_scale), x_q = e4m3_rne(clamp(x / s, +-448)).
-        amax = tl.max(tl.abs(x), axis=1)
-        x_s = quant_scale(amax, 1e-10, USE_UE8M0)  # [BLOCK_T]; dims.ACT_SCALE_EPS
-        if USE_UE8M0:
-            # s = 2**e exactly: x * 2**-e (exponent-flipped reciprocal) is bitwise the IEEE x / s
-            rcp = ((254 - ((x_s.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
-            y = x * rcp[:, None]
-        else:
-            y = tl.math.div_rn(x, tl.broadcast_to(x_s[:, None], x.shape))
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        if HW_CVT:
-            xq = y.to(tl.float8e4nv)  # cvt.rn.satfinite.e4m3x2.f32 on sm_89+: torch's bytes
-        else:
-            xq = fp8e4m3_rne(y).to(tl.float8e4nv, bitcast=True)
-        part = tl.dot(w, tl.trans(xq))  # [BLOCK_N, BLOCK_T] fp32, exact FP8 x FP8 sums
-        if BLOCK_N <= G:
-            acc += part * (x_s * w_s)[None, :]
-        else:
-            acc += part * w_s[:, None] * x_s[None, :]
+    if NUM_STAGES >= 0:
+        for kb in tl.range(0, KB, num_stages=NUM_STAGES):
+            w = tl.load(w_ptrs + kb * G, mask=n_mask[:, None], other=0.0)
+            x = tl.load(x_ptrs + kb * G, mask=t_mask[:, None], other=0.0).to(tl.float32)
+            w_s = tl.load(ws_ptrs + kb)
+            acc = _q_b_proj_kstep(acc, w, x, w_s, USE_UE8M0, HW_CVT, BLOCK_N)
+    else:
+        # NUM_STAGES < 0: the K loop unrolled with the weight tiles prefetched -NUM_STAGES steps
+        # ahead into registers (the pipeliner does not turn these loads into async copies when the
+        # other MMA operand comes from registers, as the quantized activations do)
+        w0 = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+        w1 = tl.load(w_ptrs + G, mask=n_mask[:, None], other=0.0)
+        for kb in tl.static_range(KB):
+            w = w0
+            w0 = w1
+            if kb + 2 < KB:
+                w1 = tl.load(w_ptrs + (kb + 2) * G, mask=n_mask[:, None], other=0.0)
+            x = tl.load(x_ptrs + kb * G, mask=t_mask[:, None], other=0.0).to(tl.float32)
+            w_s = tl.load(ws_ptrs + kb)
+            acc = _q_b_proj_kstep(acc, w, x, w_s, USE_UE8M0, HW_CVT, BLOCK_N)
 
     # ---- epilogue: [BLOCK_T, BLOCK_N] orientation, so column pairs are the last dim ----------
     out = _bf16_rne(tl.trans(acc))  # [BLOCK_T, BLOCK_N] bf16

@@ -1,0 +1,136 @@
+"""Every Triton path against the PyTorch reference (interpreter on CPU, compiled on a GPU).
+
+Foundation cases: edge lengths (1, 63, 64, 65, 2047, 2048, 2049), next_n 1 and 2, shuffled block
+tables, padding requests, tie-free batches (exact index sets), UE8M0 and fp32 scales; plus the
+partitioned kernel's seeded random sweep (mixed lengths, random splits, both schedules, top-k
+fused or as a second launch) and CUDA-graph replays with lengths and tables changed in between.
+"""
+
+import random
+
+import pytest
+import torch
+
+from smpart.triton_kernels import checks
+from smpart.triton_kernels.batch import make_decode_batch
+from smpart.triton_kernels.partitioned import PartitionConfig
+from smpart.triton_kernels.region import run_region
+from smpart.triton_kernels.workspace import RegionWorkspace
+
+FOUNDATION = [
+    # (context_lens, next_n, num_padding, tie_free, use_ue8m0)
+    ([1, 63, 64, 65], 1, 0, False, True),
+    ([2047, 2048, 2049], 1, 1, True, True),
+    ([2, 65, 700], 2, 1, False, False),
+    ([2049, 3], 2, 0, True, True),
+]
+IDS = [f"lens{'-'.join(map(str, c[0]))}-n{c[1]}-pad{c[2]}{'-tiefree' if c[3] else ''}{'' if c[4] else '-fp32'}"
+       for c in FOUNDATION]
+
+
+def _run_and_check(batch, path, device, config=None):
+    batch = batch if device == "cpu" else _to(batch, device)
+    ref = batch.clone()
+    run_region(ref.args, path="reference", use_ue8m0=batch.use_ue8m0)
+    out = batch.clone()
+    ws = RegionWorkspace.for_args(out.args)
+    run_region(out.args, path=path, workspace=ws, config=config, use_ue8m0=batch.use_ue8m0)
+    checks.check_region(out.args, ref.args, batch)
+    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0, "counters not reset"
+
+
+def _to(batch, device):
+    import dataclasses
+
+    return dataclasses.replace(batch, args=batch.args.to(device))
+
+
+@pytest.mark.parametrize("case", FOUNDATION, ids=IDS)
+@pytest.mark.parametrize("path", ["sequential", "dual_stream", "partitioned"])
+def test_path_matches_reference(case, path, device):
+    lens, next_n, pad, tie_free, ue8m0 = case
+    b = make_decode_batch(lens, num_heads=16, next_n=next_n, num_padding=pad, tie_free=tie_free,
+                          use_ue8m0=ue8m0, seed=len(lens) * 7 + next_n)
+    _run_and_check(b, path, device)
+
+
+def test_partitioned_h128_smoke(device):
+    b = make_decode_batch([70], num_heads=128, seed=3)
+    _run_and_check(b, "partitioned", device, PartitionConfig(indexer_programs=2, gemm_programs=3, block_n=128))
+
+
+def _random_case(seed: int):
+    rng = random.Random(seed)
+    next_n = rng.choice([1, 2])
+    B = rng.randint(1, 4)
+    lens = [rng.choice([next_n, rng.randint(next_n, 300), rng.randint(next_n, 4096)]) for _ in range(B)]
+    pad = rng.randint(0, 1) if B > 1 else 0
+    dynamic = rng.random() < 0.3
+    cfg = PartitionConfig(
+        indexer_programs=rng.choice([1, 2, 5]),
+        gemm_programs=0 if dynamic else rng.choice([1, 3]),
+        dynamic=dynamic,
+        fuse_topk=rng.random() < 0.5,
+        blocks_per_item=rng.choice([1, 2, 4, 8]),
+        block_n=rng.choice([64, 128]),
+    )
+    return lens, next_n, pad, rng.random() < 0.3, cfg
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_partitioned_random_sweep(seed, device):
+    lens, next_n, pad, tie_free, cfg = _random_case(seed)
+    b = make_decode_batch(lens, num_heads=16, next_n=next_n, num_padding=pad, tie_free=tie_free, seed=seed)
+    _run_and_check(b, "partitioned", device, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["sequential", "dual_stream", "partitioned"])
+@pytest.mark.parametrize("H,B,L,next_n", [(128, 1, 4096, 1), (128, 32, 8192, 1), (32, 128, 16384, 1),
+                                           (128, 8, 65536, 2), (32, 1, 163840, 1)])
+def test_path_full_shapes_gpu(path, H, B, L, next_n):
+    b = make_decode_batch(L, batch_size=B, num_heads=H, next_n=next_n, seed=B + L)
+    _run_and_check(b, path, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["sequential", "partitioned"])
+def test_graph_replays_with_changing_metadata_gpu(path):
+    """One captured graph, replayed with context lengths and block tables rewritten in place."""
+    B, H, max_len = 8, 32, 4096
+    base = make_decode_batch(max_len, batch_size=B, num_heads=H, seed=1, device="cuda")
+    live = base.clone()
+    ws = RegionWorkspace.for_args(live.args)
+    run_region(live.args, path=path, workspace=ws)  # warm-up (compiles)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_region(live.args, path=path, workspace=ws)
+    for step in range(20):
+        lens = torch.randint(1, max_len + 1, (B,)).tolist()
+        nb = make_decode_batch(lens, num_heads=H, seed=100 + step, device="cuda")
+        # same shapes as the captured batch: copy every input into the captured buffers
+        for name in ("q_c", "positions", "k_pe", "index_q_fp8", "index_weights", "index_k", "slot_mapping",
+                     "context_lens", "cos_sin_cache"):
+            src, dst = getattr(nb.args, name), getattr(live.args, name)
+            dst[: src.shape[0]].copy_(src) if name == "cos_sin_cache" else dst.copy_(src)
+        live.args.block_table.zero_()
+        live.args.block_table[:, : nb.args.block_table.shape[1]].copy_(nb.args.block_table)
+        live.args.kv_cache.zero_()
+        live.args.kv_cache[: nb.args.kv_cache.shape[0]].copy_(nb.args.kv_cache)
+        ref = nb.clone()
+        run_region(ref.args, path="reference")
+        graph.replay()
+        torch.cuda.synchronize()
+        out = live.args
+        checks.assert_equal_bytes("kv_cache", out.kv_cache[: nb.args.kv_cache.shape[0]], ref.args.kv_cache)
+        checks.assert_equal_bytes("k_pe", out.k_pe, ref.args.k_pe)
+        assert checks.calc_diff(out.q.float(), ref.args.q.float()) < 1e-5
+        lensv = ref.args.context_lens
+        l64 = None
+        from smpart.triton_kernels import reference
+
+        l64 = reference.paged_mqa_logits(ref.args.index_q_fp8, ref.args.index_weights, ref.args.kv_cache,
+                                         ref.args.block_table, lensv, 1, max(int(lensv.max()), 1), dtype=torch.float64)
+        checks.check_topk(out.topk_indices, l64, reference.visible_lens(lensv, 1),
+                          checks.logits_tolerance(ref.args, reference.visible_lens(lensv, 1)))
