@@ -110,7 +110,8 @@ def test_graph_replays_with_changing_metadata_gpu(path):
         lens = torch.randint(1, max_len + 1, (B,)).tolist()
         nb = make_decode_batch(lens, num_heads=H, seed=100 + step, device="cuda")
         # same shapes as the captured batch: copy every input into the captured buffers
-        for name in ("q_c", "positions", "k_pe", "index_q_fp8", "index_weights", "index_k", "slot_mapping",
+        for name in ("q_c", "q_b_proj_weight", "q_b_proj_weight_scale", "positions", "k_pe", "index_q_fp8",
+                     "index_weights", "index_k", "slot_mapping",
                      "context_lens", "cos_sin_cache"):
             src, dst = getattr(nb.args, name), getattr(live.args, name)
             dst[: src.shape[0]].copy_(src) if name == "cos_sin_cache" else dst.copy_(src)
