@@ -32,14 +32,13 @@ arguments depend only on shapes, so one captured graph serves every step of a sh
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import dims
+from . import cost_model, dims
 from .fp8 import quant_fp8_bytes, quant_scale
 from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item
@@ -54,8 +53,9 @@ class PartitionConfig:
 
     Attributes
     ----------
-    indexer_programs : programs running the indexer role (static schedule); ``None`` = cost model.
-    gemm_programs : programs running the GEMM role; ``None`` = fill the resident grid.
+    indexer_programs : programs running the indexer role (static schedule); ``None`` = the cost
+        model's split of the resident grid (``cost_model.first_split``).
+    gemm_programs : programs running the GEMM role; ``None`` = likewise.
     dynamic : claim work from one atomic queue (indexer items first) instead of a static split.
     queue_chunk : work items claimed per atomic in the dynamic schedule.
     block_n, block_t : GEMM tile (weight rows x tokens); ``block_t=None`` = by T.
@@ -293,39 +293,6 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=64)
-def _resident_programs(device_index: int, n_regs: int, shared: int, num_warps: int, num_sms: int) -> int:
-    """Programs resident at once: occupancy (registers, shared memory, warps) x SMs (H100/H200 limits:
-    64K registers, 228 KiB shared memory of which 1 KiB is reserved per block, 64 warps, 32 blocks)."""
-    by_regs = 65536 // max(n_regs * 32 * num_warps, 1)
-    by_smem = (228 * 1024) // max(shared + 1024, 1) if shared else 32
-    by_warps = 64 // num_warps
-    return max(1, min(by_regs, by_smem, by_warps, 32)) * num_sms
-
-
-def split_programs(total: int, index_bytes: float, gemm_bytes: float) -> tuple[int, int]:
-    """Cost-model split of ``total`` programs in proportion to each role's bytes (both >= 1).
-
-    A role's time is its bytes over its share of bandwidth; equal finish times give shares
-    proportional to bytes (DESIGN.md 5: a quarter of the SMs already pulls 2/3 of HBM bandwidth,
-    so the split only needs to balance, not to saturate).
-    """
-    if total < 2:
-        raise ValueError(f"total: need at least 2 programs, got {total}")
-    frac = index_bytes / max(index_bytes + gemm_bytes, 1.0)
-    n_idx = min(max(int(round(total * frac)), 1), total - 1)
-    return n_idx, total - n_idx
-
-
-def region_bytes(T: int, H: int, mean_len: float) -> tuple[float, float]:
-    """(indexer bytes, q-side bytes) of one step: cache bytes read (132 per visible position per
-    row) vs FP8 weights + scales + q_c + q (units: bytes)."""
-    idx = T * mean_len * dims.CACHE_BYTES_PER_TOKEN + T * (dims.INDEX_N_HEADS * (dims.INDEX_HEAD_DIM + 4))
-    n = H * dims.QK_HEAD_DIM
-    gemm = n * dims.Q_LORA_RANK + n // 128 * 12 * 4 + T * (dims.Q_LORA_RANK + n) * 2
-    return float(idx), float(gemm)
-
-
 def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m0: bool = True) -> None:
     """Run the whole region in one launch of :func:`_partitioned_kernel` (see module docstring).
 
@@ -333,11 +300,16 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     ----------
     args : RegionArgs (validated by the caller, ``run_region``).
     ws : RegionWorkspace (logits, top-k candidates, zeroed counters).
-    config : PartitionConfig; ``None`` = defaults with the cost-model split.
+    config : PartitionConfig; ``None`` = the tuned configuration of this shape bucket
+        (``tuning.choose``), else the defaults with the cost model's split.
     """
-    cfg = config or PartitionConfig()
     T, H, next_n = args.num_tokens, args.num_heads, args.next_n
     dev = args.q_c.device
+    if config is None:
+        from . import tuning  # the tuned config of this bucket, else the cost model's split
+
+        config = tuning.choose(T, H, next_n, ws.max_len, dev).config
+    cfg = config
     N = H * dims.QK_HEAD_DIM
     block_t = cfg.block_t or default_block_t(T)
     max_blocks = args.block_table.shape[1]
@@ -347,15 +319,16 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     n_gemm = q_b_proj_num_items(T, H, cfg.block_n, block_t)
     tw = ws.topk
     max_chunks = tw.max_chunks
+    resident = cost_model.resident_programs(_num_sms(dev), cfg.num_warps)
     if cfg.dynamic:
-        total = _num_sms(dev) * 2 if cfg.indexer_programs is None else cfg.indexer_programs + (cfg.gemm_programs or 0)
+        total = resident if cfg.indexer_programs is None else cfg.indexer_programs + (cfg.gemm_programs or 0)
         n_idx, n_gemm_p = total, 0
     else:
         n_idx, n_gemm_p = cfg.indexer_programs, cfg.gemm_programs
         if n_idx is None or n_gemm_p is None:
-            total = _num_sms(dev) * 2
-            mean_len = min(max_len, max(1, cols))  # shapes only: the bucket's capacity
-            model_idx, model_gemm = split_programs(total, *region_bytes(T, H, mean_len))
+            # shapes only (no device read): every request at the bucket's capacity
+            rb = cost_model.role_bytes(T, H, next_n, [cols] * (T // next_n))
+            model_idx, model_gemm = cost_model.first_split(resident, rb)
             n_idx = n_idx or model_idx
             n_gemm_p = n_gemm_p or model_gemm
         total = n_idx + n_gemm_p

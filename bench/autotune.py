@@ -1,0 +1,168 @@
+"""``smpart-autotune``: search the SM split and tile configuration per shape bucket, on the GPU.
+
+For every bucket of the grid (H, T, next_n, context) it builds one ``make_decode_batch`` on the GPU,
+computes the reference outputs once, then for each candidate: one eager run checked against the
+reference (``checks.check_region``; a wrong candidate is dropped and reported), then the CUDA-graph
+median with a cold L2 (``harness.time_graph``). Candidates: the cost model's split
+(``cost_model.first_split``) scaled by 1/2 .. 2, a 50/50 split, ``block_n`` 64/128,
+``blocks_per_item`` 2/4/8, the top-k fused or as a second launch, and the dynamic schedule; plus the
+``sequential`` and ``dual_stream`` paths. The fastest of all is recorded per bucket with every
+candidate's time in the tuning cache (``smpart.triton_kernels.tuning``; written atomically), so the
+runtime dispatches to it and the shipped op never loses to streams on a tuned bucket.
+
+``--budget-s`` caps the device time: candidates are tried in the model's order of promise and the
+search of a bucket stops when its share of the budget is spent. Without CUDA (or with ``--dry-run``)
+it prints the candidate list of each bucket and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import time
+
+import torch
+
+from smpart.triton_kernels import tuning
+from smpart.triton_kernels.partitioned import PartitionConfig
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[PartitionConfig]:
+    """Partitioned configurations to try for one bucket, most promising first (model split first).
+
+    Returns
+    -------
+    list of PartitionConfig, no duplicates; every static split has >= 1 program per role.
+    """
+    model = tuning.model_config(T, H, next_n, max_len, num_sms)
+    total = model.indexer_programs + model.gemm_programs
+    out: list[PartitionConfig] = []
+
+    def add(cfg):
+        if cfg not in out:
+            out.append(cfg)
+
+    add(model)
+    for f in (0.5, 0.75, 1.5, 2.0):
+        n_idx = min(max(int(round(model.indexer_programs * f)), 1), total - 1)
+        add(dataclasses.replace(model, indexer_programs=n_idx, gemm_programs=total - n_idx))
+    add(dataclasses.replace(model, indexer_programs=total // 2, gemm_programs=total - total // 2))
+    for bn in (128,):
+        add(dataclasses.replace(model, block_n=bn))
+    for r in (2, 8):
+        add(dataclasses.replace(model, blocks_per_item=r))
+    add(dataclasses.replace(model, fuse_topk=True))
+    add(dataclasses.replace(model, dynamic=True, indexer_programs=total, gemm_programs=0))
+    add(dataclasses.replace(model, dynamic=True, indexer_programs=total, gemm_programs=0, queue_chunk=16))
+    return out
+
+
+def _name(cfg: PartitionConfig | None, path: str) -> str:
+    if cfg is None:
+        return path
+    if cfg.dynamic:
+        return f"partitioned:dyn{cfg.indexer_programs}q{cfg.queue_chunk}"
+    return (f"partitioned:{cfg.indexer_programs}/{cfg.gemm_programs}-bn{cfg.block_n}-r{cfg.blocks_per_item}"
+            f"{'-fusedtopk' if cfg.fuse_topk else ''}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="smpart-autotune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=_ints, default="1,8,32,64,128,256", help="decode rows T (B with next_n=1)")
+    p.add_argument("--context", type=_ints, default="4096,16384,65536", help="context lengths")
+    p.add_argument("--heads", type=_ints, default="128,32,16", help="MLA heads per rank H")
+    p.add_argument("--next-n", type=_ints, default="1", help="rows per request")
+    p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--budget-s", type=float, default=480.0, help="device-time budget for the whole grid (s)")
+    p.add_argument("--out", default=None, help="cache file (default: tuned/<gpu>.json in the package)")
+    p.add_argument("--dry-run", action="store_true", help="list the candidates and exit")
+    a = p.parse_args(argv)
+    shapes = [(H, n, L, B) for H in a.heads for n in a.next_n for L in a.context for B in a.batch
+              if B * n <= 256]
+    if a.dry_run or not torch.cuda.is_available():
+        if not a.dry_run:
+            print("smpart-autotune: tuning needs a CUDA GPU; listing the candidates instead")
+        for H, n, L, B in shapes:
+            b = tuning.Bucket.of(B * n, H, n, L)
+            cands = candidates(b.num_tokens, H, n, b.max_len, 132)
+            print(f"{b.key}: {len(cands) + 2} candidates: " + ", ".join(_name(c, "") for c in cands)
+                  + ", sequential, dual_stream")
+        return 0
+
+    from tabulate import tabulate
+    from tqdm import tqdm
+
+    from smpart.bench.harness import l2_flush_buffer, time_graph
+    from smpart.triton_kernels import checks, region
+    from smpart.triton_kernels.batch import make_decode_batch
+    from smpart.triton_kernels.workspace import RegionWorkspace
+
+    dev = torch.device("cuda")
+    meta = tuning.device_meta(dev)
+    out = a.out or f"{tuning.TUNED_DIR}/{meta['gpu'].lower().replace(' ', '_')}.json"
+    cache = tuning.load_cache(out, meta) if __import__("os").path.exists(out) else None
+    if cache is None:
+        cache = tuning.TuningCache(meta=dict(meta, date=datetime.date.today().isoformat(),
+                                             source="smpart-autotune"))
+    flush = l2_flush_buffer(dev)
+    num_sms = meta["num_sms"]
+    per_bucket = a.budget_s / max(len(shapes), 1)
+    summary = []
+    for H, n, L, B in tqdm(shapes, desc="smpart-autotune", unit="bucket"):
+        t0 = time.monotonic()
+        batch = make_decode_batch(L, B, num_heads=H, next_n=n, seed=0, device=dev)
+        bucket = tuning.Bucket.of(B * n, H, n, L)
+        ws = RegionWorkspace.for_args(batch.args)
+        ref = batch.clone()
+        region.run_region(ref.args, "reference")
+        model = tuning.model_config(B * n, H, n, ws.max_len, num_sms)
+        half = dataclasses.replace(model, indexer_programs=(model.indexer_programs + model.gemm_programs) // 2,
+                                   gemm_programs=(model.indexer_programs + model.gemm_programs + 1) // 2)
+        trials = [("sequential", None), ("dual_stream", None)]
+        trials += [("partitioned", c) for c in candidates(B * n, H, n, ws.max_len, num_sms)]
+        if half not in [c for _, c in trials]:
+            trials.append(("partitioned", half))
+        times, configs = {}, {}
+        for path, cfg in trials:
+            if time.monotonic() - t0 > per_bucket and len(times) >= 3:
+                break
+            name = _name(cfg, path)
+            trial = batch.clone()
+            try:
+                region.run_region(trial.args, path, workspace=ws, config=cfg)
+                torch.cuda.synchronize()
+                checks.check_region(trial.args, ref.args, batch)
+            except (AssertionError, RuntimeError) as e:
+                tqdm.write(f"{bucket.key} {name}: dropped ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            work = batch.clone()
+            times[name] = time_graph(lambda: region.run_region(work.args, path, workspace=ws, config=cfg,
+                                                               check_values=False),
+                                     flush, replays=a.replays)["median_us"]
+            configs[name] = (path, cfg)
+        best = min(times, key=times.get)
+        path, cfg = configs[best]
+        cache.put(bucket, path, cfg or model, times, model_config=model)
+        tuning.save_cache(cache, out)  # after every bucket: an interrupted run keeps what it found
+        summary.append([bucket.key, path if cfg is None else best, round(times[best], 1),
+                        round(times.get(_name(model, "partitioned"), float("nan")), 1),
+                        round(times.get(_name(half, "partitioned"), float("nan")), 1),
+                        round(times.get("dual_stream", float("nan")), 1)])
+        del batch, ref, ws
+        torch.cuda.empty_cache()
+    print(tabulate(summary, headers=["bucket", "chosen", "us", "model split us", "50/50 us", "dual_stream us"],
+                   tablefmt="github"))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

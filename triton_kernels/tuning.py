@@ -1,0 +1,226 @@
+"""Tuning cache: which path and launch configuration to run per shape bucket, per GPU.
+
+The runtime (and the vLLM shim) looks a decode step up here; it never imports ``smpart.bench``
+(the autotuner, ``smpart.bench.autotune``, writes the files). Lookup is a dict access: nothing is
+tuned or measured at run time, so a CUDA-graph capture never waits on it.
+
+File format (JSON, schema 1)::
+
+    {"schema": 1,
+     "meta": {"gpu": "NVIDIA H200", "num_sms": 132, "torch": "2.11", "triton": "3.6", "date": ...,
+              "source": "..."},
+     "entries": {"H128-n1-T32-L8192": {"path": "dual_stream", "config": {...PartitionConfig...},
+                                       "times_us": {"sequential": 52.5, "partitioned": 57.8, ...},
+                                       "model_config": {...}}}}
+
+A file is trusted only when its GPU name, SM count and torch/triton major.minor versions match the
+running process; otherwise (or when it is corrupt) it is ignored with a warning, never used.
+Writes are atomic (temporary file + ``os.replace``). Shipped results live in
+``triton_kernels/tuned/*.json``; ``SMPART_TUNING_CACHE`` points at another file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import tempfile
+import warnings
+
+import torch
+import triton
+
+from . import cost_model, dims
+from .partitioned import PartitionConfig
+
+SCHEMA = 1
+TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
+SMPART_PATHS = ("sequential", "dual_stream", "partitioned")  # what the dispatcher may choose
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """A shape bucket: T rounded up to a power of two (<= 256), H, next_n, and the longest context
+    rounded up to a power of two (>= 4096, capped at 163840)."""
+
+    num_tokens: int
+    num_heads: int
+    next_n: int
+    max_len: int
+
+    @classmethod
+    def of(cls, num_tokens: int, num_heads: int, next_n: int, max_len: int) -> "Bucket":
+        """Bucket of a step. Raises ``ValueError`` on out-of-range values (named)."""
+        if not 1 <= num_tokens <= dims.T_MAX:
+            raise ValueError(f"num_tokens: expected 1..{dims.T_MAX}, got {num_tokens}")
+        if num_heads not in dims.SUPPORTED_H:
+            raise ValueError(f"num_heads: expected one of {dims.SUPPORTED_H}, got {num_heads}")
+        if next_n not in dims.SUPPORTED_NEXT_N:
+            raise ValueError(f"next_n: expected one of {dims.SUPPORTED_NEXT_N}, got {next_n}")
+        if not 0 <= max_len <= dims.MAX_MODEL_LEN:
+            raise ValueError(f"max_len: expected 0..{dims.MAX_MODEL_LEN}, got {max_len}")
+        t = triton.next_power_of_2(num_tokens)
+        L = min(max(4096, triton.next_power_of_2(max(max_len, 1))), dims.MAX_MODEL_LEN)
+        return cls(t, num_heads, next_n, L)
+
+    @property
+    def key(self) -> str:
+        return f"H{self.num_heads}-n{self.next_n}-T{self.num_tokens}-L{self.max_len}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What to run: a path name, the partitioned kernel's config, and where the choice came from
+    (``"tuned"``: the cache; ``"model"``: the cost model, for buckets the cache does not hold)."""
+
+    path: str
+    config: PartitionConfig
+    source: str
+
+
+def device_meta(device=None) -> dict:
+    """The fields a cache file must match: GPU name, SM count, torch and triton major.minor."""
+    if device is None or torch.device(device).type != "cuda":
+        gpu, sms = "cpu", 0
+    else:
+        props = torch.cuda.get_device_properties(device)
+        gpu, sms = props.name, props.multi_processor_count
+    return {"gpu": gpu, "num_sms": sms, "torch": _major_minor(torch.__version__),
+            "triton": _major_minor(triton.__version__)}
+
+
+def _major_minor(v: str) -> str:
+    return ".".join(v.split("+")[0].split(".")[:2])
+
+
+def config_to_dict(cfg: PartitionConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d.pop("topk_config", None)  # the top-k launch keeps its defaults (not tuned yet)
+    return d
+
+
+def config_from_dict(d: dict) -> PartitionConfig:
+    """Raises ``ValueError`` on unknown fields (a stale or foreign file)."""
+    names = {f.name for f in dataclasses.fields(PartitionConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"config: unknown fields {sorted(unknown)}")
+    return PartitionConfig(**d)
+
+
+@dataclasses.dataclass
+class TuningCache:
+    """Tuned choices of one GPU + software stack (see the module docstring for the format)."""
+
+    meta: dict
+    entries: dict = dataclasses.field(default_factory=dict)
+
+    def lookup(self, bucket: Bucket) -> Choice | None:
+        e = self.entries.get(bucket.key)
+        if e is None:
+            return None
+        return Choice(e["path"], config_from_dict(e.get("config", {})), "tuned")
+
+    def put(self, bucket: Bucket, path: str, config: PartitionConfig, times_us: dict, model_config=None) -> None:
+        """Record a bucket's choice and every candidate's time (us)."""
+        if path not in SMPART_PATHS:
+            raise ValueError(f"path: expected one of {SMPART_PATHS}, got {path!r}")
+        self.entries[bucket.key] = {
+            "path": path, "config": config_to_dict(config), "times_us": dict(times_us),
+            **({"model_config": config_to_dict(model_config)} if model_config is not None else {}),
+        }
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "meta": self.meta, "entries": self.entries}
+
+
+def save_cache(cache: TuningCache, path: str) -> None:
+    """Write ``cache`` to ``path`` atomically (a reader never sees a half-written file)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".json", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache.to_json(), f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_cache(path: str, want_meta: dict) -> TuningCache | None:
+    """Load ``path`` if it is well-formed and made on this GPU + stack, else ``None`` (warning).
+
+    ``want_meta``: :func:`device_meta` of the running process; ``gpu``, ``num_sms``, ``torch`` and
+    ``triton`` must all match.
+    """
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+            raise ValueError(f"schema {raw.get('schema') if isinstance(raw, dict) else None!r} != {SCHEMA}")
+        meta, entries = raw["meta"], raw["entries"]
+        if not isinstance(meta, dict) or not isinstance(entries, dict):
+            raise ValueError("meta/entries are not objects")
+        for k, e in entries.items():
+            if e.get("path") not in SMPART_PATHS:
+                raise ValueError(f"entry {k}: path {e.get('path')!r}")
+            config_from_dict(e.get("config", {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        warnings.warn(f"smpart tuning cache {path}: ignored, unreadable ({type(e).__name__}: {e})", stacklevel=2)
+        return None
+    for field in ("gpu", "num_sms", "torch", "triton"):
+        if meta.get(field) != want_meta.get(field):
+            warnings.warn(f"smpart tuning cache {path}: ignored, made for {field}={meta.get(field)!r}, "
+                          f"this process has {want_meta.get(field)!r}", stacklevel=2)
+            return None
+    return TuningCache(meta=meta, entries=entries)
+
+
+@functools.lru_cache(maxsize=8)
+def _shipped_cache(meta_items: tuple) -> TuningCache | None:
+    meta = dict(meta_items)
+    env = os.environ.get("SMPART_TUNING_CACHE")
+    files = [env] if env else sorted(os.path.join(TUNED_DIR, f) for f in os.listdir(TUNED_DIR)
+                                     if f.endswith(".json")) if os.path.isdir(TUNED_DIR) else []
+    for path in files:
+        with warnings.catch_warnings():
+            if not env:  # shipped files for other GPUs are expected not to match: stay quiet
+                warnings.simplefilter("ignore")
+            cache = load_cache(path, meta)
+        if cache is not None:
+            return cache
+    return None
+
+
+def model_config(num_tokens: int, num_heads: int, next_n: int, max_len: int, num_sms: int) -> PartitionConfig:
+    """The cost model's static split for a bucket (every request at ``max_len``)."""
+    rb = cost_model.role_bytes(num_tokens, num_heads, next_n, [max_len] * max(num_tokens // next_n, 1))
+    base = PartitionConfig()
+    n_idx, n_gemm = cost_model.first_split(cost_model.resident_programs(num_sms, base.num_warps), rb)
+    return dataclasses.replace(base, indexer_programs=n_idx, gemm_programs=n_gemm)
+
+
+def choose(num_tokens: int, num_heads: int, next_n: int, max_len: int, device=None) -> Choice:
+    """What to run for one step: the tuned choice of its bucket, else the partitioned kernel with
+    the cost model's split.
+
+    Parameters
+    ----------
+    num_tokens, num_heads, next_n : T, H, rows per request. max_len : the longest visible length
+        (or the workspace's capacity). device : the CUDA device (its name/SMs select the file).
+
+    Raises
+    ------
+    ValueError : out-of-range shape values (see :meth:`Bucket.of`).
+    """
+    bucket = Bucket.of(num_tokens, num_heads, next_n, max_len)
+    meta = device_meta(device)
+    cache = _shipped_cache(tuple(sorted(meta.items())))
+    hit = cache.lookup(bucket) if cache is not None else None
+    if hit is not None:
+        return hit
+    sms = meta["num_sms"] or 8
+    return Choice("partitioned", model_config(bucket.num_tokens, num_heads, next_n, bucket.max_len, sms), "model")
