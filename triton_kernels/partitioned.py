@@ -1,4 +1,9 @@
-"""The SM-partitioned persistent kernel: indexer tail || q_b_proj + RoPE in ONE launch.
+"""The SM-partitioned persistent kernel: indexer tail || q_b_proj + RoPE in one launch.
+
+One launch runs the key write, the paged logits and the whole q side; the top-2048 either runs
+inside it (``PartitionConfig(fuse_topk=True)``: the last arriving logits item of a row or chunk)
+or as a second launch right after (the default: on the H200, 2026-11-30, the in-launch top-k ran
+at the kernel's 4 warps and 242 registers and was 3-10x slower at B >= 32; README, Limitations).
 
 Programs pick a role from ``tl.program_id(0)`` (static split) or claim chunks of a shared work
 list from an atomic queue (dynamic, POD-Attention style). The roles call the standalone kernels'
@@ -6,8 +11,9 @@ role functions, so nothing is written twice:
 
 ==========  ==================================================================================
 indexer     ``_indexer_k_cache_item`` (new keys -> cache), ``_mqa_logits_item`` over (row, run of
-            blocks) items; the last item of a (row, chunk) runs the top-k chunk stage, the last
-            chunk of a row the merge (``topk.py``); that program also writes the row's -1 padding.
+            blocks) items, balanced over the rows' real lengths; with ``fuse_topk`` the last item
+            of a (row, chunk) runs the top-k chunk stage, the last chunk of a row the merge
+            (``topk.py``), and that program also writes the row's -1 padding.
 GEMM        ``_q_b_proj_item`` tiles (FP8 block-scaled GEMM, fused activation quant, MLA RoPE
             epilogue and ``k_pe`` RoPE).
 ==========  ==================================================================================
@@ -41,7 +47,7 @@ import triton.language as tl
 from . import cost_model, dims
 from .fp8 import quant_fp8_bytes, quant_scale
 from .indexer_cache import _indexer_k_cache_item
-from .mqa_logits import _mqa_logits_item
+from .mqa_logits import _mqa_logits_item, mqa_logits_runs_per_row
 from .q_b_proj import _q_b_proj_item, default_block_t, q_b_proj_num_items
 from .region import register_path
 from .topk import TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, _topk_stage, topk_decode
@@ -315,7 +321,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     max_blocks = args.block_table.shape[1]
     max_len = ws.max_len
     cols = min(max_len, max_blocks * dims.CACHE_BLOCK_SIZE)
-    runs = max(triton.cdiv(triton.cdiv(cols, dims.CACHE_BLOCK_SIZE), cfg.blocks_per_item), 1)
+    runs = mqa_logits_runs_per_row(max_len, max_blocks, cfg.blocks_per_item, write_neg_inf=False)
     n_gemm = q_b_proj_num_items(T, H, cfg.block_n, block_t)
     tw = ws.topk
     max_chunks = tw.max_chunks
