@@ -135,3 +135,24 @@ def test_graph_replays_with_changing_metadata_gpu(path):
                                          ref.args.block_table, lensv, 1, max(int(lensv.max()), 1), dtype=torch.float64)
         checks.check_topk(out.topk_indices, l64, reference.visible_lens(lensv, 1),
                           checks.logits_tolerance(ref.args, reference.visible_lens(lensv, 1)))
+
+
+def test_green_ctx_needs_cuda_on_cpu():
+    """Without CUDA, green_ctx says why it cannot run (RuntimeError) and writes nothing."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the GPU test below covers green_ctx")
+    b = make_decode_batch([70], num_heads=16, seed=1)
+    a = b.clone().args
+    before = a.kv_cache.clone()
+    with pytest.raises(RuntimeError, match="green_ctx"):
+        run_region(a, path="green_ctx", workspace=RegionWorkspace.for_args(a))
+    assert torch.equal(a.kv_cache, before)
+
+
+@pytest.mark.gpu
+def test_green_ctx_matches_reference_gpu():
+    b = make_decode_batch(4096, batch_size=8, num_heads=32, seed=2)
+    try:
+        _run_and_check(b, "green_ctx", "cuda")
+    except RuntimeError as e:  # driver without green-context support: say so, do not hide it
+        pytest.skip(f"green contexts unavailable here: {e}")
