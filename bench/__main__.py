@@ -55,7 +55,8 @@ def _str_list(s: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smpart-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="The decode loop: smpart-bench decode [options] (smpart-bench decode --help).")
     p.add_argument("--batch", type=_int_list, default="1,8,32", help="batch sizes B")
     p.add_argument("--context", type=_int_list, default="4096,16384", help="context lengths (vLLM seq_lens)")
     p.add_argument("--heads", type=_int_list, default="128,32", help="MLA heads per rank H")
@@ -421,7 +422,16 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``smpart-bench`` (and ``python -m smpart.bench``). Returns the exit status."""
+    """Entry point of ``smpart-bench`` (and ``python -m smpart.bench``). Returns the exit status.
+
+    ``smpart-bench decode [options]`` runs the continuous-batching decode loop
+    (:mod:`smpart.bench.decode_loop`); anything else is the shape-grid benchmark below.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "decode":
+        from smpart.bench import decode_loop
+
+        return decode_loop.main(argv[1:])
     args = build_parser().parse_args(argv)
     import torch
 

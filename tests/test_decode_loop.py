@@ -1,0 +1,501 @@
+"""The continuous-batching decode loop (``smpart-bench decode``, ``bench/decode_loop.py``).
+
+* Two interpreter loops at small dims (H=16, contexts up to ~2-2.5K), 25 + 25 = 50 steps, MTP off
+  and on, requests joining and leaving, blocks reused with stale bytes inside live blocks, padded
+  batches in one, tie-free inputs (exact top-k index sets) in the other: zero mismatches of
+  ``sequential`` and ``partitioned`` against ``reference``. They run as two CLI subprocesses side
+  by side (one through ``smpart-bench decode``, one through ``python -m smpart.bench.decode_loop``),
+  started together by the first loop test, at the end of the file. To fit the CPU budget (on a
+  2-core machine the interpreter costs ~2 s per ``partitioned`` step with 256-row GEMM tiles and
+  ~5 s per ``sequential`` step), ``partitioned`` runs every step and ``sequential`` every 10th (its
+  cache copy receives the reference's new bytes in between, so it still reads its own earlier
+  writes).
+* The loop machinery over many steps with stand-in paths (the reference under the paths' names):
+  allocator invariants, preemption, strides, and the mismatch report (step, request, element).
+* Unit tests: the block allocator, the request mix, the prefill quantization, the vectorized check.
+* GPU (``-m gpu``): a CUDA-graph loop at H=32 with timings, and an eager MTP loop at H=128.
+"""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from smpart.bench import decode_loop as dl
+from smpart.bench.decode_loop import BlockAllocator, DecodeLoop, LoopConfig, MismatchError, OutOfBlocksError, RequestMix
+
+# --------------------------------------------------------------------------------------
+# block allocator
+# --------------------------------------------------------------------------------------
+def test_allocator_fifo_order_null_block_and_reuse():
+    a = BlockAllocator(6)  # block 0 is the null block: 5 usable
+    assert a.num_free == 5 and a.num_used == 0
+    x = a.allocate(2, owner="x")
+    y = a.allocate(2, owner="y")
+    assert x == [1, 2] and y == [3, 4] and 0 not in x + y
+    assert a.owner(1) == "x" and a.owner(4) == "y" and a.owner(5) is None and a.owner(0) is None
+    a.free(x, owner="x")  # back to the tail, last block first (vLLM frees in reverse order)
+    assert a.num_free == 3 and a.num_reused == 0
+    z = a.allocate(3, owner="z")
+    assert z == [5, 2, 1]  # the never-used block first (FIFO), then x's blocks, tail first
+    assert a.num_reused == 2 and a.num_allocations == 7
+    assert a.owner(2) == "z"
+
+
+def test_allocator_out_of_blocks_takes_nothing():
+    a = BlockAllocator(4)
+    a.allocate(2, owner=0)
+    with pytest.raises(OutOfBlocksError, match="needs 2, 1 free"):
+        a.allocate(2, owner=1)
+    assert a.num_free == 1  # nothing was taken
+    assert isinstance(OutOfBlocksError("x"), RuntimeError)
+
+
+def test_allocator_rejects_bad_frees_and_sizes():
+    a = BlockAllocator(4)
+    b = a.allocate(1, owner="r")
+    with pytest.raises(ValueError, match="not owned by request 's'"):
+        a.free(b, owner="s")
+    a.free(b, owner="r")
+    with pytest.raises(ValueError, match="not owned"):
+        a.free(b, owner="r")  # double free
+    with pytest.raises(ValueError, match="not owned"):
+        a.free([0], owner="r")  # the null block
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockAllocator(1)
+    with pytest.raises(ValueError, match="n: expected >= 0"):
+        a.allocate(-1, owner="r")
+
+
+# --------------------------------------------------------------------------------------
+# request mix
+# --------------------------------------------------------------------------------------
+def test_request_mix_seeded_and_within_bounds():
+    mix = RequestMix()
+    p1, o1 = mix.sample(np.random.default_rng(7), 20000)
+    p2, o2 = mix.sample(np.random.default_rng(7), 20000)
+    assert np.array_equal(p1, p2) and np.array_equal(o1, o2)
+    assert p1.dtype == np.int64 and p1.min() >= 1 and p1.max() <= 131072
+    assert o1.min() >= 1 and o1.max() <= 4096
+    # heavy at a few thousand, spanning short prompts to the 128K clip
+    assert 2500 <= np.median(p1) <= 3500
+    assert (p1 < 100).any() and (p1 == 131072).any() and (p1 > 20000).mean() > 0.05
+    p3, _ = mix.sample(np.random.default_rng(8), 100)
+    assert not np.array_equal(p1[:100], p3)
+
+
+def test_request_mix_small_and_validation():
+    mix = RequestMix.small(2560)
+    p, o = mix.sample(np.random.default_rng(0), 5000)
+    assert p.min() >= 1 and p.max() <= 2560 - 64 and o.max() <= 48
+    with pytest.raises(ValueError, match="prompt_median"):
+        RequestMix(prompt_median=0).validate()
+    with pytest.raises(ValueError, match="output_min/output_max"):
+        RequestMix(output_min=5, output_max=4).validate()
+    with pytest.raises(ValueError, match="prompt_min/prompt_max"):
+        RequestMix(prompt_max=200000).validate()
+
+
+def test_buckets():
+    assert dl.batch_buckets(1) == [1]
+    assert dl.batch_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert dl.batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert dl.bucket_for(3, dl.batch_buckets(4)) == 4 and dl.bucket_for(33, dl.batch_buckets(48)) == 48
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_heads=24), "num_heads"),
+    (dict(next_n=3), "next_n"),
+    (dict(max_batch=129, next_n=2), "max_batch"),
+    (dict(max_context=200000), "max_context"),
+    (dict(max_context=4096, num_blocks=64), "num_blocks"),
+    (dict(paths=("sequential", "fastest")), "paths: unknown"),
+    (dict(strides={"dual_stream": 2}), "strides"),
+    (dict(strides={"sequential": 0}), "strides"),
+    (dict(check="approx"), "check"),
+    (dict(graphs=True), "graphs"),
+    (dict(mtp_accept=1.5), "mtp_accept"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_loop_config_rejects_bad_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LoopConfig(**kw).resolved()
+
+
+def test_cli_bad_option_exits_2(capsys):
+    assert dl.main(["--max-batch", "300", "--no-progress"]) == 2
+    assert dl.main(["--partitioned-config", "block_m=3", "--no-progress"]) == 2
+
+
+# --------------------------------------------------------------------------------------
+# prefill quantization, vectorized check
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ue8m0", [True, False], ids=["ue8m0", "fp32"])
+def test_prefill_bytes_equal_reference_cache_write(ue8m0):
+    from smpart.triton_kernels import reference
+
+    g = torch.Generator().manual_seed(3)
+    keys = (torch.randn(200, 128, generator=g) * torch.rand(200, 1, generator=g) * 5).to(torch.bfloat16)
+    keys[7] = 0  # amax below the 1e-4 floor
+    slots = torch.randperm(10 * 64, generator=g)[:200].long()
+    want = torch.zeros(10, 64, 132, dtype=torch.uint8)
+    reference.indexer_k_quant_and_cache(keys, want, slots, use_ue8m0=ue8m0)
+    got = torch.zeros_like(want)
+    dl.write_keys(got, slots, *dl.quantize_keys(keys, ue8m0))
+    assert torch.equal(got, want)
+
+
+def _check_pair(path, out, want, tie_free):
+    """(full message or None, fast message or None)."""
+    import types
+
+    from smpart.bench.__main__ import check_path
+    from smpart.triton_kernels import checks, reference
+
+    l64 = dl.reference_logits64(want)
+    msgs = []
+    try:
+        check_path(path, out, want, types.SimpleNamespace(tie_free=tie_free), l64)
+        msgs.append(None)
+    except AssertionError as e:
+        msgs.append(str(e))
+    tol = None if tie_free else checks.logits_tolerance(want, reference.visible_lens(want.context_lens, want.next_n))
+    try:
+        dl.fast_check_region(path, out, want, l64, tol, tie_free)
+        msgs.append(None)
+    except AssertionError as e:
+        msgs.append(str(e))
+    return msgs
+
+
+def _corrupt(kind, a, lens, logits64):
+    """Corrupt RegionArgs ``a`` (outputs of a correct run) in place."""
+    if kind == "pad":
+        a.topk_indices[0, 2047] = 3  # row 0 sees < 2048 positions: its last column must be -1
+    elif kind == "range":
+        a.topk_indices[1, 0] = int(lens[1])
+    elif kind == "dup":
+        a.topk_indices[1, 1] = a.topk_indices[1, 0]
+    elif kind == "value":
+        t = int(torch.argmax(lens))  # a row longer than 2048: swap in its lowest-logit position
+        a.topk_indices[t, 5] = int(torch.argmin(logits64[t, : int(lens[t])]))
+    elif kind == "cache":
+        a.kv_cache.view(-1)[12345] ^= 1
+    elif kind == "k_pe":
+        a.k_pe.view(torch.int16)[1, 0, 3] += 1
+    elif kind == "q_nan":
+        a.q[1, 2, 3] = float("nan")
+    elif kind == "q":
+        a.q[0] *= 1.5
+
+
+@pytest.mark.parametrize("tie_free", [False, True], ids=["random", "tiefree"])
+@pytest.mark.parametrize("kind", [None, "pad", "range", "dup", "value", "cache", "k_pe", "q_nan", "q"])
+def test_fast_check_agrees_with_check_region(kind, tie_free):
+    from smpart.triton_kernels import reference
+    from smpart.triton_kernels.batch import make_decode_batch
+    from smpart.triton_kernels.region import run_region
+
+    b = make_decode_batch([70, 300, 2300], num_heads=16, next_n=2, num_padding=0, tie_free=tie_free, seed=5)
+    run_region(b.args, "reference")
+    want = b.args
+    out = b.clone().args
+    lens = reference.visible_lens(want.context_lens, want.next_n)
+    if kind is not None:
+        _corrupt(kind, out, lens, dl.reference_logits64(want))
+    full, fast = _check_pair("sequential", out, want, tie_free)
+    if kind is None:
+        assert full is None and fast is None
+    else:
+        assert full is not None and fast is not None, (full, fast)
+        assert full.split(":")[0] == fast.split(":")[0], (full, fast)  # same output, same row
+        if kind == "value" and tie_free:
+            assert "index set differs" in fast or "has logit" in fast
+
+
+# --------------------------------------------------------------------------------------
+# loop machinery with stand-in paths (the reference under the paths' names: no Triton, fast)
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def stand_in_paths(monkeypatch):
+    """Register the reference under ``sequential`` and ``partitioned``; returns a dict where a test
+    can put a ``corrupt(step, args)`` hook per path."""
+    from smpart.triton_kernels import reference, region
+
+    region._load_impls()
+    hooks = {}
+    # small tensors: one intra-op thread (OpenMP spin-waits crawl when the cores are shared)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def make(name):
+        calls = collections.Counter()
+
+        def impl(args, ws, config, use_ue8m0):
+            reference.run_region(args, use_ue8m0=use_ue8m0)
+            if name in hooks:
+                hooks[name](calls[name], args)
+            calls[name] += 1
+
+        return impl
+
+    for name in ("sequential", "partitioned"):
+        monkeypatch.setitem(region._IMPLS, name, make(name))
+    yield hooks
+    torch.set_num_threads(threads)
+
+
+def _allocator_invariants(loop: DecodeLoop):
+    owned = [b for r in loop.running for b in r.blocks]
+    assert len(owned) == len(set(owned)), "a block is in two requests"
+    assert loop.allocator.num_used == len(owned)
+    for r in loop.running:
+        assert all(loop.allocator.owner(b) == r.rid for b in r.blocks)
+        assert len(r.blocks) * 64 >= r.context_len
+
+
+SCENARIOS = {
+    # churn: many short requests through a small cache (reuse, stale bytes, padded buckets)
+    "churn": dict(steps=45, max_batch=6, max_context=2048, num_blocks=60, arrival_period=40,
+                  mix=RequestMix(prompt_median=500, prompt_sigma=1.0, prompt_max=2000, output_median=12,
+                                 output_sigma=0.8, output_max=80)),
+    # preemption: requests outgrow a 12-block cache, the newest are preempted and re-prefilled
+    "preemption": dict(steps=50, max_batch=6, max_context=512, num_blocks=12, arrival_period=40,
+                       mix=RequestMix(prompt_median=60, prompt_sigma=0.6, prompt_max=500, output_median=25,
+                                      output_sigma=0.5, output_max=200)),
+}
+
+
+@pytest.mark.parametrize("scenario, next_n", [("churn", 1), ("churn", 2), ("preemption", 2)])
+def test_loop_machinery_many_steps(stand_in_paths, scenario, next_n):
+    kw = SCENARIOS[scenario]
+    cfg = LoopConfig(num_heads=16, next_n=next_n, strides={"sequential": 3}, pad_batches=True, seed=11, **kw)
+    loop = DecodeLoop(cfg)
+    for step in range(cfg.steps):
+        loop.step(step)
+        _allocator_invariants(loop)
+    s, steps = loop.stats, kw["steps"]
+    assert s.steps == s.checks == steps
+    assert s.path_runs == {"sequential": -(-steps // 3), "partitioned": steps}
+    assert s.finished >= 2 and s.admitted >= 9 and s.blocks_reused > 0 and s.stale_positions > 0
+    assert s.min_batch_seen < s.max_batch_seen == 6
+    assert any(r["padded_batch"] > r["batch"] for r in loop.step_rows)
+    if scenario == "preemption":
+        assert s.preempted > 0
+    else:
+        assert s.finished > 5
+
+
+@pytest.mark.parametrize("kind", ["cache", "topk"])
+def test_mismatch_report_names_step_request_and_element(stand_in_paths, kind):
+    def corrupt(call, args):
+        if call != 3:
+            return
+        if kind == "cache":  # a value byte of row 0's new key
+            slot = int(args.slot_mapping[0])
+            args.kv_cache[slot // 64].view(-1)[(slot % 64) * 128 + 5] ^= 0x10
+        else:
+            args.topk_indices[1, 0] = 10**6
+
+    stand_in_paths["sequential"] = corrupt
+    loop = DecodeLoop(LoopConfig(num_heads=16, next_n=2, steps=10, max_batch=4, max_context=1024, seed=3,
+                                 arrival_peak=3.0, paths=("sequential",)))
+    rows_before = []
+    with pytest.raises(MismatchError) as ei:
+        for step in range(10):
+            loop.step(step)
+            rows_before.append(step)
+    rep = ei.value.report
+    assert rep["step"] == 3 and rep["path"] == "sequential" and len(rows_before) == 3
+    assert "MISMATCH at step 3" in str(ei.value)
+    batch_rids = [r.rid for r in loop.running]
+    if kind == "cache":
+        assert rep["message"].startswith("kv_cache")
+        assert rep["request"] == batch_rids[0] and "token" in rep["element"] and "value byte 5" in rep["element"]
+        assert rep["block_owner"] == f"request {batch_rids[0]}"
+    else:
+        assert rep["row"] == 1 and rep["request"] == batch_rids[0] and rep["draft_index"] == 1
+        assert "outside" in rep["message"] and rep["element"] == "topk_indices[1, 0]"
+
+
+def test_crashing_path_is_reported(stand_in_paths):
+    def crash(call, args):
+        raise RuntimeError("boom")
+
+    stand_in_paths["partitioned"] = crash
+    loop = DecodeLoop(LoopConfig(num_heads=16, steps=3, max_context=512, seed=1, paths=("partitioned",)))
+    with pytest.raises(MismatchError, match="raised RuntimeError: boom") as ei:
+        loop.run()
+    assert ei.value.report["step"] == 0 and ei.value.report["check"] == "run"
+
+
+def test_graph_mode_bookkeeping_emulated_on_cpu(stand_in_paths, monkeypatch):
+    """Graph mode's bookkeeping without CUDA: captured buffers per bucket, the live step copied in,
+    padding rows, outputs sliced to the live rows, buffers reused across steps. A stand-in "graph"
+    re-runs the path on its captured buffers, which is what a replay does."""
+    from smpart.triton_kernels.region import run_region
+
+    cfg = LoopConfig(num_heads=16, next_n=2, steps=30, max_batch=6, max_context=1024, seed=7, arrival_period=20,
+                     mix=RequestMix(prompt_median=200, prompt_max=1000, output_median=8, output_max=40))
+    loop = DecodeLoop(cfg)
+    loop.cfg.graphs = True  # resolved() refuses graphs without CUDA; the stand-in below replaces the capture
+
+    class ReplayGraph:
+        def __init__(self, fn):
+            self.replay = fn
+
+    def capture(st, bucket):
+        static = loop.static_args(st, bucket)
+        run_region(static, st.name, workspace=st.workspace, config=st.config)  # the warm-up
+        st.graphs[bucket] = (ReplayGraph(lambda: run_region(static, st.name, workspace=st.workspace,
+                                                            config=st.config, check_values=False)), static)
+
+    monkeypatch.setattr(loop, "_capture", capture)
+    before = loop.states["sequential"].kv_cache.clone()
+    loop.capture_all()
+    assert torch.equal(before, loop.states["sequential"].kv_cache), "a warm-up wrote into the cache"
+    assert sorted(loop.states["partitioned"].graphs) == [1, 2, 4, 6]
+    statics = {b: id(g[1]) for b, g in loop.states["partitioned"].graphs.items()}
+    loop.run()
+    assert loop.stats.checks == 30 and not loop.failed
+    assert {b: id(g[1]) for b, g in loop.states["partitioned"].graphs.items()} == statics
+    assert any(r["padded_batch"] > r["batch"] for r in loop.step_rows)
+    assert {r["padded_batch"] for r in loop.step_rows} <= {1, 2, 4, 6}
+
+
+def test_summary_savings_and_output_files(stand_in_paths, tmp_path, monkeypatch):
+    """Savings math and the writers, on injected GPU-style timings (us per step)."""
+    pytest.importorskip("matplotlib")
+    loop = DecodeLoop(LoopConfig(num_heads=16, steps=4, max_context=512, seed=1, paths=("sequential", "partitioned")))
+    loop.run()
+    monkeypatch.setattr(dl, "BASELINES", ("sequential",))  # stands in for the dual-stream baseline
+    for step, row in enumerate(loop.step_rows):
+        loop.states["sequential"].times_us.append((step, row["batch"], 30.0))
+        loop.states["partitioned"].times_us.append((step, row["batch"], 25.0 + step % 2))
+    summary = loop.summary()
+    d = summary["paths"]["partitioned"]
+    assert summary["baseline"] == "sequential"
+    assert d["median_us"] == 25.5 and d["saving_per_layer_us"] == 4.5 and d["ratio_to_baseline"] == pytest.approx(0.85)
+    assert d["saving_per_step_us"] == pytest.approx(61 * 4.5)
+    assert d["saving_per_token_us"] == pytest.approx(61 * 4.5)  # next_n = 1: one token per request-step
+    files = dl.write_outputs(str(tmp_path), loop, summary, {"torch": "t", "triton": "x", "date": "d", "gpu": "g"}, None)
+    assert {os.path.basename(f) for f in files} == {"steps.csv", "summary.json", "summary.md", "step_time_vs_batch.png"}
+    md = (tmp_path / "summary.md").read_text()
+    assert "zero mismatches" in md and "partitioned" in md and "274.5" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["paths"]["partitioned"]["saving_per_layer_us"] == 4.5
+
+
+# --------------------------------------------------------------------------------------
+# the interpreter loops (subprocesses, run side by side)
+# --------------------------------------------------------------------------------------
+COMMON = ["--max-batch", "4", "--num-blocks", "48", "--paths", "sequential,partitioned", "--stride", "sequential=10",
+          "--partitioned-config", "block_n=256", "--no-progress"]
+LOOPS = {
+    # name: (entry point, steps, extra options)
+    "mtp_off": (["-m", "smpart.bench", "decode"], 25,
+                ["--next-n", "1", "--max-context", "2560", "--pad-batches", "--seed", "1"]),
+    "mtp_on": (["-m", "smpart.bench.decode_loop"], 25,
+               ["--next-n", "2", "--max-context", "2048", "--tie-free", "--seed", "2"]),
+}
+
+
+class _LoopRun:
+    """A CLI loop started in a subprocess; :meth:`result` waits for it and reads its outputs."""
+
+    def __init__(self, name, out_dir):
+        entry, steps, extra = LOOPS[name]
+        self.name, self.out_dir, self.steps = name, out_dir, steps
+        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                   MKL_NUM_THREADS="1")
+        cmd = [sys.executable, *entry, "--steps", str(steps), "--out", str(out_dir), *COMMON, *extra]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._result = None
+
+    def result(self):
+        if self._result is None:
+            out, _ = self.proc.communicate(timeout=1200)
+            summary_path = os.path.join(self.out_dir, "summary.json")
+            summary = json.load(open(summary_path)) if os.path.exists(summary_path) else None
+            self._result = (self.proc.returncode, out, summary)
+        return self._result
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def loop_runs(tmp_path_factory):
+    runs = {name: _LoopRun(name, tmp_path_factory.mktemp(name)) for name in LOOPS}
+    yield runs
+    for r in runs.values():
+        r.kill()
+
+
+# --------------------------------------------------------------------------------------
+# the interpreter loops' results
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(LOOPS))
+def test_interpreter_loop_zero_mismatches(loop_runs, name):
+    rc, out, summary = loop_runs[name].result()
+    tail = "\n".join(line for line in out.splitlines() if "Warning" not in line)[-3000:]
+    assert rc == 0 and "zero mismatches" in out, tail
+    assert summary is not None and summary["mismatch"] is None, tail
+    s, steps = summary["stats"], LOOPS[name][1]
+    assert s["steps"] == s["checks"] == steps, tail
+    assert s["path_runs"]["partitioned"] == steps and s["path_runs"]["sequential"] >= 3, s["path_runs"]
+    # requests joining and leaving, varying batch, contexts of a few thousand tokens
+    assert s["admitted"] >= 5 and s["finished"] >= 3, s
+    assert s["min_batch_seen"] < s["max_batch_seen"], s
+    assert s["max_context_seen"] >= 1500, s
+    # reused blocks, with another request's bytes inside live blocks past the context
+    assert s["blocks_reused"] > 0 and s["stale_positions"] > 0, s
+    assert summary["config"]["next_n"] == (2 if name == "mtp_on" else 1)
+    assert "Timings need a CUDA GPU" in out
+    with open(os.path.join(loop_runs[name].out_dir, "steps.csv")) as f:
+        lines = f.read().splitlines()
+    assert len(lines) == steps + 1 and lines[0].startswith("step,batch,padded_batch,num_tokens")
+    if name == "mtp_off":
+        import csv
+
+        rows = list(csv.DictReader(lines))
+        assert any(int(r["padded_batch"]) > int(r["batch"]) for r in rows), "no padded batch was exercised"
+
+
+# --------------------------------------------------------------------------------------
+# GPU
+# --------------------------------------------------------------------------------------
+def _gpu_paths():
+    from smpart.triton_kernels.vendor import vendor_available
+
+    return ("sequential", "dual_stream", "partitioned") + (dl.VENDOR_PATHS if vendor_available()[0] else ())
+
+
+@pytest.mark.gpu
+def test_decode_loop_graphs_gpu():
+    cfg = LoopConfig(num_heads=32, next_n=1, steps=60, max_batch=16, max_context=16384, paths=_gpu_paths(),
+                     graphs=True, cold_l2=True, check="fast", device="cuda", seed=4, arrival_period=30,
+                     mix=RequestMix(prompt_max=16000, output_median=20))
+    loop = DecodeLoop(cfg)
+    summary = loop.run()
+    assert not loop.failed, loop.failed
+    assert loop.stats.checks == 60
+    for p in loop.path_names:
+        assert summary["paths"][p]["runs"] == 60 and summary["paths"][p]["median_us"] > 0
+    assert summary["baseline"] in dl.BASELINES
+    assert loop.stats.max_batch_seen > 1
+
+
+@pytest.mark.gpu
+def test_decode_loop_eager_mtp_full_check_gpu():
+    cfg = LoopConfig(num_heads=128, next_n=2, steps=20, max_batch=8, max_context=8192, paths=_gpu_paths(),
+                     graphs=False, check="full", device="cuda", seed=5, tie_free=True, pad_batches=True,
+                     mix=RequestMix(prompt_max=8000, output_median=8))
+    loop = DecodeLoop(cfg)
+    loop.run()
+    assert loop.stats.checks == 20
