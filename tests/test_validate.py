@@ -102,3 +102,37 @@ def test_workspace_too_small(batch):
         run_region(batch.clone().args, path="fastest")
     with pytest.raises(ValueError, match="workspace"):
         run_region(batch.clone().args, path="sequential")
+
+
+@pytest.mark.parametrize("case", ["slots", "block_ids", "lengths"])
+@pytest.mark.parametrize("path", ["sequential", "partitioned"])
+def test_bad_values_with_checks_off_stay_in_bounds(case, path, device):
+    """What a CUDA graph sees (value checks skipped): out-of-range slots, block ids and lengths
+    must not make any kernel touch memory outside its buffers (guard blocks around the cache stay
+    as they were), and out-of-range slots write nothing at all."""
+    import dataclasses as dc
+
+    from smpart.triton_kernels.workspace import RegionWorkspace
+
+    a = make_decode_batch([70, 130], num_heads=16, seed=12, device=device).args
+    guard = 2
+    g = torch.Generator().manual_seed(0)
+    big = torch.randint(0, 0x7F, (a.kv_cache.shape[0] + 2 * guard, 64, 132), generator=g, dtype=torch.uint8)
+    big = big.to(device)
+    big[guard:-guard] = a.kv_cache
+    ws = RegionWorkspace.for_args(a)
+    if case == "slots":
+        bad = dict(slot_mapping=torch.tensor([10**9, -5], dtype=torch.int64, device=device))
+    elif case == "block_ids":
+        bad = dict(block_table=a.block_table + 10_000)
+    else:
+        bad = dict(context_lens=a.context_lens + 10_000)  # far beyond the table and the workspace
+    a = dc.replace(a, kv_cache=big[guard:-guard], **bad)
+    before = big.clone()
+    run_region(a, path=path, workspace=ws, check_values=False)
+    assert torch.equal(big[:guard], before[:guard]) and torch.equal(big[-guard:], before[-guard:])
+    if case == "slots":
+        assert torch.equal(big, before)  # no valid slot: nothing written anywhere
+    assert not a.q.isnan().any()
+    cap = a.block_table.shape[1] * 64
+    assert ((a.topk_indices >= -1) & (a.topk_indices < cap)).all()
