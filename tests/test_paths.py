@@ -48,6 +48,8 @@ def _to(batch, device):
 @pytest.mark.parametrize("case", FOUNDATION, ids=IDS)
 @pytest.mark.parametrize("path", ["sequential", "dual_stream", "partitioned"])
 def test_path_matches_reference(case, path, device):
+    if path == "dual_stream" and device == "cpu":
+        pytest.skip("dual_stream is sequential without CUDA streams (paths.run_dual_stream); covered on the GPU")
     lens, next_n, pad, tie_free, ue8m0 = case
     b = make_decode_batch(lens, num_heads=16, next_n=next_n, num_padding=pad, tie_free=tie_free,
                           use_ue8m0=ue8m0, seed=len(lens) * 7 + next_n)

@@ -105,7 +105,7 @@ def test_workspace_too_small(batch):
 
 
 @pytest.mark.parametrize("case", ["slots", "block_ids", "lengths"])
-@pytest.mark.parametrize("path", ["sequential", "partitioned"])
+@pytest.mark.parametrize("path", ["partitioned"])  # the standalone kernels: test_indexer_cache / test_mqa_logits
 def test_bad_values_with_checks_off_stay_in_bounds(case, path, device):
     """What a CUDA graph sees (value checks skipped): out-of-range slots, block ids and lengths
     must not make any kernel touch memory outside its buffers (guard blocks around the cache stay
