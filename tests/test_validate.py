@@ -136,3 +136,31 @@ def test_bad_values_with_checks_off_stay_in_bounds(case, path, device):
     assert not a.q.isnan().any()
     cap = a.block_table.shape[1] * 64
     assert ((a.topk_indices >= -1) & (a.topk_indices < cap)).all()
+
+
+def test_duplicate_slots_are_rejected():
+    b = make_decode_batch([130, 130], num_heads=16, seed=4)
+    a = b.clone().args
+    a.block_table[1] = a.block_table[0]
+    a.slot_mapping[1] = a.slot_mapping[0]
+    with pytest.raises(ValueError, match="slot_mapping: slot .* more than one row"):
+        validate_region_args(a)
+
+
+@pytest.mark.parametrize("next_n", [1.0, True, torch.tensor(1)])
+def test_next_n_must_be_an_int(batch, next_n):
+    with pytest.raises(TypeError, match="next_n"):
+        validate_region_args(_with(batch, next_n=next_n))
+
+
+def test_workspace_type_and_interpreter_hint(batch, monkeypatch):
+    with pytest.raises(TypeError, match="workspace"):
+        run_region(batch.clone().args, path="sequential", workspace="big")
+    if torch.cuda.is_available():
+        return
+    from smpart.triton_kernels.workspace import RegionWorkspace
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a = batch.clone().args
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        run_region(a, path="sequential", workspace=RegionWorkspace.for_args(a))

@@ -11,6 +11,7 @@ CUDA graphs.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import torch
@@ -112,10 +113,15 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
     Raises
     ------
     ValueError / TypeError : bad inputs (before any kernel runs; nothing is written).
-    RuntimeError : the path cannot run here (e.g. vendor kernels or green contexts unavailable).
+    RuntimeError : the path cannot run here (vendor kernels or green contexts unavailable, or CPU
+        tensors without ``TRITON_INTERPRET=1``).
     """
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    from .workspace import RegionWorkspace
+
+    if workspace is not None and not isinstance(workspace, RegionWorkspace):
+        raise TypeError(f"workspace: expected a RegionWorkspace, got {type(workspace).__name__}")
     max_len = None if workspace is None else workspace.max_len
     validate_region_args(args, max_len=max_len, check_values=check_values)
     if path == "reference":
@@ -126,6 +132,9 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
     if workspace is None:
         raise ValueError(f"workspace: path {path!r} needs a RegionWorkspace (RegionWorkspace.for_args(args))")
     workspace.check_fits(args)
+    if args.q_c.device.type == "cpu" and path != "reference" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"path {path!r}: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 "
+                           "before importing triton), or move the batch to a CUDA device")
     _load_impls()
     impl = _IMPLS.get(path)
     if impl is None:

@@ -27,7 +27,7 @@ def _check(name: str, t, dtype: torch.dtype, shape: tuple, device: torch.device,
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
     if t.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+        raise ValueError(f"{name}: expected device {device} (the device of q_c), got {t.device}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
 
@@ -50,6 +50,8 @@ def validate_region_args(args, max_len: int | None = None, check_values: bool | 
         ``[-1, num_blocks*64)``, a position outside ``cos_sin_cache``.
     """
     a = args
+    if not isinstance(a.next_n, int) or isinstance(a.next_n, bool):
+        raise TypeError(f"next_n: expected an int (1 or 2), got {type(a.next_n).__name__}")
     if a.next_n not in dims.SUPPORTED_NEXT_N:
         raise ValueError(f"next_n: expected one of {dims.SUPPORTED_NEXT_N}, got {a.next_n}")
     if not isinstance(a.q_c, torch.Tensor) or a.q_c.dim() != 2:
@@ -115,6 +117,11 @@ def validate_region_args(args, max_len: int | None = None, check_values: bool | 
     if (slots < -1).any() or (slots >= num_blocks * dims.CACHE_BLOCK_SIZE).any():
         bad = slots[(slots < -1) | (slots >= num_blocks * dims.CACHE_BLOCK_SIZE)][0].item()
         raise ValueError(f"slot_mapping: slot {bad} outside [-1, {num_blocks * dims.CACHE_BLOCK_SIZE})")
+    written = slots[slots >= 0]
+    if written.numel() != torch.unique(written).numel():
+        vals, counts = torch.unique(written, return_counts=True)
+        raise ValueError(f"slot_mapping: slot {int(vals[counts > 1][0])} is written by more than one row "
+                         f"(two rows would race on the same cache entry)")
     # every written slot must be the cache position of the row's new token (vLLM's invariant; the
     # partitioned kernel relies on it to use the new keys before the cache write lands)
     table = a.block_table.cpu().long()
