@@ -94,7 +94,7 @@ MAX_MODEL_LEN = 163840  # dims.MAX_MODEL_LEN
 SUPPORTED_H = (128, 64, 32, 16)
 VENDOR_PATHS = ("vllm_sequential", "vllm_dual_stream")
 BASELINES = ("vllm_dual_stream", "dual_stream")
-_TIE_FREE_DIGITS = 5  # base-16 digits per key code (as batch._tie_free_indexer): 16**5 = 2**20 > 163840
+_TIE_FREE_DIGITS = 5  # base-16 digits per key code (batch._DIGITS): 16**5 = 2**20 > 163840
 _CODE_MOD = 16**_TIE_FREE_DIGITS
 
 
@@ -536,24 +536,17 @@ def copy_slots(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor) -> Non
 
 
 def tie_free_keys(codes: torch.Tensor) -> torch.Tensor:
-    """Keys whose logit against :func:`tie_free_query` is ``code / 256`` exactly (as
-    ``batch._tie_free_indexer``): the base-16 digits of ``code`` in dims 0..4, 448 in dim 127
-    (scale exactly 1). ``codes`` int64 [n] in [0, 2**20); returns bf16 [n, 128]."""
-    k = torch.zeros(codes.numel(), 128, dtype=torch.float32, device=codes.device)
-    for d in range(_TIE_FREE_DIGITS):
-        k[:, d] = ((codes // 16 ** (_TIE_FREE_DIGITS - 1 - d)) % 16).float()
-    k[:, -1] = 448.0
-    return k.to(torch.bfloat16)
+    """``smpart.triton_kernels.batch.tie_free_keys`` (imported lazily, see the note above)."""
+    from smpart.triton_kernels.batch import tie_free_keys as impl
+
+    return impl(codes)
 
 
 def tie_free_query(T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index_q_fp8 float8 [T, 64, 128], index_weights fp32 [T, 64]): head 0 = ``[256, 16, 1, 1/16,
-    1/256, 0...]`` with weight 1, every other head weight 0 (``batch._tie_free_indexer``)."""
-    q = torch.zeros(T, 64, 128, device=device)
-    q[:, 0, :_TIE_FREE_DIGITS] = torch.tensor([256.0, 16.0, 1.0, 1 / 16, 1 / 256], device=device)
-    w = torch.zeros(T, 64, device=device)
-    w[:, 0] = 1.0
-    return q.to(torch.float8_e4m3fn), w
+    """``smpart.triton_kernels.batch.tie_free_query`` (imported lazily, see the note above)."""
+    from smpart.triton_kernels.batch import tie_free_query as impl
+
+    return impl(T, device)
 
 
 # ======================================================================================

@@ -231,32 +231,40 @@ def make_decode_batch(
 _DIGITS = 5  # base-16 digits per code: 16**5 > 163840 positions
 
 
-def _tie_free_indexer(lens, next_n, g):
-    """Queries/keys whose logits are exact fp32 integers/256, distinct within every request.
+def tie_free_keys(codes: torch.Tensor) -> torch.Tensor:
+    """Indexer keys whose logit against :func:`tie_free_query` is exactly ``code / 256``.
 
-    Head 0 of each query is ``[256, 16, 1, 1/16, 1/256, 0, ...]`` (exact in e4m3) with weight 1,
-    other heads have weight 0; key ``p`` holds the base-16 digits of a per-request random code in
-    dims 0..4 and 448 in dim 127, so its scale is exactly 1 and ``q . k`` is the code / 256.
-    Sums of such terms are exact in fp32 in any order, so every implementation agrees bit for bit.
+    ``codes`` int64 [n] in ``[0, 16**5)``; returns bf16 [n, 128]: the base-16 digits of each code in
+    dims 0..4 and 448 in dim 127, so the key's FP8 scale is exactly 1 (UE8M0 or fp32) and every
+    digit is exact in e4m3.
     """
-    T = len(lens) * next_n
-    q = torch.zeros(T, dims.INDEX_N_HEADS, dims.INDEX_HEAD_DIM)
-    q[:, 0, :_DIGITS] = torch.tensor([256.0, 16.0, 1.0, 1 / 16, 1 / 256])
-    w = torch.zeros(T, dims.INDEX_N_HEADS)
+    k = torch.zeros(codes.numel(), dims.INDEX_HEAD_DIM, device=codes.device)
+    for d in range(_DIGITS):
+        k[:, d] = ((codes // 16 ** (_DIGITS - 1 - d)) % 16).float()
+    k[:, -1] = dims.FP8_MAX
+    return k.to(torch.bfloat16)
+
+
+def tie_free_query(num_tokens: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(index_q_fp8 float8_e4m3fn [T, 64, 128], index_weights fp32 [T, 64]) for tie-free logits: head 0
+    is ``[256, 16, 1, 1/16, 1/256, 0, ...]`` (exact in e4m3) with weight 1, every other head has
+    weight 0. Sums of ``q . k`` against :func:`tie_free_keys` are exact in fp32 in any order."""
+    q = torch.zeros(num_tokens, dims.INDEX_N_HEADS, dims.INDEX_HEAD_DIM, device=device)
+    q[:, 0, :_DIGITS] = torch.tensor([256.0, 16.0, 1.0, 1 / 16, 1 / 256], device=device)
+    w = torch.zeros(num_tokens, dims.INDEX_N_HEADS, device=device)
     w[:, 0] = 1.0
+    return q.to(FP8_DTYPE), w
 
-    def keys_for(codes: torch.Tensor) -> torch.Tensor:
-        k = torch.zeros(codes.numel(), dims.INDEX_HEAD_DIM)
-        for d in range(_DIGITS):
-            k[:, d] = ((codes // 16 ** (_DIGITS - 1 - d)) % 16).float()
-        k[:, -1] = dims.FP8_MAX
-        return k.to(torch.bfloat16)
 
+def _tie_free_indexer(lens, next_n, g):
+    """Queries/keys whose logits are exact fp32 code/256 values, distinct within every request
+    (per-request random codes; :func:`tie_free_query`, :func:`tie_free_keys`)."""
+    T = len(lens) * next_n
+    q, w = tie_free_query(T)
     prefill, new = [], torch.zeros(T, dims.INDEX_HEAD_DIM, dtype=torch.bfloat16)
     for b, L in enumerate(lens):
         codes = torch.randperm(16**_DIGITS, generator=g)[: max(L, 1)]
-        prefill.append(keys_for(codes[: max(0, L - next_n)]))
-        new_codes = codes[max(0, L - next_n) : L] if L > 0 else codes[:0]
+        prefill.append(tie_free_keys(codes[: max(0, L - next_n)]))
         if L > 0:
-            new[b * next_n : b * next_n + next_n] = keys_for(new_codes)
-    return q.to(FP8_DTYPE), w, prefill, new
+            new[b * next_n : b * next_n + next_n] = tie_free_keys(codes[max(0, L - next_n) : L])
+    return q, w, prefill, new
