@@ -98,6 +98,17 @@ def _load_idx(idx_ptr, idx_base, offs, msk, has_idx):
 
 
 @triton.jit
+def _tile_members(vals_ptr, start, r, n, lo, hi):
+    """One streaming tile: positions ``start + r``, their values (``.cg``: written by other programs
+    of the launch), keys, and the mask of in-range members of the bracket ``[lo, hi]``."""
+    offs = start + r
+    msk = offs < n
+    v = tl.load(vals_ptr + offs, mask=msk, other=0.0, cache_modifier=".cg")
+    k = _f32_to_key(v)
+    return offs, v, k, msk & (k >= lo) & (k <= hi)
+
+
+@triton.jit
 def _pick_bin(h, need, NB: tl.constexpr):
     """Threshold bin of histogram ``h`` [NB]: the bin b with above(b) < need <= above(b) + h[b].
 
@@ -234,11 +245,7 @@ def _select_topk(vals_ptr, idx_ptr, idx_base, n, out_idx_ptr, out_val_ptr, scrat
                 # histogram pass over the members
                 h = tl.zeros([NB], dtype=tl.int32)
                 for start in range(0, n, BLOCK):
-                    offs = start + r
-                    msk = offs < n
-                    v = tl.load(vals_ptr + offs, mask=msk, other=0.0, cache_modifier=".cg")
-                    k = _f32_to_key(v)
-                    mm = msk & (k >= lo) & (k <= hi)
+                    offs, v, k, mm = _tile_members(vals_ptr, start, r, n, lo, hi)
                     h += tl.histogram(_bins(v, k, mm, use_val, vlo, scale, lo, s, NB), NB, mask=mm)
                 b, above, cb = _pick_bin(h, need, NB)
                 compact = cb <= CAP
@@ -247,11 +254,7 @@ def _select_topk(vals_ptr, idx_ptr, idx_base, n, out_idx_ptr, out_val_ptr, scrat
                 run_a = out_cnt
                 run_m = zero
                 for start in range(0, n, BLOCK):
-                    offs = start + r
-                    msk = offs < n
-                    v = tl.load(vals_ptr + offs, mask=msk, other=0.0, cache_modifier=".cg")
-                    k = _f32_to_key(v)
-                    mm = msk & (k >= lo) & (k <= hi)
+                    offs, v, k, mm = _tile_members(vals_ptr, start, r, n, lo, hi)
                     d = _bins(v, k, mm, use_val, vlo, scale, lo, s, NB)
                     a = mm & (d > b)
                     c = mm & (d == b)
@@ -274,11 +277,7 @@ def _select_topk(vals_ptr, idx_ptr, idx_base, n, out_idx_ptr, out_val_ptr, scrat
                     mn = tl.full([BLOCK], _INT_MAX, tl.int32)
                     mx = tl.full([BLOCK], _INT_MIN, tl.int32)
                     for start in range(0, n, BLOCK):
-                        offs = start + r
-                        msk = offs < n
-                        v = tl.load(vals_ptr + offs, mask=msk, other=0.0, cache_modifier=".cg")
-                        k = _f32_to_key(v)
-                        mm = msk & (k >= lo) & (k <= hi)
+                        offs, v, k, mm = _tile_members(vals_ptr, start, r, n, lo, hi)
                         c = mm & (_bins(v, k, mm, use_val, vlo, scale, lo, s, NB) == b)
                         mn = tl.minimum(mn, tl.where(c, k, _INT_MAX))
                         mx = tl.maximum(mx, tl.where(c, k, _INT_MIN))
