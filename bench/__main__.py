@@ -33,6 +33,7 @@ import time
 VENDOR_PATHS = ("vllm_sequential", "vllm_dual_stream")
 DEFAULT_PATHS = "sequential,dual_stream,partitioned,vllm_sequential,vllm_dual_stream"
 CPU_PATHS = ("sequential", "partitioned")
+AUTO = "auto"  # the runtime's dispatch (tuning.choose) for each shape
 CPU_SHAPE = dict(num_heads=16, batch_size=2, context=300, next_n=1)
 
 CSV_FIELDS = [
@@ -49,6 +50,33 @@ def _int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+MIXED = "mixed"
+
+
+def _context_list(s: str) -> list:
+    """Context lengths, or ``mixed``: per-request lengths drawn by :func:`mixed_lens`."""
+    out = []
+    for x in (x.strip() for x in s.split(",") if x.strip()):
+        if x == MIXED:
+            out.append(MIXED)
+            continue
+        try:
+            out.append(int(x))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers or '{MIXED}', got {s!r}") from None
+    return out
+
+
+def mixed_lens(batch_size: int, next_n: int, seed: int = 0) -> list[int]:
+    """Mixed context lengths of one batch: log-uniform in [256, 65536] (seeded by B and ``seed``),
+    with the first request at 65536 so the shape bucket is the 64K one. Returns ``B`` ints."""
+    import random
+
+    rng = random.Random(seed * 1000 + batch_size)
+    lens = [65536] + [int(round(2 ** rng.uniform(8, 16))) for _ in range(batch_size - 1)]
+    return [max(L, next_n) for L in lens]
+
+
 def _str_list(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
@@ -58,10 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="The decode loop: smpart-bench decode [options] (smpart-bench decode --help).")
     p.add_argument("--batch", type=_int_list, default="1,8,32", help="batch sizes B")
-    p.add_argument("--context", type=_int_list, default="4096,16384", help="context lengths (vLLM seq_lens)")
+    p.add_argument("--context", type=_context_list, default="4096,16384",
+                   help="context lengths (vLLM seq_lens); 'mixed' = per-request lengths log-uniform in 256..64K")
     p.add_argument("--heads", type=_int_list, default="128,32", help="MLA heads per rank H")
     p.add_argument("--next-n", type=_int_list, default="1", help="rows per request (1, 2)")
-    p.add_argument("--paths", type=_str_list, default=DEFAULT_PATHS, help="paths to run")
+    p.add_argument("--paths", type=_str_list, default=DEFAULT_PATHS,
+                   help="paths to run; 'auto' = the path and config the runtime dispatches to for the shape "
+                        "(smpart.triton_kernels.tuning.choose)")
     p.add_argument("--replays", type=int, default=50, help="timed CUDA-graph replays per path (>= 30 advised)")
     p.add_argument("--out", default="bench_out", help="output folder (CSV appended, MD and PNG rewritten)")
     p.add_argument("--seed", type=int, default=0, help="make_decode_batch seed")
@@ -250,7 +281,7 @@ def gpu_main(args) -> int:
     from smpart.triton_kernels.batch import make_decode_batch
     from smpart.triton_kernels.workspace import RegionWorkspace
 
-    unknown = [p for p in args.paths if p not in region.PATHS or p == "reference"]
+    unknown = [p for p in args.paths if (p not in region.PATHS and p != AUTO) or p == "reference"]
     if unknown:
         raise SystemExit(f"--paths: unknown {unknown}; choose from {[p for p in region.PATHS if p != 'reference']}")
     err = _load_paths()
@@ -271,7 +302,8 @@ def gpu_main(args) -> int:
     for H, next_n, ctx, B in shapes:
         shape = dict(num_heads=H, batch_size=B, context=ctx, next_n=next_n, num_tokens=B * next_n)
         try:
-            batch = make_decode_batch(ctx, B, num_heads=H, next_n=next_n, use_ue8m0=not args.fp32_scales,
+            lens = mixed_lens(B, next_n, args.seed) if ctx == MIXED else ctx
+            batch = make_decode_batch(lens, B, num_heads=H, next_n=next_n, use_ue8m0=not args.fp32_scales,
                                       seed=args.seed, device=dev)
         except (ValueError, TypeError) as e:
             tqdm.write(f"shape {shape}: not built ({e})")
@@ -289,12 +321,19 @@ def gpu_main(args) -> int:
             bar.set_postfix_str(f"H={H} B={B} L={ctx} n={next_n} {path}")
             row = {**env, **shape, "path": path, "floor_us": floor_us, "floor_bytes": fb, "copy_bw_gbps": bw / 1e9,
                    "replays": args.replays, "status": "ok", "note": ""}
-            if not _registered(path):
+            run_path, cfg = path, None
+            if path == AUTO:
+                from smpart.triton_kernels import tuning
+
+                choice = tuning.choose(B * next_n, H, next_n, ws.max_len, dev)
+                run_path, cfg = choice.path, choice.config
+                row["note"] = f"dispatched: {run_path} ({choice.source})"
+            if not _registered(run_path):
                 row.update(status="skipped", note=f"not registered{'; ' + err if err else ''}")
             else:
                 out = batch.clone()
                 try:
-                    region.run_region(out.args, path, workspace=ws, use_ue8m0=batch.use_ue8m0)
+                    region.run_region(out.args, run_path, workspace=ws, config=cfg, use_ue8m0=batch.use_ue8m0)
                     torch.cuda.synchronize()
                 except Exception as e:  # noqa: BLE001 - one broken path must not stop the others
                     if _unavailable(e):
@@ -305,15 +344,16 @@ def gpu_main(args) -> int:
                 else:
                     if not args.no_check:
                         try:
-                            check_path(path, out.args, ref.args, batch, logits64)
+                            check_path(run_path, out.args, ref.args, batch, logits64)
                         except AssertionError as e:
                             row.update(status="FAILED", note=str(e))
                             tqdm.write(f"FAILED {path} H={H} B={B} L={ctx} next_n={next_n}: {e}")
                     if row["status"] == "ok":
                         work = batch.clone()
 
-                        def fn(a=work.args, p=path):
-                            region.run_region(a, p, workspace=ws, use_ue8m0=batch.use_ue8m0, check_values=False)
+                        def fn(a=work.args, p=run_path, c=cfg):
+                            region.run_region(a, p, workspace=ws, config=c, use_ue8m0=batch.use_ue8m0,
+                                              check_values=False)
 
                         try:
                             t = time_graph(fn, flush, replays=args.replays)
@@ -338,13 +378,13 @@ def gpu_main(args) -> int:
             if base and row.get("median_us") is not None:
                 row["baseline_path"] = base
                 row["ratio_to_baseline"] = row["median_us"] / results[base]
+        _write_csv(os.path.join(args.out, "results.csv"), rows[-len(args.paths):])  # per shape: a killed run keeps them
         del batch, ref, ws
         torch.cuda.empty_cache()
     bar.close()
 
     for path, why in skipped.items():
         print(f"skipped: {path}: {why}")
-    _write_csv(os.path.join(args.out, "results.csv"), rows)
     table = _table(rows, tabulate)
     md = os.path.join(args.out, "results.md")
     with open(md, "w") as f:
@@ -388,7 +428,8 @@ def _plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["num_heads"], r["next_n"], r["context"]) for r in rows})
+    panels = sorted({(r["num_heads"], r["next_n"], r["context"]) for r in rows},
+                    key=lambda k: (k[0], k[1], k[2] if isinstance(k[2], int) else 1 << 30))  # "mixed" last
     if not panels:
         return
     ncols = len({p[2] for p in panels})

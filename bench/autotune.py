@@ -126,13 +126,12 @@ def main(argv=None) -> int:
         model = tuning.model_config(B * n, H, n, ws.max_len, num_sms)
         half = dataclasses.replace(model, indexer_programs=(model.indexer_programs + model.gemm_programs) // 2,
                                    gemm_programs=(model.indexer_programs + model.gemm_programs + 1) // 2)
-        trials = [("sequential", None), ("dual_stream", None)]
-        trials += [("partitioned", c) for c in candidates(B * n, H, n, ws.max_len, num_sms)]
-        if half not in [c for _, c in trials]:
-            trials.append(("partitioned", half))
+        # the cost model's split and 50/50 first (the closing comparison needs both), then the rest
+        trials = [("sequential", None), ("dual_stream", None), ("partitioned", model), ("partitioned", half)]
+        trials += [("partitioned", c) for c in candidates(B * n, H, n, ws.max_len, num_sms) if c not in (model, half)]
         times, configs = {}, {}
         for path, cfg in trials:
-            if time.monotonic() - t0 > per_bucket and len(times) >= 3:
+            if time.monotonic() - t0 > per_bucket and len(times) >= 4:
                 break
             name = _name(cfg, path)
             trial = batch.clone()
@@ -150,7 +149,10 @@ def main(argv=None) -> int:
             configs[name] = (path, cfg)
         best = min(times, key=times.get)
         path, cfg = configs[best]
-        cache.put(bucket, path, cfg or model, times, model_config=model)
+        # the partitioned path keeps its own best config even when a stream path wins the bucket
+        part = [k for k in times if configs[k][1] is not None]
+        best_part = configs[min(part, key=times.get)][1] if part else model
+        cache.put(bucket, path, cfg or best_part, times, model_config=model)
         tuning.save_cache(cache, out)  # after every bucket: an interrupted run keeps what it found
         summary.append([bucket.key, path if cfg is None else best, round(times[best], 1),
                         round(times.get(_name(model, "partitioned"), float("nan")), 1),

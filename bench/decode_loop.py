@@ -1307,8 +1307,11 @@ class DecodeLoop:
         self.step_rows.append(row)
         return row
 
-    def run(self) -> dict:
+    def run(self, time_budget_s: float | None = None) -> dict:
         """Run ``cfg.steps`` steps (capturing graphs first in graph mode); returns :meth:`summary`.
+
+        ``time_budget_s``: stop early, after the step during which this many wall-clock seconds
+        (from the call) have passed; ``self.stats.steps`` says how many ran.
 
         Raises
         ------
@@ -1317,10 +1320,13 @@ class DecodeLoop:
         """
         if self.cfg.graphs and not any(st.graphs for st in self.states.values()):
             self.capture_all()
+        t0 = time.perf_counter()
         for step in range(self.cfg.steps):
             row = self.step(step)
             if self.progress:
                 self.progress(step, row)
+            if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+                break
         return self.summary()
 
     # ---------------------------------------------------------------------------------
@@ -1590,6 +1596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", choices=("full", "fast"), default=None,
                    help="full = checks.check_region; fast = its vectorized twin (default: fast on GPU, full on CPU)")
     p.add_argument("--check-every", type=int, default=1, help="compare with the reference every N-th step (default 1)")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="stop after the step that passes this many seconds of loop time (outputs still written)")
     p.add_argument("--fp32-scales", action="store_true", help="plain fp32 scales instead of UE8M0")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
     p.add_argument("--out", default="decode_out", help="output folder for steps.csv, summary.json, summary.md, "
@@ -1714,7 +1722,7 @@ def main(argv: list[str] | None = None) -> int:
             tc = time.perf_counter()
             loop.capture_all(progress=None if a.no_progress else (lambda msg: print(msg, flush=True)))
             print(f"captured in {time.perf_counter() - tc:.0f} s", flush=True)
-        loop.run()
+        loop.run(time_budget_s=a.time_budget_s)
     except MismatchError as e:
         mismatch = e.report
     finally:

@@ -278,6 +278,22 @@ def test_writers(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_mixed_contexts_and_auto_path_parse(tmp_path):
+    main_mod = pytest.importorskip("smpart.bench.__main__")
+    pytest.importorskip("matplotlib")
+    a = main_mod.build_parser().parse_args(["--context", "4096,mixed", "--paths", "auto,dual_stream"])
+    assert a.context == [4096, "mixed"] and a.paths == ["auto", "dual_stream"]
+    with pytest.raises(SystemExit):
+        main_mod.build_parser().parse_args(["--context", "4096,lots"])
+    lens = main_mod.mixed_lens(8, 2, seed=0)
+    assert len(lens) == 8 and lens[0] == 65536 and all(2 <= L <= 65536 for L in lens)
+    assert lens == main_mod.mixed_lens(8, 2, seed=0) and lens != main_mod.mixed_lens(8, 2, seed=1)
+    rows = _rows() + [dict(r, context="mixed") for r in _rows()]
+    png = tmp_path / "latency.png"
+    main_mod._plot(rows, str(png))  # int and "mixed" panels side by side
+    assert png.stat().st_size > 1000
+
+
 # --------------------------------------------------------------------------------------
 # GPU only: the harness primitives and the vendor paths on the real kernels
 # --------------------------------------------------------------------------------------

@@ -333,6 +333,13 @@ def test_crashing_path_is_reported(stand_in_paths):
     assert ei.value.report["step"] == 0 and ei.value.report["check"] == "run"
 
 
+def test_time_budget_stops_after_the_step(stand_in_paths):
+    """``run(time_budget_s=0)`` runs exactly one step and still returns a summary."""
+    loop = DecodeLoop(LoopConfig(num_heads=16, steps=50, max_context=512, seed=1, paths=("partitioned",)))
+    summary = loop.run(time_budget_s=0.0)
+    assert loop.stats.steps == 1 and isinstance(summary, dict)
+
+
 def test_graph_mode_bookkeeping_emulated_on_cpu(stand_in_paths, monkeypatch):
     """Graph mode's bookkeeping without CUDA: captured buffers per bucket, the live step copied in,
     padding rows, outputs sliced to the live rows, buffers reused across steps. A stand-in "graph"

@@ -158,3 +158,27 @@ def test_green_ctx_matches_reference_gpu():
         _run_and_check(b, "green_ctx", "cuda")
     except RuntimeError as e:  # driver without green-context support: say so, do not hide it
         pytest.skip(f"green contexts unavailable here: {e}")
+
+
+def test_redraw_decode_metadata_steps(device):
+    """Three steps of redrawn metadata (lengths, tables, slots, positions) on one batch's
+    buffers: each agrees with ``reference`` (what the GPU replay stress relies on); bad sizes raise."""
+    from smpart.triton_kernels.batch import redraw_decode_metadata
+
+    B, max_len = 3, 256
+    base = make_decode_batch(max_len, batch_size=B, num_heads=16, next_n=2, spare_blocks=B * 4, seed=7)
+    base = base if device == "cpu" else _to(base, device)
+    pool = base.args.kv_cache.shape[0]
+    pristine = base.args.kv_cache.clone()
+    g = torch.Generator().manual_seed(11)
+    seen = set()
+    for _ in range(3):
+        redraw_decode_metadata(base.args, pool, max_len, g)
+        base.args.kv_cache.copy_(pristine)
+        seen.add(tuple(base.args.context_lens.tolist()))
+        _run_and_check(base, "partitioned", device, PartitionConfig(indexer_programs=2, gemm_programs=3))
+    assert len(seen) == 3
+    with pytest.raises(ValueError, match="max_len"):
+        redraw_decode_metadata(base.args, pool, 4 * 64 + 1, g)
+    with pytest.raises(ValueError, match="num_blocks"):
+        redraw_decode_metadata(base.args, B * 4 - 1, max_len, g)

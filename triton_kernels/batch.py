@@ -228,6 +228,41 @@ def make_decode_batch(
                        next_n=next_n, use_ue8m0=use_ue8m0, tie_free=tie_free)
 
 
+def redraw_decode_metadata(args: RegionArgs, num_blocks: int, max_len: int, generator: torch.Generator) -> None:
+    """Draw a new decode step's metadata and write it **in place** into ``args`` (the tensors a
+    captured CUDA graph reads): context lengths uniform in ``[next_n, max_len]``, block tables
+    from a random permutation of the ``num_blocks`` cache blocks (no block shared), and the
+    matching ``positions`` and ``slot_mapping`` (vLLM's rule: slot of position ``L - next_n + j``).
+
+    Parameters
+    ----------
+    args : RegionArgs with ``B`` requests (``context_lens`` int32 [B], ``block_table`` int32
+        [B, W], ``positions`` int64 [T], ``slot_mapping`` int64 [T]); ``W * 64 >= max_len``.
+    num_blocks : cache blocks to draw from (<= ``kv_cache.shape[0]``, >= ``B * W``).
+    max_len : longest context (<= ``W * 64`` and <= the ``cos_sin_cache`` rows).
+    generator : CPU generator (the draw is reproducible).
+
+    Raises
+    ------
+    ValueError : the table or the block pool is too small for ``max_len`` (named).
+    """
+    B, W = args.block_table.shape
+    next_n = args.next_n
+    if not next_n <= max_len <= W * dims.CACHE_BLOCK_SIZE:
+        raise ValueError(f"max_len: expected {next_n}..{W * dims.CACHE_BLOCK_SIZE} (block table width {W}), got {max_len}")
+    if not B * W <= num_blocks <= args.kv_cache.shape[0]:
+        raise ValueError(f"num_blocks: expected {B * W}..{args.kv_cache.shape[0]}, got {num_blocks}")
+    lens = torch.randint(next_n, max_len + 1, (B,), generator=generator)
+    table = torch.randperm(num_blocks, generator=generator)[: B * W].view(B, W).to(torch.int32)
+    pos = lens.repeat_interleave(next_n) - next_n + torch.arange(next_n).repeat(B)
+    row_b = torch.arange(B).repeat_interleave(next_n)
+    slots = table[row_b, pos // dims.CACHE_BLOCK_SIZE].long() * dims.CACHE_BLOCK_SIZE + pos % dims.CACHE_BLOCK_SIZE
+    args.context_lens.copy_(lens.to(torch.int32))
+    args.block_table.copy_(table)
+    args.positions.copy_(pos.long())
+    args.slot_mapping.copy_(slots)
+
+
 _DIGITS = 5  # base-16 digits per code: 16**5 > 163840 positions
 
 

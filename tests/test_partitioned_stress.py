@@ -1,0 +1,211 @@
+"""GPU stress of the partitioned kernel's cross-program protocol (issue 4's acceptance runs).
+
+The interpreter runs programs one at a time, and compute-sanitizer's racecheck sees only shared
+memory, so neither can prove the arrival counters, the dynamic queue or the new-key patch sound;
+these runs on the GPU do:
+
+* ``test_random_sweep_gpu``: >= 500 seeded decode batches (lengths 1..65536 log-uniform, B 1..8,
+  next_n 1 and 2, padding requests, tie-free and random inputs, H 16/32 and every 10th at 128)
+  under random static splits (down to 1 indexer or 1 GEMM program), the dynamic schedule and the
+  in-launch top-k, each checked against ``reference``;
+* ``test_graph_replays_1000_gpu``: one captured graph replayed 1,000 times with the context
+  lengths, block tables, slots and positions rewritten in place between replays (static split, and
+  the dynamic schedule with the in-launch top-k), every replay checked against ``reference``;
+* ``test_concurrency_stress_gpu``: one MTP batch run 1,000 times under ~20 splits and both
+  schedules, the top-k fused and not: ``q``, ``k_pe`` and the cache bytes bit-identical to the
+  first run and the top-k index sets identical (tie-free batch), every run;
+* ``test_memcheck_gpu``: ``compute-sanitizer --tool memcheck`` on a small full-kernel run of every
+  schedule (skipped where compute-sanitizer is not on the PATH).
+
+``SMPART_STRESS_SCALE`` (float, default 1) scales the counts (e.g. 0.1 for a quick look).
+"""
+
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from smpart.triton_kernels import checks
+from smpart.triton_kernels.batch import make_decode_batch, redraw_decode_metadata
+from smpart.triton_kernels.partitioned import PartitionConfig
+from smpart.triton_kernels.region import run_region
+from smpart.triton_kernels.workspace import RegionWorkspace
+
+pytestmark = pytest.mark.gpu
+SCALE = float(os.environ.get("SMPART_STRESS_SCALE", "1"))
+
+
+def _n(count: int) -> int:
+    return max(1, int(math.ceil(count * SCALE)))
+
+
+def _random_config(rng: random.Random, total: int) -> PartitionConfig:
+    """A random split of ``total`` programs: static (1..total-1 indexer programs, extremes
+    included), dynamic (random program count and queue chunk), top-k fused or not. The compiled
+    variants are kept few (each costs a compile): ``blocks_per_item`` varies on static unfused
+    launches only."""
+    kind = rng.random()
+    fuse = rng.random() < 0.3
+    if kind < 0.3:
+        return PartitionConfig(dynamic=True, indexer_programs=rng.randint(1, total), gemm_programs=0,
+                               queue_chunk=rng.choice([1, 4, 16]), fuse_topk=fuse)
+    n_idx = rng.choice([1, total - 1, rng.randint(1, total - 1), rng.randint(1, total - 1)])
+    bpi = 4 if fuse else rng.choice([2, 4, 4, 8])
+    return PartitionConfig(indexer_programs=n_idx, gemm_programs=total - n_idx, fuse_topk=fuse, blocks_per_item=bpi)
+
+
+def _log_uniform_len(rng: random.Random, lo: int, hi: int) -> int:
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+SWEEP_CHUNKS = 5  # 5 x 100 seeds: separate tests, so ``pytest -n`` compiles and runs them in parallel
+
+
+@pytest.mark.parametrize("chunk", range(SWEEP_CHUNKS))
+def test_random_sweep_gpu(chunk):
+    """>= 500 random batches (100 per chunk) x random splits/schedules, each against ``reference``."""
+    total = torch.cuda.get_device_properties(0).multi_processor_count * 2
+    failures = []
+    per_chunk = _n(500) // SWEEP_CHUNKS + 1
+    for seed in range(chunk * per_chunk, (chunk + 1) * per_chunk):
+        rng = random.Random(seed)
+        next_n = rng.choice([1, 2])
+        B = rng.choice([1, 1, 3, 4, 8])
+        lens = [max(next_n, min(65536, _log_uniform_len(rng, 1, 65536))) for _ in range(B)]
+        pad = rng.randint(0, 1) if B > 1 else 0
+        H = 128 if seed % 10 == 0 else rng.choice([16, 32])
+        cfg = _random_config(rng, total)
+        b = make_decode_batch(lens, num_heads=H, next_n=next_n, num_padding=pad, tie_free=rng.random() < 0.3,
+                              seed=seed, device="cuda")
+        ref = b.clone()
+        run_region(ref.args, path="reference")
+        out = b.clone()
+        ws = RegionWorkspace.for_args(out.args)
+        try:
+            run_region(out.args, path="partitioned", workspace=ws, config=cfg)
+            checks.check_region(out.args, ref.args, b)
+            assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0, "counters not reset"
+        except AssertionError as e:
+            failures.append(f"seed {seed} (B={B} lens={lens} next_n={next_n} pad={pad} H={H} {cfg}): {e}")
+            if len(failures) >= 5:
+                break
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("config", [None, PartitionConfig(dynamic=True, fuse_topk=True, queue_chunk=4)],
+                         ids=["tuned-static", "dynamic-fusedtopk"])
+def test_graph_replays_1000_gpu(config):
+    """One graph, 1,000 replays (250 for the fused top-k), metadata rewritten in place between
+    replays; every replay equals ``reference`` on the same inputs."""
+    B, H, next_n, max_len = 8, 32, 2, 4096
+    mb = max_len // 64
+    # a pool of B*mb blocks of random keys (+ spares); every replay draws a fresh table from it
+    base = make_decode_batch(max_len, batch_size=B, num_heads=H, next_n=next_n, spare_blocks=B * mb, seed=7,
+                             device="cuda")
+    pool = base.args.kv_cache.shape[0]
+    live = base.clone()
+    pristine = {k: getattr(live.args, k).clone() for k in ("kv_cache", "k_pe")}
+    ws = RegionWorkspace.for_args(live.args)
+    run_region(live.args, path="partitioned", workspace=ws, config=config)  # compile + warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_region(live.args, path="partitioned", workspace=ws, config=config, check_values=False)
+    g = torch.Generator().manual_seed(11)
+    n = _n(1000 if config is None else 250)
+    for step in range(n):
+        redraw_decode_metadata(live.args, pool, max_len, g)
+        for k, v in pristine.items():
+            getattr(live.args, k).copy_(v)
+        live.args.q.fill_(float("nan"))
+        live.args.topk_indices.fill_(-7)
+        ref = live.clone()
+        run_region(ref.args, path="reference")
+        graph.replay()
+        try:
+            checks.check_region(live.args, ref.args, live)
+        except AssertionError as e:
+            raise AssertionError(f"replay {step} (lens {live.args.context_lens.tolist()}): {e}") from None
+    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0
+
+
+def test_concurrency_stress_gpu():
+    """The same MTP batch 1,000 times under different splits and both schedules: bit-identical
+    q / k_pe / cache bytes, identical top-k index sets (tie-free keys), every run."""
+    lens = [65536, 40000, 17, 2049, 9000, 1, 300, 65536]
+    lens = [max(2, L) for L in lens]
+    b = make_decode_batch(lens, num_heads=128, next_n=2, num_padding=1, tie_free=True, seed=5, device="cuda")
+    total = torch.cuda.get_device_properties(0).multi_processor_count * 2
+    configs = [PartitionConfig(indexer_programs=i, gemm_programs=total - i, fuse_topk=f)
+               for i in (1, 2, 7, 33, 66, 132, 200, total - 1) for f in (False, True)]
+    configs += [PartitionConfig(dynamic=True, indexer_programs=p, gemm_programs=0, queue_chunk=c, fuse_topk=f)
+                for p, c in ((total, 1), (total, 4), (total, 16), (37, 4), (1, 2)) for f in (False, True)]
+    work = b.clone()
+    a = work.args
+    pristine = {k: getattr(a, k).clone() for k in ("kv_cache", "k_pe")}
+    ws = RegionWorkspace.for_args(a)
+    first = None
+    n = _n(1000)
+    for i in range(n):
+        cfg = configs[i % len(configs)]
+        for k, v in pristine.items():
+            getattr(a, k).copy_(v)
+        a.q.fill_(float("nan"))
+        a.topk_indices.fill_(-7)
+        run_region(a, path="partitioned", workspace=ws, config=cfg, check_values=False)
+        got = {"q": a.q.clone(), "k_pe": a.k_pe.clone(), "kv_cache": a.kv_cache.clone(),
+               "topk": torch.sort(a.topk_indices, dim=1).values}
+        if first is None:
+            ref = b.clone()
+            run_region(ref.args, path="reference")
+            checks.check_region(a, ref.args, b)  # the first run is right...
+            first = got
+            continue
+        for k in ("q", "k_pe", "kv_cache", "topk"):  # ...and every later one is identical to it
+            if not torch.equal(got[k].view(torch.uint8) if k != "topk" else got[k],
+                               first[k].view(torch.uint8) if k != "topk" else first[k]):
+                bad = (got[k] != first[k]).nonzero()[0].tolist()
+                raise AssertionError(f"run {i} ({cfg}): {k} differs from run 0, first at {bad}")
+    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0
+
+
+_MEMCHECK_CHILD = textwrap.dedent("""
+    import torch
+    from smpart.triton_kernels import checks
+    from smpart.triton_kernels.batch import make_decode_batch
+    from smpart.triton_kernels.partitioned import PartitionConfig
+    from smpart.triton_kernels.region import run_region
+    from smpart.triton_kernels.workspace import RegionWorkspace
+    b = make_decode_batch([70, 3000, 2, 2049], num_heads=32, next_n=2, num_padding=1, seed=3, device="cuda")
+    ref = b.clone(); run_region(ref.args, path="reference")
+    for cfg in (PartitionConfig(indexer_programs=3, gemm_programs=5),
+                PartitionConfig(indexer_programs=1, gemm_programs=1, fuse_topk=True),
+                PartitionConfig(dynamic=True, indexer_programs=6, gemm_programs=0, fuse_topk=True)):
+        out = b.clone(); ws = RegionWorkspace.for_args(out.args)
+        run_region(out.args, path="partitioned", workspace=ws, config=cfg)
+        torch.cuda.synchronize()
+        checks.check_region(out.args, ref.args, b)
+    print("MEMCHECK_CHILD_OK")
+""")
+
+
+def test_memcheck_gpu():
+    """``compute-sanitizer --tool memcheck`` reports no error on a small full-kernel run (static,
+    1+1 with the fused top-k, dynamic with the fused top-k); PyTorch's caching allocator is off so
+    every tensor is its own allocation and an out-of-bounds access cannot land in a neighbour."""
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        pytest.skip("compute-sanitizer is not on the PATH")
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    p = subprocess.run([exe, "--tool", "memcheck", "--error-exitcode", "97", "--leak-check", "no",
+                        sys.executable, "-c", _MEMCHECK_CHILD], env=env, capture_output=True, text=True,
+                       timeout=900)
+    tail = (p.stdout + p.stderr)[-4000:]
+    assert p.returncode == 0 and "MEMCHECK_CHILD_OK" in p.stdout, f"rc={p.returncode}\n{tail}"
+    assert "ERROR SUMMARY: 0 errors" in p.stdout + p.stderr, tail
