@@ -93,6 +93,7 @@ def test_random_sweep_gpu(chunk):
             assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0, "counters not reset"
         except AssertionError as e:
             failures.append(f"seed {seed} (B={B} lens={lens} next_n={next_n} pad={pad} H={H} {cfg}): {e}")
+            print(f"FAILED {failures[-1]}", flush=True)  # visible at once with -s, even if the run is cut short
             if len(failures) >= 5:
                 break
     assert not failures, "\n".join(failures)

@@ -264,6 +264,7 @@ def redraw_decode_metadata(args: RegionArgs, num_blocks: int, max_len: int, gene
 
 
 _DIGITS = 5  # base-16 digits per code: 16**5 > 163840 positions
+_HI_DIGITS = 3  # digits 0..2 go to head 0, digits 3..4 to head 1
 
 
 def tie_free_keys(codes: torch.Tensor) -> torch.Tensor:
@@ -281,13 +282,22 @@ def tie_free_keys(codes: torch.Tensor) -> torch.Tensor:
 
 
 def tie_free_query(num_tokens: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(index_q_fp8 float8_e4m3fn [T, 64, 128], index_weights fp32 [T, 64]) for tie-free logits: head 0
-    is ``[256, 16, 1, 1/16, 1/256, 0, ...]`` (exact in e4m3) with weight 1, every other head has
-    weight 0. Sums of ``q . k`` against :func:`tie_free_keys` are exact in fp32 in any order."""
+    """(index_q_fp8 float8_e4m3fn [T, 64, 128], index_weights fp32 [T, 64]) for tie-free logits
+    against :func:`tie_free_keys`: ``code / 256`` exactly, on any hardware.
+
+    Head 0 is ``[256, 16, 1]`` on the key's digits 0..2 (weight 1), head 1 is ``[256, 16]`` on
+    digits 3..4 (weight ``2**-12``), every other head has weight 0. Each head's dot product is an
+    integer below 4096 (12 bits), exact even in Hopper's FP8 MMA, whose accumulator keeps only about
+    14 bits relative to the largest term (DeepSeek-V3 report, 3.3.2: one head holding all five
+    digits, 20 bits, lost the low digits on the H200, 2026-11-30); the fp32 weighted sum of the two
+    heads needs 20 bits and is exact in any order.
+    """
     q = torch.zeros(num_tokens, dims.INDEX_N_HEADS, dims.INDEX_HEAD_DIM, device=device)
-    q[:, 0, :_DIGITS] = torch.tensor([256.0, 16.0, 1.0, 1 / 16, 1 / 256], device=device)
+    q[:, 0, :_HI_DIGITS] = torch.tensor([256.0, 16.0, 1.0], device=device)
+    q[:, 1, _HI_DIGITS:_DIGITS] = torch.tensor([256.0, 16.0], device=device)
     w = torch.zeros(num_tokens, dims.INDEX_N_HEADS, device=device)
     w[:, 0] = 1.0
+    w[:, 1] = 2.0**-12
     return q.to(FP8_DTYPE), w
 
 
