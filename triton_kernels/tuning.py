@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -115,6 +116,7 @@ class TuningCache:
 
     meta: dict
     entries: dict = dataclasses.field(default_factory=dict)
+    _resolved: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # Bucket -> Choice
 
     def lookup(self, bucket: Bucket) -> Choice | None:
         e = self.entries.get(bucket.key)
@@ -122,10 +124,42 @@ class TuningCache:
             return None
         return Choice(e["path"], config_from_dict(e.get("config", {})), "tuned")
 
+    def nearest(self, bucket: Bucket) -> tuple[str, dict] | None:
+        """The tuned entry closest to ``bucket`` (same H first, then the smallest
+        ``|log2 T ratio| + |log2 L ratio| + 2 |next_n difference|``), as ``(key, entry)``; None if
+        the cache is empty. Keys that do not parse are skipped."""
+        best = None
+        for key, e in self.entries.items():
+            try:
+                h, n, t, L = (int(x[1:]) for x in key.split("-"))
+            except ValueError:
+                continue
+            d = (h != bucket.num_heads, abs(math.log2(t / bucket.num_tokens)) + abs(math.log2(L / bucket.max_len))
+                 + 2 * abs(n - bucket.next_n), key)
+            if best is None or d < best[0]:
+                best = (d, key, e)
+        return None if best is None else (best[1], best[2])
+
+    def resolve(self, bucket: Bucket) -> Choice | None:
+        """The bucket's tuned choice, else the nearest tuned bucket's (path and partitioned config;
+        source ``"nearest:<key>"``), else None (empty cache). A bucket the tuner never measured
+        thus runs what won next to it, never an unmeasured default."""
+        if bucket in self._resolved:  # the nearest-entry scan runs once per bucket; later steps are a dict hit
+            return self._resolved[bucket]
+        hit = self.lookup(bucket)
+        if hit is None:
+            near = self.nearest(bucket)
+            if near is not None:
+                key, e = near
+                hit = Choice(e["path"], config_from_dict(e.get("config", {})), f"nearest:{key}")
+        self._resolved[bucket] = hit
+        return hit
+
     def put(self, bucket: Bucket, path: str, config: PartitionConfig, times_us: dict, model_config=None) -> None:
         """Record a bucket's choice and every candidate's time (us)."""
         if path not in SMPART_PATHS:
             raise ValueError(f"path: expected one of {SMPART_PATHS}, got {path!r}")
+        self._resolved.clear()
         self.entries[bucket.key] = {
             "path": path, "config": config_to_dict(config), "times_us": dict(times_us),
             **({"model_config": config_to_dict(model_config)} if model_config is not None else {}),
@@ -204,8 +238,9 @@ def model_config(num_tokens: int, num_heads: int, next_n: int, max_len: int, num
 
 
 def choose(num_tokens: int, num_heads: int, next_n: int, max_len: int, device=None) -> Choice:
-    """What to run for one step: the tuned choice of its bucket, else the partitioned kernel with
-    the cost model's split.
+    """What to run for one step: the tuned choice of its bucket, else the choice of the nearest
+    tuned bucket of this GPU's file (:meth:`TuningCache.resolve`), else (no file for this GPU) the
+    partitioned kernel with the cost model's split.
 
     Parameters
     ----------
@@ -219,7 +254,7 @@ def choose(num_tokens: int, num_heads: int, next_n: int, max_len: int, device=No
     bucket = Bucket.of(num_tokens, num_heads, next_n, max_len)
     meta = device_meta(device)
     cache = _shipped_cache(tuple(sorted(meta.items())))
-    hit = cache.lookup(bucket) if cache is not None else None
+    hit = cache.resolve(bucket) if cache is not None else None
     if hit is not None:
         return hit
     sms = meta["num_sms"] or 8
