@@ -202,15 +202,21 @@ def cpu_main(args) -> int:
     if err:
         print(f"smpart-bench: path modules did not import ({err})")
     shape = CPU_SHAPE
+    cpu_paths = [p for p in CPU_PATHS if p in args.paths]
+    if not cpu_paths:
+        print(f"smpart-bench (CPU): none of --paths {args.paths} runs without a GPU (CPU mode checks "
+              f"{list(CPU_PATHS)}); nothing was checked")
+        return 2
     print(f"smpart-bench (CPU, interpreter): H={shape['num_heads']} B={shape['batch_size']} "
-          f"context={shape['context']} next_n={shape['next_n']}", flush=True)
+          f"context={shape['context']} next_n={shape['next_n']} (the grid flags --batch/--context/--heads/"
+          f"--next-n/--replays apply on a GPU)", flush=True)
     batch = make_decode_batch(shape["context"], shape["batch_size"], num_heads=shape["num_heads"],
                               next_n=shape["next_n"], use_ue8m0=not args.fp32_scales, seed=args.seed, device="cpu")
     ref = batch.clone()
     region.run_region(ref.args, "reference", use_ue8m0=batch.use_ue8m0)
     logits64 = _reference_logits64(ref.args)
     failed = 0
-    for path in [p for p in CPU_PATHS if p in args.paths]:
+    for path in cpu_paths:
         if not _registered(path):
             print(f"skipped: {path} (not registered{'; ' + err if err else ''})", flush=True)
             continue
@@ -237,6 +243,28 @@ def cpu_main(args) -> int:
         print(f"{path}: OK (matches reference; {time.perf_counter() - t0:.1f} s under the interpreter)", flush=True)
     print("Timings need a CUDA GPU: run smpart-bench on the GPU machine.")
     return 1 if failed else 0
+
+
+def check_grid_args(parser: argparse.ArgumentParser, args) -> None:
+    """Reject grid values no path can run (``parser.error``: usage line, exit status 2), in both
+    the GPU and the CPU mode: unknown paths, H not in 128/64/32/16, B < 1, ``B * next_n > 256``,
+    next_n not 1/2, contexts outside 1..163840, replays < 1."""
+    from smpart.triton_kernels import dims
+    from smpart.triton_kernels.region import PATHS
+
+    bad = [p for p in args.paths if (p not in PATHS and p != AUTO) or p == "reference"]
+    if bad or not args.paths:
+        parser.error(f"--paths: unknown {bad}; choose from {[p for p in PATHS if p != 'reference'] + [AUTO]}")
+    if not args.heads or any(h not in dims.SUPPORTED_H for h in args.heads):
+        parser.error(f"--heads: expected values in {dims.SUPPORTED_H}, got {args.heads}")
+    if not args.next_n or any(n not in dims.SUPPORTED_NEXT_N for n in args.next_n):
+        parser.error(f"--next-n: expected values in {dims.SUPPORTED_NEXT_N}, got {args.next_n}")
+    if not args.batch or any(b < 1 or b * max(args.next_n) > dims.T_MAX for b in args.batch):
+        parser.error(f"--batch: expected 1 <= B and B * next_n <= {dims.T_MAX}, got {args.batch}")
+    if not args.context or any(c != MIXED and not 1 <= c <= dims.MAX_MODEL_LEN for c in args.context):
+        parser.error(f"--context: expected lengths in 1..{dims.MAX_MODEL_LEN} or '{MIXED}', got {args.context}")
+    if args.replays < 1:
+        parser.error(f"--replays: expected >= 1, got {args.replays}")
 
 
 def sys_argv_for(args) -> list[str]:
@@ -281,9 +309,6 @@ def gpu_main(args) -> int:
     from smpart.triton_kernels.batch import make_decode_batch
     from smpart.triton_kernels.workspace import RegionWorkspace
 
-    unknown = [p for p in args.paths if (p not in region.PATHS and p != AUTO) or p == "reference"]
-    if unknown:
-        raise SystemExit(f"--paths: unknown {unknown}; choose from {[p for p in region.PATHS if p != 'reference']}")
     err = _load_paths()
     if err:
         print(f"smpart-bench: some path modules did not import ({err})")
@@ -473,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         from smpart.bench import decode_loop
 
         return decode_loop.main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_grid_args(parser, args)
     import torch
 
     if not torch.cuda.is_available():

@@ -75,12 +75,13 @@ def _name(cfg: PartitionConfig | None, path: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="smpart-autotune", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="smpart-autotune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch", type=_ints, default="1,8,32,64,128,256", help="decode rows T (B with next_n=1)")
     p.add_argument("--context", type=_ints, default="4096,16384,65536", help="context lengths")
     p.add_argument("--heads", type=_ints, default="128,32,16", help="MLA heads per rank H")
     p.add_argument("--next-n", type=_ints, default="1", help="rows per request")
-    p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--replays", type=int, default=20, help="timed CUDA-graph replays per candidate")
     p.add_argument("--budget-s", type=float, default=480.0, help="device-time budget for the whole grid (s)")
     p.add_argument("--out", default=None, help="cache file (default: tuned/<gpu>.json in the package)")
     p.add_argument("--dry-run", action="store_true", help="list the candidates and exit")
@@ -89,7 +90,9 @@ def main(argv=None) -> int:
               if B * n <= 256]
     if a.dry_run or not torch.cuda.is_available():
         if not a.dry_run:
-            print("smpart-autotune: tuning needs a CUDA GPU; listing the candidates instead")
+            print("smpart-autotune: tuning needs a CUDA GPU; listing the candidates instead (nothing written)")
+        print(f"smpart-autotune --dry-run: {len(shapes)} buckets; splits assume 132 SMs (an H200) at "
+              f"{PartitionConfig().num_warps} warps; a GPU run writes {a.out or 'triton_kernels/tuned/<gpu>.json'}")
         for H, n, L, B in shapes:
             b = tuning.Bucket.of(B * n, H, n, L)
             cands = candidates(b.num_tokens, H, n, b.max_len, 132)

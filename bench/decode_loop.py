@@ -1560,7 +1560,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="H200 targets: smpart-bench decode --steps 2000 --max-context 65536 (H=128), then add --heads 32; "
                "MTP: --next-n 2. CPU: a short interpreter loop at H=16 (correctness only).")
     p.add_argument("--steps", type=int, default=None, help="decode steps (default: 200 on a GPU, 20 on the CPU)")
-    p.add_argument("--heads", type=int, default=None,
+    p.add_argument("--heads", type=int, default=None, choices=SUPPORTED_H,
                    help="MLA heads per rank H (default: 128 on a GPU, 16 on the CPU)")
     p.add_argument("--next-n", type=int, default=1, choices=(1, 2),
                    help="rows per request (2 = one MTP draft token; default 1)")
@@ -1634,6 +1634,11 @@ def config_from_args(a: argparse.Namespace, cuda: bool) -> LoopConfig:
         paths = ["sequential", "partitioned"]  # dual_stream is sequential on one CPU stream
     if a.paths is not None:
         paths = a.paths
+        if "reference" in paths:
+            raise ValueError("--paths: 'reference' always runs (every path is checked against it); "
+                             "name the paths to compare with it")
+        if not paths:
+            raise ValueError("--paths: name at least one path besides the reference")
     configs = {}
     if a.partitioned_config:
         configs["partitioned"] = parse_partition_config(a.partitioned_config)

@@ -278,6 +278,28 @@ def test_writers(tmp_path):
     assert png.stat().st_size > 1000
 
 
+@pytest.mark.parametrize("argv,flag", [(["--heads", "7"], "--heads"), (["--paths", "nonsense"], "--paths"),
+                                       (["--batch", "0"], "--batch"), (["--batch", "200", "--next-n", "2"], "--batch"),
+                                       (["--next-n", "3"], "--next-n"), (["--context", "-1"], "--context"),
+                                       (["--replays", "0"], "--replays")])
+def test_grid_flags_are_checked_in_every_mode(argv, flag, capsys):
+    main_mod = pytest.importorskip("smpart.bench.__main__")
+    with pytest.raises(SystemExit) as ei:
+        main_mod.main(argv)
+    assert ei.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_cpu_mode_with_no_cpu_path_fails(capsys, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("GPU machine: the grid runs")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    main_mod = pytest.importorskip("smpart.bench.__main__")
+    assert main_mod.main(["--paths", "dual_stream"]) == 2
+    assert "nothing was checked" in capsys.readouterr().out
+
+
 def test_mixed_contexts_and_auto_path_parse(tmp_path):
     main_mod = pytest.importorskip("smpart.bench.__main__")
     pytest.importorskip("matplotlib")

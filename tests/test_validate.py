@@ -164,3 +164,46 @@ def test_workspace_type_and_interpreter_hint(batch, monkeypatch):
     a = batch.clone().args
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         run_region(a, path="sequential", workspace=RegionWorkspace.for_args(a))
+
+
+def test_args_and_config_types(batch):
+    from smpart.triton_kernels.workspace import RegionWorkspace
+
+    a = batch.clone().args
+    with pytest.raises(TypeError, match="args: expected a RegionArgs"):
+        run_region(dataclasses.asdict(a), path="sequential", workspace=RegionWorkspace.for_args(a))
+    if torch.cuda.is_available():
+        a = dataclasses.replace(a).to("cuda")
+    elif __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    before = a.kv_cache.clone()
+    with pytest.raises(TypeError, match="config: expected a PartitionConfig"):
+        run_region(a, path="partitioned", workspace=RegionWorkspace.for_args(a), config="fast")
+    assert torch.equal(a.kv_cache, before)
+
+
+def test_interpreter_set_after_import_is_named(batch, monkeypatch):
+    """Kernels defined without the interpreter cannot run CPU tensors even if TRITON_INTERPRET=1 is
+    set later: a RuntimeError says so (not an error from inside Triton)."""
+    from smpart.triton_kernels import region
+    from smpart.triton_kernels.workspace import RegionWorkspace
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(region, "_kernels_interpreted", lambda: False)
+    a = batch.clone().args
+    with pytest.raises(RuntimeError, match="set after triton's kernels were defined"):
+        run_region(a, path="sequential", workspace=RegionWorkspace.for_args(a))
+
+
+def test_zero_length_row_writing_a_slot_is_named():
+    b = make_decode_batch([70, 130], num_heads=16, num_padding=1, seed=2)
+    a = b.clone().args
+    a.slot_mapping[1] = 5  # the padding row (length 0) writes a real slot
+    with pytest.raises(ValueError, match=r"context_lens\[1\] = 0 leaves no new token"):
+        validate_region_args(a)
+
+
+@pytest.mark.parametrize("lens,exc", [([300.5, 300], TypeError), ([True], TypeError)])
+def test_make_decode_batch_rejects_non_int_lengths(lens, exc):
+    with pytest.raises(exc, match=r"context_lens\[0\]"):
+        make_decode_batch(lens, num_heads=16)

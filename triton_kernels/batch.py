@@ -11,6 +11,7 @@ paged indexer cache in vLLM's byte layout holding each request's earlier keys, a
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Sequence
 
 import torch
@@ -77,6 +78,13 @@ def _weight_block_quant(w: torch.Tensor, use_ue8m0: bool) -> tuple[torch.Tensor,
     return q.contiguous(), s.contiguous()
 
 
+def _is_int(x) -> bool:
+    """A Python/numpy integer (not bool) or a 0-d integer tensor."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def make_decode_batch(
     context_lens: Sequence[int] | int,
     batch_size: int | None = None,
@@ -118,7 +126,11 @@ def make_decode_batch(
             raise ValueError("batch_size: required when context_lens is an int")
         lens = [context_lens] * batch_size
     else:
-        lens = [int(x) for x in context_lens]
+        lens = list(context_lens)
+        for i, x in enumerate(lens):
+            if not _is_int(x):
+                raise TypeError(f"context_lens[{i}]: expected an int, got {type(x).__name__} {x!r}")
+        lens = [int(x) for x in lens]
         if batch_size is None:
             batch_size = len(lens)
         if len(lens) != batch_size:
@@ -126,9 +138,9 @@ def make_decode_batch(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     if next_n not in dims.SUPPORTED_NEXT_N:
-        raise ValueError(f"next_n: expected one of {dims.SUPPORTED_NEXT_N}, got {next_n}")
+        raise ValueError(f"next_n: expected one of {dims.SUPPORTED_NEXT_N}, got {next_n!r}")
     if num_heads not in dims.SUPPORTED_H:
-        raise ValueError(f"num_heads: expected one of {dims.SUPPORTED_H}, got {num_heads}")
+        raise ValueError(f"num_heads: expected one of {dims.SUPPORTED_H}, got {num_heads!r}")
     if batch_size * next_n > dims.T_MAX:
         raise ValueError(f"batch_size: B*next_n must be <= {dims.T_MAX}, got {batch_size * next_n}")
     if not 0 <= num_padding <= batch_size:

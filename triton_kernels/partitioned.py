@@ -311,6 +311,8 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     """
     T, H, next_n = args.num_tokens, args.num_heads, args.next_n
     dev = args.q_c.device
+    if config is not None and not isinstance(config, PartitionConfig):
+        raise TypeError(f"config: expected a PartitionConfig or None, got {type(config).__name__}")
     if config is None:
         from . import tuning  # the tuned config of this bucket, else the cost model's split
 

@@ -95,6 +95,16 @@ def _load_impls() -> None:
     from . import partitioned, paths, vendor  # noqa: F401
 
 
+def _kernels_interpreted() -> bool:
+    """Were this package's Triton kernels defined under the interpreter (``TRITON_INTERPRET=1`` at
+    import time)? Setting the variable later does not change kernels already decorated."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .fill import _fill_topk_kernel
+
+    return isinstance(_fill_topk_kernel, InterpretedFunction)
+
+
 def run_region(args: RegionArgs, path: str = "sequential", workspace=None, config=None,
                use_ue8m0: bool = True, check_values: bool | None = None) -> None:
     """Run the decode region on one batch, writing ``kv_cache``, ``topk_indices``, ``q``, ``k_pe``.
@@ -114,10 +124,12 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
     ------
     ValueError / TypeError : bad inputs (before any kernel runs; nothing is written).
     RuntimeError : the path cannot run here (vendor kernels or green contexts unavailable, or CPU
-        tensors without ``TRITON_INTERPRET=1``).
+        tensors without ``TRITON_INTERPRET=1`` set before triton was imported).
     """
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    if not isinstance(args, RegionArgs):
+        raise TypeError(f"args: expected a RegionArgs, got {type(args).__name__}")
     from .workspace import RegionWorkspace
 
     if workspace is not None and not isinstance(workspace, RegionWorkspace):
@@ -136,6 +148,9 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
         raise RuntimeError(f"path {path!r}: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 "
                            "before importing triton), or move the batch to a CUDA device")
     _load_impls()
+    if args.q_c.device.type == "cpu" and not _kernels_interpreted():
+        raise RuntimeError(f"path {path!r}: TRITON_INTERPRET=1 was set after triton's kernels were defined, so "
+                           "they are compiled for a GPU; set it before importing triton or smpart")
     impl = _IMPLS.get(path)
     if impl is None:
         raise RuntimeError(f"path {path!r} is not available in this build")

@@ -128,6 +128,10 @@ def validate_region_args(args, max_len: int | None = None, check_values: bool | 
     for t in (slots >= 0).nonzero().flatten().tolist():
         b, j = divmod(t, a.next_n)
         p = int(lens[b]) - a.next_n + j
+        if p < 0:
+            raise ValueError(f"slot_mapping: row {t} writes slot {int(slots[t])}, but context_lens[{b}] = "
+                             f"{int(lens[b])} leaves no new token for it (next_n = {a.next_n}); padding rows "
+                             f"need slot -1")
         want = int(table[b, p // dims.CACHE_BLOCK_SIZE]) * dims.CACHE_BLOCK_SIZE + p % dims.CACHE_BLOCK_SIZE if p >= 0 else None
         if want != int(slots[t]):
             raise ValueError(f"slot_mapping: row {t} writes slot {int(slots[t])}, but its new token (position {p}) "
