@@ -57,7 +57,12 @@ def _random_config(rng: random.Random, total: int) -> PartitionConfig:
                                queue_chunk=rng.choice([1, 4, 16]), fuse_topk=fuse)
     n_idx = rng.choice([1, total - 1, rng.randint(1, total - 1), rng.randint(1, total - 1)])
     bpi = 4 if fuse else rng.choice([2, 4, 4, 8])
-    return PartitionConfig(indexer_programs=n_idx, gemm_programs=total - n_idx, fuse_topk=fuse, blocks_per_item=bpi)
+    tail = {}
+    if not fuse and rng.random() < 0.4:  # some or all GEMM tiles beside the top-k in the second launch
+        tail = dict(gemm_in_tail=rng.choice([0.5, 1.0]), tail_block_n=rng.choice([128, 256]),
+                    tail_gemm_programs=rng.choice([None, 1, rng.randint(1, 132)]))
+    return PartitionConfig(indexer_programs=n_idx, gemm_programs=total - n_idx, fuse_topk=fuse, blocks_per_item=bpi,
+                           **tail)
 
 
 def _log_uniform_len(rng: random.Random, lo: int, hi: int) -> int:
@@ -99,8 +104,9 @@ def test_random_sweep_gpu(chunk):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("config", [None, PartitionConfig(dynamic=True, fuse_topk=True, queue_chunk=4)],
-                         ids=["tuned-static", "dynamic-fusedtopk"])
+@pytest.mark.parametrize("config", [None, PartitionConfig(dynamic=True, fuse_topk=True, queue_chunk=4),
+                                    PartitionConfig(gemm_in_tail=1.0)],
+                         ids=["tuned-static", "dynamic-fusedtopk", "gemm-in-tail"])
 def test_graph_replays_1000_gpu(config):
     """One graph, 1,000 replays (250 for the fused top-k), metadata rewritten in place between
     replays; every replay equals ``reference`` on the same inputs."""
@@ -119,7 +125,7 @@ def test_graph_replays_1000_gpu(config):
     with torch.cuda.graph(graph):
         run_region(live.args, path="partitioned", workspace=ws, config=config, check_values=False)
     g = torch.Generator().manual_seed(11)
-    n = _n(1000 if config is None else 250)
+    n = _n(1000 if config is None else 250)  # 1,000 for the shipped config, 250 for each variant
     for step in range(n):
         redraw_decode_metadata(live.args, pool, max_len, g)
         for k, v in pristine.items():
@@ -147,6 +153,9 @@ def test_concurrency_stress_gpu():
                for i in (1, 2, 7, 33, 66, 132, 200, total - 1) for f in (False, True)]
     configs += [PartitionConfig(dynamic=True, indexer_programs=p, gemm_programs=0, queue_chunk=c, fuse_topk=f)
                 for p, c in ((total, 1), (total, 4), (total, 16), (37, 4), (1, 2)) for f in (False, True)]
+    configs += [PartitionConfig(indexer_programs=i, gemm_programs=total - i, gemm_in_tail=g, tail_block_n=bn,
+                                tail_gemm_programs=tg)
+                for i, g, bn, tg in ((66, 1.0, 128, None), (7, 0.5, 256, 1), (200, 1.0, 256, 100), (33, 0.5, 128, 5))]
     work = b.clone()
     a = work.args
     pristine = {k: getattr(a, k).clone() for k in ("kv_cache", "k_pe")}
@@ -187,7 +196,8 @@ _MEMCHECK_CHILD = textwrap.dedent("""
     ref = b.clone(); run_region(ref.args, path="reference")
     for cfg in (PartitionConfig(indexer_programs=3, gemm_programs=5),
                 PartitionConfig(indexer_programs=1, gemm_programs=1, fuse_topk=True),
-                PartitionConfig(dynamic=True, indexer_programs=6, gemm_programs=0, fuse_topk=True)):
+                PartitionConfig(dynamic=True, indexer_programs=6, gemm_programs=0, fuse_topk=True),
+                PartitionConfig(indexer_programs=2, gemm_programs=2, gemm_in_tail=0.5, tail_gemm_programs=3)):
         out = b.clone(); ws = RegionWorkspace.for_args(out.args)
         run_region(out.args, path="partitioned", workspace=ws, config=cfg)
         torch.cuda.synchronize()

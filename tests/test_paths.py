@@ -68,13 +68,18 @@ def _random_case(seed: int):
     lens = [rng.choice([next_n, rng.randint(next_n, 300), rng.randint(next_n, 4096)]) for _ in range(B)]
     pad = rng.randint(0, 1) if B > 1 else 0
     dynamic = rng.random() < 0.3
+    fuse = rng.random() < 0.5
     cfg = PartitionConfig(
         indexer_programs=rng.choice([1, 2, 5]),
         gemm_programs=0 if dynamic else rng.choice([1, 3]),
         dynamic=dynamic,
-        fuse_topk=rng.random() < 0.5,
+        fuse_topk=fuse,
         blocks_per_item=rng.choice([1, 2, 4, 8]),
         block_n=rng.choice([64, 128]),
+        # the GEMM (none, some or all of it) beside the top-k in the second launch
+        gemm_in_tail=0.0 if fuse else rng.choice([0.0, 0.3, 1.0]),
+        tail_block_n=rng.choice([64, 128, 256]),
+        tail_gemm_programs=rng.choice([None, 1, 3]),
     )
     return lens, next_n, pad, rng.random() < 0.3, cfg
 

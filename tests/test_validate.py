@@ -179,6 +179,15 @@ def test_args_and_config_types(batch):
     before = a.kv_cache.clone()
     with pytest.raises(TypeError, match="config: expected a PartitionConfig"):
         run_region(a, path="partitioned", workspace=RegionWorkspace.for_args(a), config="fast")
+    from smpart.triton_kernels.partitioned import PartitionConfig
+
+    for bad, err, name in [(dict(gemm_in_tail=1.5), ValueError, "gemm_in_tail"),
+                           (dict(gemm_in_tail=0.5, fuse_topk=True), ValueError, "fuse_topk"),
+                           (dict(gemm_in_tail=1.0, tail_block_n=96), ValueError, "tail_block_n"),
+                           (dict(gemm_in_tail=1.0, tail_gemm_programs=0), ValueError, "tail_gemm_programs"),
+                           (dict(gemm_in_tail=1.0, topk_config="fast"), TypeError, "topk_config")]:
+        with pytest.raises(err, match=name):
+            run_region(a, path="partitioned", workspace=RegionWorkspace.for_args(a), config=PartitionConfig(**bad))
     assert torch.equal(a.kv_cache, before)
 
 

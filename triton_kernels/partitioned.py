@@ -48,9 +48,10 @@ from . import cost_model, dims
 from .fp8 import quant_fp8_bytes, quant_scale
 from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item, mqa_logits_runs_per_row
-from .q_b_proj import _q_b_proj_item, default_block_t, q_b_proj_num_items
+from .q_b_proj import _q_b_proj_item, default_block_t
 from .region import register_path
-from .topk import TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, _topk_stage, topk_decode
+from .topk import (TOPK_BLOCK, TOPK_CAP, TOPK_CAP_MAX, TOPK_LOG2_BINS, TopkConfig, _topk_chunk_item, _topk_stage,
+                   topk_decode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,17 @@ class PartitionConfig:
         ``topk.TopkConfig``; ``None`` = its defaults).
     roles : bit mask of the work run (1 key write, 2 logits, 4 top-k, 8 GEMM); anything but 15
         gives incomplete outputs: a benchmark knob to time one role inside the fused launch.
+    gemm_in_tail : fraction (0..1) of ``q_b_proj``'s output columns (rounded to multiples of 256,
+        the last columns) whose GEMM tiles run in the top-k launch instead of the fused one
+        (``fuse_topk=False`` only). The top-k is latency-bound on a few programs (one per row and
+        chunk), the logits and the GEMM are bandwidth-bound: 1.0 gives the logits the whole GPU
+        in the first launch, then runs the top-k next to the GEMM (``_topk_gemm_tail_kernel``).
+    tail_block_n : GEMM tile rows in the tail launch (it runs at the top-k's ``num_warps``).
+    tail_gemm_programs : programs of the tail launch on GEMM tiles; ``None`` = the SMs the top-k
+        items leave free, at least a quarter of the SMs.
+
+    With ``gemm_in_tail=1.0`` the fused launch has no GEMM tile: its GEMM programs join the indexer
+    (``indexer_programs + gemm_programs`` programs, all on the key write and the logits).
     """
 
     indexer_programs: int | None = None
@@ -87,6 +99,9 @@ class PartitionConfig:
     fuse_topk: bool = False
     topk_config: object = None
     roles: int = 15
+    gemm_in_tail: float = 0.0
+    tail_block_n: int = 128
+    tail_gemm_programs: int | None = None
 
 
 # RegionWorkspace.counters (int32): [0] queue head, [1] exited programs (dynamic schedule),
@@ -293,6 +308,50 @@ def _partitioned_kernel(
                 )
 
 
+@triton.jit
+def _topk_gemm_tail_kernel(
+    # top-k
+    logits_ptr, context_lens_ptr, topk_ptr, cand_vals_ptr, cand_idx_ptr, topk_ctr_ptr,
+    stride_logits, stride_topk, lmax, max_chunks, n_topk_items, num_topk_programs,
+    # q side
+    q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
+    T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs, gemm_lo, gemm_hi, num_gemm_programs,
+    NEXT_N: tl.constexpr, CHUNK: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
+    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr,
+    USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """The top-k launch with GEMM tiles beside it (``PartitionConfig.gemm_in_tail``): programs
+    ``[0, num_topk_programs)`` take the top-k items (``item = chunk * T + row``; the last chunk of a
+    row to finish merges, ``topk._topk_chunk_item``), the rest take GEMM items ``[gemm_lo, gemm_hi)``
+    of the ``BLOCK_N`` x ``BLOCK_T`` tiling. The logits it reads are complete: the fused launch
+    before it wrote them (stream order)."""
+    pid = tl.program_id(0)
+    zero = pid * 0
+    if pid < num_topk_programs:
+        for item in range(pid, n_topk_items, num_topk_programs):
+            _topk_chunk_item(zero + item, T, context_lens_ptr, NEXT_N, lmax, logits_ptr, stride_logits, topk_ptr,
+                             stride_topk, cand_vals_ptr, cand_idx_ptr, topk_ctr_ptr, max_chunks,
+                             CHUNK, False, True, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP)
+    else:
+        for item in range(gemm_lo + pid - num_topk_programs, gemm_hi, num_gemm_programs):
+            _q_b_proj_item(
+                zero + item, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
+                T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
+                USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES,
+            )
+
+
+_TAIL_ALIGN = 256  # gemm_in_tail moves output columns in multiples of this (any tile height divides it)
+
+
+def tail_columns(num_heads: int, gemm_in_tail: float) -> int:
+    """Output columns of ``q_b_proj`` (the last ones) whose tiles run in the top-k launch: the
+    fraction ``gemm_in_tail`` of ``num_heads * 192``, rounded to a multiple of 256."""
+    N = num_heads * dims.QK_HEAD_DIM
+    return min(N, int(round(gemm_in_tail * N / _TAIL_ALIGN)) * _TAIL_ALIGN)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: a small grid keeps CPU runs short
@@ -318,16 +377,30 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
 
         config = tuning.choose(T, H, next_n, ws.max_len, dev).config
     cfg = config
+    if not 0.0 <= cfg.gemm_in_tail <= 1.0:
+        raise ValueError(f"config.gemm_in_tail: expected a fraction in [0, 1], got {cfg.gemm_in_tail}")
+    if cfg.tail_block_n not in (64, 128, 256):
+        raise ValueError(f"config.tail_block_n: expected 64, 128 or 256, got {cfg.tail_block_n}")
+    if cfg.tail_gemm_programs is not None and cfg.tail_gemm_programs < 1:
+        raise ValueError(f"config.tail_gemm_programs: expected None or >= 1, got {cfg.tail_gemm_programs}")
+    if cfg.topk_config is not None and not isinstance(cfg.topk_config, TopkConfig):
+        raise TypeError(f"config.topk_config: expected a TopkConfig or None, got {type(cfg.topk_config).__name__}")
     N = H * dims.QK_HEAD_DIM
+    tail_cols = tail_columns(H, cfg.gemm_in_tail) if cfg.roles & 8 else 0
+    if tail_cols and cfg.fuse_topk:
+        raise ValueError("config: gemm_in_tail > 0 needs fuse_topk=False (the GEMM tiles go to the top-k launch)")
     block_t = cfg.block_t or default_block_t(T)
+    n_t_tiles = triton.cdiv(T, block_t)
+    head_cols = N - tail_cols  # a multiple of 256, so of block_n: whole n-tiles stay in the fused launch
+    n_gemm = triton.cdiv(head_cols, cfg.block_n) * n_t_tiles
     max_blocks = args.block_table.shape[1]
     max_len = ws.max_len
     cols = min(max_len, max_blocks * dims.CACHE_BLOCK_SIZE)
     runs = mqa_logits_runs_per_row(max_len, max_blocks, cfg.blocks_per_item, write_neg_inf=False)
-    n_gemm = q_b_proj_num_items(T, H, cfg.block_n, block_t)
     tw = ws.topk
     max_chunks = tw.max_chunks
-    resident = cost_model.resident_programs(_num_sms(dev), cfg.num_warps)
+    num_sms = _num_sms(dev)
+    resident = cost_model.resident_programs(num_sms, cfg.num_warps)
     if cfg.dynamic:
         total = resident if cfg.indexer_programs is None else cfg.indexer_programs + (cfg.gemm_programs or 0)
         n_idx, n_gemm_p = total, 0
@@ -339,11 +412,14 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
             model_idx, model_gemm = cost_model.first_split(resident, rb)
             n_idx = n_idx or model_idx
             n_gemm_p = n_gemm_p or model_gemm
+        if n_gemm == 0:
+            n_idx, n_gemm_p = n_idx + n_gemm_p, 0  # no GEMM tile left in this launch: all on the indexer
         total = n_idx + n_gemm_p
-    if n_idx < 1 or (not cfg.dynamic and n_gemm_p < 1):
+    if n_idx < 1 or (not cfg.dynamic and n_gemm > 0 and n_gemm_p < 1):
         raise ValueError(f"config: need >= 1 program per role, got indexer={n_idx}, gemm={n_gemm_p}")
     if T > ws.topk.max_tokens:
         raise ValueError(f"workspace: top-k candidates hold {ws.topk.max_tokens} rows, the batch has {T}")
+    hw_cvt = dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     _partitioned_kernel[(total,)](
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
         args.k_pe, args.q,
@@ -357,15 +433,52 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         USE_UE8M0=bool(use_ue8m0), NEXT_N=next_n, BLOCKS_PER_ITEM=cfg.blocks_per_item, NUM_STAGES=cfg.num_stages,
         CHUNK=tw.chunk, BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
         DYNAMIC=bool(cfg.dynamic),
-        QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
+        QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=hw_cvt,
         ROLES=cfg.roles if cfg.fuse_topk else cfg.roles & ~4, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
         num_warps=cfg.num_warps, num_stages=1,
     )
-
-
-    if not cfg.fuse_topk and cfg.roles & 4:
+    if cfg.fuse_topk:
+        return
+    if tail_cols:
+        _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, num_sms, hw_cvt)
+    elif cfg.roles & 4:
         topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=tw,
                     max_len=max_len, config=cfg.topk_config)
+
+
+def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, block_t: int, n_t_tiles: int,
+                 num_sms: int, hw_cvt: bool) -> None:
+    """The top-k launch with the GEMM tiles of output columns ``[n_cut, N)`` beside it."""
+    T, next_n = args.num_tokens, args.next_n
+    N = args.num_heads * dims.QK_HEAD_DIM
+    tw = ws.topk
+    tcfg = cfg.topk_config or TopkConfig()
+    lmax = max(min(ws.logits.shape[1], tw.max_len, ws.max_len), 0)
+    n_chunks = max(triton.cdiv(lmax, tw.chunk), 1)
+    n_topk = T * n_chunks if cfg.roles & 4 else 0
+    bn = cfg.tail_block_n
+    gemm_lo = (n_cut // bn) * n_t_tiles
+    gemm_hi = triton.cdiv(N, bn) * n_t_tiles
+    n_gemm_p = cfg.tail_gemm_programs
+    if n_gemm_p is None:
+        n_gemm_p = max(num_sms - n_topk, num_sms // 4, 1)
+    n_gemm_p = min(n_gemm_p, gemm_hi - gemm_lo)
+    n_topk_p = min(n_topk, max(num_sms - n_gemm_p, 1)) if n_topk else 0
+    cap = tcfg.cap
+    if cap is None:
+        cap = TOPK_CAP_MAX if n_topk <= n_topk_p else TOPK_CAP
+    cap = min(cap, tw.cap)
+    _topk_gemm_tail_kernel[(n_topk_p + n_gemm_p,)](
+        ws.logits, args.context_lens, args.topk_indices, tw.cand_vals, tw.cand_idx, tw.counters,
+        ws.logits.stride(0), args.topk_indices.stride(0), lmax, tw.max_chunks, n_topk, n_topk_p,
+        args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
+        args.k_pe, args.q,
+        T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
+        gemm_lo, gemm_hi, n_gemm_p,
+        NEXT_N=next_n, CHUNK=tw.chunk, TOPK_K=tw.k, TOPK_BLOCK=tcfg.block, TOPK_LOG2_NB=tcfg.log2_bins, TOPK_CAP=cap,
+        USE_UE8M0=bool(use_ue8m0), HW_CVT=hw_cvt, BLOCK_N=bn, BLOCK_T=block_t, NUM_STAGES=cfg.num_stages,
+        num_warps=tcfg.num_warps, num_stages=1,
+    )
 
 
 @register_path("partitioned")
