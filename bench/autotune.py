@@ -56,6 +56,7 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[
     add(dataclasses.replace(model, gemm_in_tail=1.0))
     add(dataclasses.replace(model, gemm_in_tail=1.0, tail_block_n=256))
     add(dataclasses.replace(model, gemm_in_tail=0.5))
+    add(dataclasses.replace(model, gemm_in_tail=0.25))
     for f in (0.5, 0.75, 1.5, 2.0):
         n_idx = min(max(int(round(model.indexer_programs * f)), 1), total - 1)
         add(dataclasses.replace(model, indexer_programs=n_idx, gemm_programs=total - n_idx))

@@ -83,8 +83,9 @@ class PartitionConfig:
     tail_gemm_programs : programs of the tail launch on GEMM tiles; ``None`` = the SMs the top-k
         items leave free, at least a quarter of the SMs.
 
-    With ``gemm_in_tail=1.0`` the fused launch has no GEMM tile: its GEMM programs join the indexer
-    (``indexer_programs + gemm_programs`` programs, all on the key write and the logits).
+    With ``gemm_in_tail=1.0`` the fused launch has no GEMM tile: its GEMM code is compiled out and
+    its GEMM programs join the indexer (at least ``indexer_programs + gemm_programs`` programs and up
+    to 4 per SM, all on the key write and the logits).
     """
 
     indexer_programs: int | None = None
@@ -413,13 +414,20 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
             n_idx = n_idx or model_idx
             n_gemm_p = n_gemm_p or model_gemm
         if n_gemm == 0:
-            n_idx, n_gemm_p = n_idx + n_gemm_p, 0  # no GEMM tile left in this launch: all on the indexer
+            # no GEMM tile in this launch: every program on the key write and the logits, with the
+            # GEMM code compiled out (fewer registers, more programs per SM), up to 4 per SM (one
+            # wave at <= 128 registers) and at most one per logits item of the bucket
+            n_idx = max(n_idx + n_gemm_p, min(T * runs, 4 * num_sms))
+            n_gemm_p = 0
         total = n_idx + n_gemm_p
     if n_idx < 1 or (not cfg.dynamic and n_gemm > 0 and n_gemm_p < 1):
         raise ValueError(f"config: need >= 1 program per role, got indexer={n_idx}, gemm={n_gemm_p}")
     if T > ws.topk.max_tokens:
         raise ValueError(f"workspace: top-k candidates hold {ws.topk.max_tokens} rows, the batch has {T}")
     hw_cvt = dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    roles = cfg.roles if cfg.fuse_topk else cfg.roles & ~4
+    if n_gemm == 0:
+        roles &= ~8  # the GEMM runs in the top-k launch (or not at all)
     _partitioned_kernel[(total,)](
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
         args.k_pe, args.q,
@@ -434,7 +442,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         CHUNK=tw.chunk, BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
         DYNAMIC=bool(cfg.dynamic),
         QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=hw_cvt,
-        ROLES=cfg.roles if cfg.fuse_topk else cfg.roles & ~4, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
+        ROLES=roles, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
         num_warps=cfg.num_warps, num_stages=1,
     )
     if cfg.fuse_topk:
