@@ -53,10 +53,9 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[
 
     add(model)
     # the top-k launch with the GEMM beside it (the logits get the whole GPU first)
-    add(dataclasses.replace(model, gemm_in_tail=1.0))
+    for tail in (1.0, 0.0, 0.5, 0.25):
+        add(dataclasses.replace(model, gemm_in_tail=tail))
     add(dataclasses.replace(model, gemm_in_tail=1.0, tail_block_n=256))
-    add(dataclasses.replace(model, gemm_in_tail=0.5))
-    add(dataclasses.replace(model, gemm_in_tail=0.25))
     for f in (0.5, 0.75, 1.5, 2.0):
         n_idx = min(max(int(round(model.indexer_programs * f)), 1), total - 1)
         add(dataclasses.replace(model, indexer_programs=n_idx, gemm_programs=total - n_idx))
@@ -65,7 +64,7 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[
         add(dataclasses.replace(model, block_n=bn))
     for r in (2, 8):
         add(dataclasses.replace(model, blocks_per_item=r))
-    add(dataclasses.replace(model, fuse_topk=True))
+    add(dataclasses.replace(model, fuse_topk=True, gemm_in_tail=0.0))
     add(dataclasses.replace(model, dynamic=True, indexer_programs=total, gemm_programs=0))
     add(dataclasses.replace(model, dynamic=True, indexer_programs=total, gemm_programs=0, queue_chunk=16))
     return out

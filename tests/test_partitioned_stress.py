@@ -101,6 +101,9 @@ def test_random_sweep_gpu(chunk):
             print(f"FAILED {failures[-1]}", flush=True)  # visible at once with -s, even if the run is cut short
             if len(failures) >= 5:
                 break
+        done = seed - chunk * per_chunk + 1
+        if done % 10 == 0 or done == per_chunk:  # progress, visible with -s even if the run is cut short
+            print(f"sweep chunk {chunk}: {done}/{per_chunk} batches checked, {len(failures)} failed", flush=True)
     assert not failures, "\n".join(failures)
 
 

@@ -132,6 +132,25 @@ def test_autotune_candidates_and_dry_run(capsys):
             assert c.indexer_programs >= 1 and c.gemm_programs >= 1
             assert c.indexer_programs + c.gemm_programs == model.indexer_programs + model.gemm_programs
     assert any(c.dynamic for c in cands) and any(c.fuse_topk for c in cands)
+    assert not any(c.fuse_topk and c.gemm_in_tail for c in cands)  # the top-k launch is gone when fused
+    assert {c.gemm_in_tail for c in cands} >= {0.0, 0.25, 0.5, 1.0}
     assert autotune.main(["--dry-run", "--batch", "1,8", "--context", "4096", "--heads", "16"]) == 0
     out = capsys.readouterr().out
     assert "H16-n1-T1-L4096" in out and "dual_stream" in out
+
+
+def test_gemm_in_tail_rule_follows_the_topk_items():
+    """The GEMM goes beside the top-k while the top-k is a few programs (<= num_sms // 4 items of
+    16K positions), never once it fills the GPU; more rows or longer rows never bring it back."""
+    from smpart.triton_kernels import cost_model
+
+    assert cost_model.gemm_in_tail(1, 4096, 132) == 1.0
+    assert cost_model.gemm_in_tail(32, 16384, 132) == 1.0  # 32 items
+    assert cost_model.gemm_in_tail(32, 65536, 132) == 0.0  # 128 items
+    assert cost_model.gemm_in_tail(64, 4096, 132) == 0.0
+    for sms in (8, 78, 132):
+        for L in (1, 4096, 65536, 163840):
+            got = [cost_model.gemm_in_tail(T, L, sms) for T in (1, 2, 8, 32, 64, 128, 256)]
+            assert got == sorted(got, reverse=True)
+    assert tuning.model_config(8, 128, 1, 4096, 132).gemm_in_tail == 1.0
+    assert tuning.model_config(128, 128, 1, 4096, 132).gemm_in_tail == 0.0

@@ -106,3 +106,17 @@ def resident_programs(num_sms: int, num_warps: int) -> int:
     per SM: 2 at 4 warps, 1 at 8."""
     per_sm = max(1, 65536 // (256 * 32 * num_warps))
     return num_sms * per_sm
+
+
+def gemm_in_tail(num_tokens: int, max_len: int, num_sms: int) -> float:
+    """Fraction of ``q_b_proj`` to run beside the top-k (``PartitionConfig.gemm_in_tail``): 1.0
+    when the top-k is a few programs (``num_tokens * cdiv(max_len, 16384) <= num_sms // 4``), else 0.
+
+    The top-k is latency-bound on one program per (row, chunk); when those leave most SMs idle, the
+    GEMM fits beside it and the logits take the whole GPU first. Rule read off the H200 autotune of
+    2026-11-30 (H = 128, 32, 16): the tail split won every bucket with at most 32 top-k items (T <= 8
+    at 4K-64K, T = 32 at 4K-16K: e.g. 30.2 vs 38.1 us at T=8, 4K, H=128) and lost every bucket with
+    64 or more (T = 32 at 64K: 243 vs 218 us; T = 64 at 4K: 89 vs 69 us).
+    """
+    items = num_tokens * max(-(-max_len // dims.TOPK_CHUNK), 1)
+    return 1.0 if items <= max(num_sms // 4, 1) else 0.0

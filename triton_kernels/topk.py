@@ -55,7 +55,7 @@ import triton.language as tl
 from . import dims
 
 TOPK_K = dims.INDEX_TOPK  # 2048
-TOPK_CHUNK = 16384  # positions per stage-1 program (a multiple of 256 cache tokens)
+TOPK_CHUNK = dims.TOPK_CHUNK  # positions per stage-1 program (a multiple of 256 cache tokens)
 TOPK_BLOCK = 1024  # role default: tile of the streaming passes (4 warps: ~165 registers)
 TOPK_LOG2_BINS = 6  # 64 histogram bins per narrowing pass
 TOPK_CAP = 2048  # role default: register-resident candidate capacity (ints of scratch per item)

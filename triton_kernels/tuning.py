@@ -230,11 +230,13 @@ def _shipped_cache(meta_items: tuple) -> TuningCache | None:
 
 
 def model_config(num_tokens: int, num_heads: int, next_n: int, max_len: int, num_sms: int) -> PartitionConfig:
-    """The cost model's static split for a bucket (every request at ``max_len``)."""
+    """The cost model's static split for a bucket (every request at ``max_len``), with the GEMM
+    beside the top-k when the top-k is a few programs (``cost_model.gemm_in_tail``)."""
     rb = cost_model.role_bytes(num_tokens, num_heads, next_n, [max_len] * max(num_tokens // next_n, 1))
     base = PartitionConfig()
     n_idx, n_gemm = cost_model.first_split(cost_model.resident_programs(num_sms, base.num_warps), rb)
-    return dataclasses.replace(base, indexer_programs=n_idx, gemm_programs=n_gemm)
+    return dataclasses.replace(base, indexer_programs=n_idx, gemm_programs=n_gemm,
+                               gemm_in_tail=cost_model.gemm_in_tail(num_tokens, max_len, num_sms))
 
 
 def choose(num_tokens: int, num_heads: int, next_n: int, max_len: int, device=None) -> Choice:
