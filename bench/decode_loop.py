@@ -1548,7 +1548,15 @@ def parse_partition_config(s: str):
         if k not in names or k == "topk_config":
             raise ValueError(f"--partitioned-config: unknown key {k!r}; choose from {sorted(names - {'topk_config'})}")
         low = v.lower()
-        kw[k] = None if low == "none" else (low == "true") if low in ("true", "false") else int(v)
+        if low == "none":
+            kw[k] = None
+        elif low in ("true", "false"):
+            kw[k] = low == "true"
+        else:
+            try:
+                kw[k] = int(v) if v.lstrip("+-").isdigit() else float(v)  # gemm_in_tail is a fraction
+            except ValueError:
+                raise ValueError(f"--partitioned-config: {k}={v!r} is not a number, none, true or false") from None
     return PartitionConfig(**kw)
 
 
@@ -1682,7 +1690,7 @@ def main(argv: list[str] | None = None) -> int:
         want_cuda = False
     try:
         cfg = config_from_args(a, want_cuda).resolved()
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # bad options, or a --partitioned-config value of the wrong type
         print(f"smpart-bench decode: {e}", file=sys.stderr)
         return 2
     if want_cuda:

@@ -129,6 +129,9 @@ def test_loop_config_rejects_bad_options(kw, match):
 def test_cli_bad_option_exits_2(capsys):
     assert dl.main(["--max-batch", "300", "--no-progress"]) == 2
     assert dl.main(["--partitioned-config", "block_m=3", "--no-progress"]) == 2
+    assert dl.main(["--partitioned-config", "gemm_in_tail=half", "--no-progress"]) == 2
+    assert dl.main(["--partitioned-config", "dynamic=1", "--no-progress"]) == 2  # a TypeError from the config
+    assert dl.parse_partition_config("gemm_in_tail=0.5,tail_block_n=256").gemm_in_tail == 0.5
     assert dl.main(["--paths", "reference", "--no-progress"]) == 2  # the reference always runs
     with pytest.raises(SystemExit):
         dl.main(["--heads", "7"])

@@ -181,14 +181,32 @@ def test_args_and_config_types(batch):
         run_region(a, path="partitioned", workspace=RegionWorkspace.for_args(a), config="fast")
     from smpart.triton_kernels.partitioned import PartitionConfig
 
-    for bad, err, name in [(dict(gemm_in_tail=1.5), ValueError, "gemm_in_tail"),
-                           (dict(gemm_in_tail=0.5, fuse_topk=True), ValueError, "fuse_topk"),
-                           (dict(gemm_in_tail=1.0, tail_block_n=96), ValueError, "tail_block_n"),
-                           (dict(gemm_in_tail=1.0, tail_gemm_programs=0), ValueError, "tail_gemm_programs"),
-                           (dict(gemm_in_tail=1.0, topk_config="fast"), TypeError, "topk_config")]:
+    for bad, err, name in BAD_CONFIGS:
         with pytest.raises(err, match=name):
-            run_region(a, path="partitioned", workspace=RegionWorkspace.for_args(a), config=PartitionConfig(**bad))
+            PartitionConfig(**bad)
     assert torch.equal(a.kv_cache, before)
+
+
+BAD_CONFIGS = [
+    (dict(gemm_in_tail=1.5), ValueError, "gemm_in_tail"),
+    (dict(gemm_in_tail=float("nan")), ValueError, "gemm_in_tail"),
+    (dict(gemm_in_tail="1"), TypeError, "gemm_in_tail"),
+    (dict(gemm_in_tail=0.5, fuse_topk=True), ValueError, "fuse_topk"),
+    (dict(tail_block_n=96), ValueError, "tail_block_n"),
+    (dict(tail_block_n=128.0), ValueError, "tail_block_n"),
+    (dict(tail_gemm_programs=0), ValueError, "tail_gemm_programs"),
+    (dict(tail_gemm_programs=2.5), TypeError, "tail_gemm_programs"),
+    (dict(topk_config="fast"), TypeError, "topk_config"),
+    (dict(indexer_programs=0), ValueError, "indexer_programs"),
+    (dict(gemm_programs=-1), ValueError, "gemm_programs"),
+    (dict(block_n=32), ValueError, "block_n"),
+    (dict(blocks_per_item=3), ValueError, "blocks_per_item"),
+    (dict(num_warps=3), ValueError, "num_warps"),
+    (dict(block_t=8), ValueError, "block_t"),
+    (dict(roles=16), ValueError, "roles"),
+    (dict(dynamic=1), TypeError, "dynamic"),
+    (dict(queue_chunk=0), ValueError, "queue_chunk"),
+]
 
 
 def test_interpreter_set_after_import_is_named(batch, monkeypatch):

@@ -104,6 +104,50 @@ class PartitionConfig:
     tail_block_n: int = 128
     tail_gemm_programs: int | None = None
 
+    def __post_init__(self):
+        """Reject bad values when the config is made (a TypeError/ValueError naming the field),
+        so no launch, CUDA-graph capture or tuning-cache load sees one."""
+        def integer(name, lo, none_ok=False):
+            v = getattr(self, name)
+            if v is None and none_ok:
+                return
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"config.{name}: expected an int{' or None' if none_ok else ''}, got {v!r}")
+            if v < lo:
+                raise ValueError(f"config.{name}: expected >= {lo}, got {v}")
+
+        def one_of(name, allowed):
+            v = getattr(self, name)
+            if type(v) is not int or v not in allowed:  # 128.0 or True would reach a constexpr
+                raise ValueError(f"config.{name}: expected one of {sorted(allowed)}, got {v!r}")
+
+        integer("indexer_programs", 1, none_ok=True)
+        integer("gemm_programs", 0, none_ok=True)
+        integer("queue_chunk", 1)
+        integer("num_stages", 1)
+        integer("tail_gemm_programs", 1, none_ok=True)
+        integer("roles", 0)
+        one_of("block_n", (64, 128, 256))
+        one_of("tail_block_n", (64, 128, 256))
+        one_of("blocks_per_item", (1, 2, 4, 8))
+        one_of("num_warps", (1, 2, 4, 8, 16))
+        if self.block_t is not None:
+            one_of("block_t", (16, 32, 64, 128))
+        if self.roles > 15:
+            raise ValueError(f"config.roles: expected a bit mask in 0..15, got {self.roles}")
+        for name in ("dynamic", "fuse_topk"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"config.{name}: expected a bool, got {getattr(self, name)!r}")
+        g = self.gemm_in_tail
+        if isinstance(g, bool) or not isinstance(g, (int, float)):
+            raise TypeError(f"config.gemm_in_tail: expected a float in [0, 1], got {g!r}")
+        if not 0.0 <= g <= 1.0:
+            raise ValueError(f"config.gemm_in_tail: expected a fraction in [0, 1], got {g}")
+        if g > 0 and self.fuse_topk:
+            raise ValueError("config: gemm_in_tail > 0 needs fuse_topk=False (the GEMM tiles go to the top-k launch)")
+        if self.topk_config is not None and not isinstance(self.topk_config, TopkConfig):
+            raise TypeError(f"config.topk_config: expected a TopkConfig or None, got {type(self.topk_config).__name__}")
+
 
 # RegionWorkspace.counters (int32): [0] queue head, [1] exited programs (dynamic schedule),
 # [_QUEUE_SLOTS + t*max_chunks + c]: logits items of (row t, chunk c) that arrived.
@@ -377,19 +421,9 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         from . import tuning  # the tuned config of this bucket, else the cost model's split
 
         config = tuning.choose(T, H, next_n, ws.max_len, dev).config
-    cfg = config
-    if not 0.0 <= cfg.gemm_in_tail <= 1.0:
-        raise ValueError(f"config.gemm_in_tail: expected a fraction in [0, 1], got {cfg.gemm_in_tail}")
-    if cfg.tail_block_n not in (64, 128, 256):
-        raise ValueError(f"config.tail_block_n: expected 64, 128 or 256, got {cfg.tail_block_n}")
-    if cfg.tail_gemm_programs is not None and cfg.tail_gemm_programs < 1:
-        raise ValueError(f"config.tail_gemm_programs: expected None or >= 1, got {cfg.tail_gemm_programs}")
-    if cfg.topk_config is not None and not isinstance(cfg.topk_config, TopkConfig):
-        raise TypeError(f"config.topk_config: expected a TopkConfig or None, got {type(cfg.topk_config).__name__}")
+    cfg = config  # field values were checked when it was made (PartitionConfig.__post_init__)
     N = H * dims.QK_HEAD_DIM
     tail_cols = tail_columns(H, cfg.gemm_in_tail) if cfg.roles & 8 else 0
-    if tail_cols and cfg.fuse_topk:
-        raise ValueError("config: gemm_in_tail > 0 needs fuse_topk=False (the GEMM tiles go to the top-k launch)")
     block_t = cfg.block_t or default_block_t(T)
     n_t_tiles = triton.cdiv(T, block_t)
     head_cols = N - tail_cols  # a multiple of 256, so of block_n: whole n-tiles stay in the fused launch
