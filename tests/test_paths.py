@@ -61,6 +61,30 @@ def test_partitioned_h128_smoke(device):
     _run_and_check(b, "partitioned", device, PartitionConfig(indexer_programs=2, gemm_programs=3, block_n=128))
 
 
+@pytest.mark.parametrize("roles", [3, 4, 8, 12])
+def test_partitioned_roles_with_gemm_in_tail(roles, device):
+    """``roles`` (a benchmark knob) leaves the schedule of a tail split as it is: the roles it
+    keeps are right, the others are not run, and no counter is left set."""
+    b = make_decode_batch([70, 2000], num_heads=16, seed=4)
+    ref = b.clone()
+    run_region(ref.args, path="reference")
+    out = b.clone()
+    if device != "cpu":
+        out = _to(out, device)
+    a = out.args
+    a.q.fill_(float("nan"))
+    a.topk_indices.fill_(-7)
+    ws = RegionWorkspace.for_args(a)
+    run_region(a, path="partitioned", workspace=ws,
+               config=PartitionConfig(gemm_in_tail=1.0, roles=roles, indexer_programs=2, gemm_programs=0))
+    q_ran = not torch.isnan(a.q.float()).any()
+    assert q_ran == bool(roles & 8)
+    if roles & 8:
+        assert torch.equal(a.k_pe.cpu(), ref.args.k_pe)
+    assert bool((a.topk_indices != -7).any()) == bool(roles & 4)
+    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0
+
+
 def _random_case(seed: int):
     rng = random.Random(seed)
     next_n = rng.choice([1, 2])

@@ -184,6 +184,18 @@ def test_args_and_config_types(batch):
     for bad, err, name in BAD_CONFIGS:
         with pytest.raises(err, match=name):
             PartitionConfig(**bad)
+    from smpart.triton_kernels.topk import TopkConfig
+
+    for bad in (dict(cap=3000), dict(cap=0), dict(block=1000), dict(num_warps=3), dict(log2_bins=20)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TopkConfig(**bad)
+    with pytest.raises(TypeError, match="fused_merge"):
+        TopkConfig(fused_merge=1)
+    # a top-k capacity the workspace cannot hold is refused before the first launch writes anything
+    for tail in (0.0, 1.0):
+        with pytest.raises(ValueError, match="topk_config.cap"):
+            run_region(a, path="partitioned", workspace=RegionWorkspace.for_args(a),
+                       config=PartitionConfig(gemm_in_tail=tail, topk_config=TopkConfig(cap=8192)))
     assert torch.equal(a.kv_cache, before)
 
 

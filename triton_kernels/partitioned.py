@@ -38,6 +38,7 @@ arguments depend only on shapes, so one captured graph serves every step of a sh
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 
 import torch
@@ -79,9 +80,12 @@ class PartitionConfig:
         (``fuse_topk=False`` only). The top-k is latency-bound on a few programs (one per row and
         chunk), the logits and the GEMM are bandwidth-bound: 1.0 gives the logits the whole GPU
         in the first launch, then runs the top-k next to the GEMM (``_topk_gemm_tail_kernel``).
-    tail_block_n : GEMM tile rows in the tail launch (it runs at the top-k's ``num_warps``).
-    tail_gemm_programs : programs of the tail launch on GEMM tiles; ``None`` = the SMs the top-k
-        items leave free, at least a quarter of the SMs.
+    tail_block_n : GEMM tile rows in the tail launch (it runs at the top-k's ``num_warps``,
+        ``topk_config.num_warps``; the tail always merges a row's chunks in-launch, whatever
+        ``topk_config.fused_merge`` says).
+    tail_gemm_programs : programs of the tail launch on GEMM tiles (capped to its tiles); ``None``
+        = the SMs the top-k items leave free, at least a quarter of the SMs. The top-k gets the
+        other SMs (its items stride over them).
 
     With ``gemm_in_tail=1.0`` the fused launch has no GEMM tile: its GEMM code is compiled out and
     its GEMM programs join the indexer (at least ``indexer_programs + gemm_programs`` programs and up
@@ -139,7 +143,7 @@ class PartitionConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"config.{name}: expected a bool, got {getattr(self, name)!r}")
         g = self.gemm_in_tail
-        if isinstance(g, bool) or not isinstance(g, (int, float)):
+        if isinstance(g, bool) or not isinstance(g, numbers.Real):
             raise TypeError(f"config.gemm_in_tail: expected a float in [0, 1], got {g!r}")
         if not 0.0 <= g <= 1.0:
             raise ValueError(f"config.gemm_in_tail: expected a fraction in [0, 1], got {g}")
@@ -423,7 +427,11 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         config = tuning.choose(T, H, next_n, ws.max_len, dev).config
     cfg = config  # field values were checked when it was made (PartitionConfig.__post_init__)
     N = H * dims.QK_HEAD_DIM
-    tail_cols = tail_columns(H, cfg.gemm_in_tail) if cfg.roles & 8 else 0
+    # the schedule does not depend on ``roles`` (a role left out keeps its programs, idle)
+    tail_cols = 0 if cfg.fuse_topk else tail_columns(H, cfg.gemm_in_tail)
+    if cfg.topk_config is not None and cfg.topk_config.cap is not None and cfg.topk_config.cap > ws.topk.cap:
+        raise ValueError(f"config.topk_config.cap: {cfg.topk_config.cap} exceeds the workspace's scratch of "
+                         f"{ws.topk.cap} ints per item")
     block_t = cfg.block_t or default_block_t(T)
     n_t_tiles = triton.cdiv(T, block_t)
     head_cols = N - tail_cols  # a multiple of 256, so of block_n: whole n-tiles stay in the fused launch
@@ -482,7 +490,8 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     if cfg.fuse_topk:
         return
     if tail_cols:
-        _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, num_sms, hw_cvt)
+        if cfg.roles & 12:
+            _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, num_sms, hw_cvt)
     elif cfg.roles & 4:
         topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=tw,
                     max_len=max_len, config=cfg.topk_config)
@@ -500,23 +509,25 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
     n_topk = T * n_chunks if cfg.roles & 4 else 0
     bn = cfg.tail_block_n
     gemm_lo = (n_cut // bn) * n_t_tiles
-    gemm_hi = triton.cdiv(N, bn) * n_t_tiles
+    gemm_hi = triton.cdiv(N, bn) * n_t_tiles if cfg.roles & 8 else gemm_lo
     n_gemm_p = cfg.tail_gemm_programs
     if n_gemm_p is None:
         n_gemm_p = max(num_sms - n_topk, num_sms // 4, 1)
-    n_gemm_p = min(n_gemm_p, gemm_hi - gemm_lo)
+    n_gemm_p = min(n_gemm_p, gemm_hi - gemm_lo)  # never more programs than tiles
     n_topk_p = min(n_topk, max(num_sms - n_gemm_p, 1)) if n_topk else 0
     cap = tcfg.cap
     if cap is None:
         cap = TOPK_CAP_MAX if n_topk <= n_topk_p else TOPK_CAP
     cap = min(cap, tw.cap)
+    if n_topk_p + n_gemm_p == 0:
+        return
     _topk_gemm_tail_kernel[(n_topk_p + n_gemm_p,)](
         ws.logits, args.context_lens, args.topk_indices, tw.cand_vals, tw.cand_idx, tw.counters,
         ws.logits.stride(0), args.topk_indices.stride(0), lmax, tw.max_chunks, n_topk, n_topk_p,
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
         args.k_pe, args.q,
         T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
-        gemm_lo, gemm_hi, n_gemm_p,
+        gemm_lo, gemm_hi, max(n_gemm_p, 1),
         NEXT_N=next_n, CHUNK=tw.chunk, TOPK_K=tw.k, TOPK_BLOCK=tcfg.block, TOPK_LOG2_NB=tcfg.log2_bins, TOPK_CAP=cap,
         USE_UE8M0=bool(use_ue8m0), HW_CVT=hw_cvt, BLOCK_N=bn, BLOCK_T=block_t, NUM_STAGES=cfg.num_stages,
         num_warps=tcfg.num_warps, num_stages=1,

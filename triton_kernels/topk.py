@@ -498,6 +498,24 @@ class TopkConfig:
     num_warps: int = 16
     fused_merge: bool = True
 
+    def __post_init__(self):
+        """Reject bad values when the config is made (a TypeError/ValueError naming the field)."""
+        def pow2(name, hi, none_ok=False):
+            v = getattr(self, name)
+            if v is None and none_ok:
+                return
+            if type(v) is not int or v < 1 or v > hi or v & (v - 1):
+                raise ValueError(f"config.{name}: expected a power of two in [1, {hi}]"
+                                 f"{' or None' if none_ok else ''}, got {v!r}")
+
+        pow2("block", 16384)
+        pow2("cap", 16384, none_ok=True)
+        pow2("num_warps", 32)
+        if type(self.log2_bins) is not int or not 5 <= self.log2_bins <= 8:
+            raise ValueError(f"config.log2_bins: expected an int in 5..8, got {self.log2_bins!r}")
+        if not isinstance(self.fused_merge, bool):
+            raise TypeError(f"config.fused_merge: expected a bool, got {self.fused_merge!r}")
+
 
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
