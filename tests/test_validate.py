@@ -193,7 +193,7 @@ def test_args_and_config_types(batch):
         TopkConfig(fused_merge=1)
     # a top-k capacity the workspace cannot hold is refused before the first launch writes anything
     for tail in (0.0, 1.0):
-        with pytest.raises(ValueError, match="topk_config.cap"):
+        with pytest.raises(ValueError, match="config.cap"):
             run_region(a, path="partitioned", workspace=RegionWorkspace.for_args(a),
                        config=PartitionConfig(gemm_in_tail=tail, topk_config=TopkConfig(cap=8192)))
     assert torch.equal(a.kv_cache, before)

@@ -51,7 +51,7 @@ from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item, mqa_logits_runs_per_row
 from .q_b_proj import _q_b_proj_item, default_block_t
 from .region import register_path
-from .topk import (TOPK_BLOCK, TOPK_CAP, TOPK_CAP_MAX, TOPK_LOG2_BINS, TopkConfig, _topk_chunk_item, _topk_stage,
+from .topk import (TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, TopkConfig, _topk_chunk_item, _topk_stage, resolve_cap,
                    topk_decode)
 
 
@@ -428,10 +428,9 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     cfg = config  # field values were checked when it was made (PartitionConfig.__post_init__)
     N = H * dims.QK_HEAD_DIM
     # the schedule does not depend on ``roles`` (a role left out keeps its programs, idle)
-    tail_cols = 0 if cfg.fuse_topk else tail_columns(H, cfg.gemm_in_tail)
-    if cfg.topk_config is not None and cfg.topk_config.cap is not None and cfg.topk_config.cap > ws.topk.cap:
-        raise ValueError(f"config.topk_config.cap: {cfg.topk_config.cap} exceeds the workspace's scratch of "
-                         f"{ws.topk.cap} ints per item")
+    tail_cols = tail_columns(H, cfg.gemm_in_tail)
+    if cfg.topk_config is not None:  # refused before the first launch writes anything
+        resolve_cap(cfg.topk_config.cap, 1, 1, ws.topk)
     block_t = cfg.block_t or default_block_t(T)
     n_t_tiles = triton.cdiv(T, block_t)
     head_cols = N - tail_cols  # a multiple of 256, so of block_n: whole n-tiles stay in the fused launch
@@ -515,10 +514,7 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
         n_gemm_p = max(num_sms - n_topk, num_sms // 4, 1)
     n_gemm_p = min(n_gemm_p, gemm_hi - gemm_lo)  # never more programs than tiles
     n_topk_p = min(n_topk, max(num_sms - n_gemm_p, 1)) if n_topk else 0
-    cap = tcfg.cap
-    if cap is None:
-        cap = TOPK_CAP_MAX if n_topk <= n_topk_p else TOPK_CAP
-    cap = min(cap, tw.cap)
+    cap = resolve_cap(tcfg.cap, n_topk, n_topk_p, tw)
     if n_topk_p + n_gemm_p == 0:
         return
     _topk_gemm_tail_kernel[(n_topk_p + n_gemm_p,)](

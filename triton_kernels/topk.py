@@ -568,6 +568,22 @@ class TopkWorkspace:
         return sum(x.numel() * x.element_size() for x in (self.cand_vals, self.cand_idx, self.counters))
 
 
+def resolve_cap(cap: int | None, items: int, programs: int, workspace: TopkWorkspace) -> int:
+    """Register capacity (``CAP``) of a top-k launch: ``cap`` as given, or for ``None`` 4096 when
+    each of the ``items`` (row, chunk) work items has its own program (latency: a 4K row is one
+    register load), else 2048 (half the registers); never above ``workspace.cap``.
+
+    Raises
+    ------
+    ValueError : ``cap`` larger than the workspace's scratch per item.
+    """
+    if cap is None:
+        return min(TOPK_CAP_MAX if items <= programs else TOPK_CAP, workspace.cap)
+    if cap > workspace.cap:
+        raise ValueError(f"config.cap: {cap} exceeds the workspace's scratch of {workspace.cap} ints per item")
+    return cap
+
+
 def topk_workspace(max_tokens: int, max_len: int, device, **kwargs) -> TopkWorkspace:
     """Allocate a :class:`TopkWorkspace` (same arguments)."""
     return TopkWorkspace(max_tokens, max_len, device, **kwargs)
@@ -608,11 +624,7 @@ def topk_decode(logits: torch.Tensor, context_lens: torch.Tensor, topk_indices: 
     n_chunks = max(triton.cdiv(lmax, ws.chunk), 1)
     per_row = row_lens is not None
     lens = row_lens if per_row else context_lens
-    cap = cfg.cap
-    if cap is None:
-        cap = min(TOPK_CAP_MAX if T * n_chunks <= _num_sms(logits.device) else TOPK_CAP, ws.cap)
-    if cap > ws.cap:
-        raise ValueError(f"config.cap: {cap} exceeds the workspace's scratch of {ws.cap} ints per item")
+    cap = resolve_cap(cfg.cap, T * n_chunks, _num_sms(logits.device), ws)
     common = dict(K=ws.k, BLOCK=cfg.block, LOG2_NB=cfg.log2_bins, CAP=cap)
     fused = cfg.fused_merge or n_chunks == 1
     _topk_chunk_kernel[(T * n_chunks,)](
@@ -649,7 +661,7 @@ def topk_decode_torch(logits: torch.Tensor, lens: torch.Tensor, k: int = TOPK_K)
 
 
 __all__ = [
-    "TOPK_K", "TOPK_CHUNK", "TOPK_BLOCK", "TOPK_CAP", "TOPK_CAP_MAX", "TopkConfig", "TopkWorkspace", "topk_workspace", "topk_decode",
+    "TOPK_K", "TOPK_CHUNK", "TOPK_BLOCK", "TOPK_CAP", "TOPK_CAP_MAX", "TopkConfig", "TopkWorkspace", "topk_workspace", "topk_decode", "resolve_cap",
     "topk_decode_torch", "_select_topk", "_topk_chunk_stage", "_topk_merge_stage", "_topk_chunk_item",
     "_topk_merge_item",
 ]
