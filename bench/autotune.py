@@ -4,8 +4,8 @@ For every bucket of the grid (H, T, next_n, context) it builds one ``make_decode
 computes the reference outputs once, then for each candidate: one eager run checked against the
 reference (``checks.check_region``; a wrong candidate is dropped and reported), then the CUDA-graph
 median with a cold L2 (``harness.time_graph``). Candidates: the cost model's split
-(``cost_model.first_split``) scaled by 1/2 .. 2, a 50/50 split, the GEMM (all or half of it) moved
-to the top-k launch (``gemm_in_tail``), ``block_n`` 64/128,
+(``cost_model.first_split``) scaled by 1/2 .. 2, a 50/50 split, the GEMM (all, half or a quarter of
+it) moved to the top-k launch (``gemm_in_tail``, tile height 128 or 256), ``block_n`` 64/128,
 ``blocks_per_item`` 2/4/8, the top-k fused or as a second launch, and the dynamic schedule; plus the
 ``sequential`` and ``dual_stream`` paths. The fastest of all is recorded per bucket with every
 candidate's time in the tuning cache (``smpart.triton_kernels.tuning``; written atomically), so the

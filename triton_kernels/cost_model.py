@@ -114,9 +114,11 @@ def gemm_in_tail(num_tokens: int, max_len: int, num_sms: int) -> float:
 
     The top-k is latency-bound on one program per (row, chunk); when those leave most SMs idle, the
     GEMM fits beside it and the logits take the whole GPU first. Rule read off the H200 autotune of
-    2026-11-30 (H = 128, 32, 16): the tail split won every bucket with at most 32 top-k items (T <= 8
-    at 4K-64K, T = 32 at 4K-16K: e.g. 30.2 vs 38.1 us at T=8, 4K, H=128) and lost every bucket with
-    64 or more (T = 32 at 64K: 243 vs 218 us; T = 64 at 4K: 89 vs 69 us).
+    2026-11-30 (H = 128, 32, 16): the tail split beat every one-launch split in each bucket with at
+    most 32 top-k items (T <= 8 at 4K-64K, T = 32 at 4K-16K; e.g. 30.2 us at T=8, 4K, H=128, vs
+    41.0 for the best one-launch split and 36.9 for dual_stream) and lost in 7 of the 10 buckets
+    with 64 or more (T = 32 at 64K: 243.5 vs 218.3 us; T = 64 at 4K: 90.3 vs 76.3 us), where
+    dual_stream beat both.
     """
     items = num_tokens * max(-(-max_len // dims.TOPK_CHUNK), 1)
     return 1.0 if items <= max(num_sms // 4, 1) else 0.0
