@@ -5,7 +5,8 @@ computes the reference outputs once, then for each candidate: one eager run chec
 reference (``checks.check_region``; a wrong candidate is dropped and reported), then the CUDA-graph
 median with a cold L2 (``harness.time_graph``). Candidates: the cost model's split
 (``cost_model.first_split``) scaled by 1/2 .. 2, a 50/50 split, the GEMM (all, half or a quarter of
-it) moved to the top-k launch (``gemm_in_tail``, tile height 128 or 256), ``block_n`` 64/128,
+it) moved to the top-k launch (``gemm_in_tail``, tile height 128 or 256; the GEMM-less first launch
+with one program per logits item or 4 per SM), ``block_n`` 64/128,
 ``blocks_per_item`` 2/4/8, the top-k fused or as a second launch, and the dynamic schedule; plus the
 ``sequential`` and ``dual_stream`` paths. The fastest of all is recorded per bucket with every
 candidate's time in the tuning cache (``smpart.triton_kernels.tuning``; written atomically), so the
@@ -56,6 +57,8 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[
     for tail in (1.0, 0.0, 0.5, 0.25):
         add(dataclasses.replace(model, gemm_in_tail=tail))
     add(dataclasses.replace(model, gemm_in_tail=1.0, tail_block_n=256))
+    # the GEMM-less first launch as 4 resident programs per SM striding over the logits items
+    add(dataclasses.replace(model, gemm_in_tail=1.0, first_programs=4 * num_sms))
     for f in (0.5, 0.75, 1.5, 2.0):
         n_idx = min(max(int(round(model.indexer_programs * f)), 1), total - 1)
         add(dataclasses.replace(model, indexer_programs=n_idx, gemm_programs=total - n_idx))
@@ -76,6 +79,10 @@ def _name(cfg: PartitionConfig | None, path: str) -> str:
     if cfg.dynamic:
         return f"partitioned:dyn{cfg.indexer_programs}q{cfg.queue_chunk}"
     tail = f"-tail{cfg.gemm_in_tail:g}bn{cfg.tail_block_n}" if cfg.gemm_in_tail else ""
+    if cfg.gemm_in_tail and cfg.first_programs:
+        tail += f"-first{cfg.first_programs}"
+    if cfg.gemm_in_tail and not cfg.tail_prequant:
+        tail += "-noprequant"
     return (f"partitioned:{cfg.indexer_programs}/{cfg.gemm_programs}-bn{cfg.block_n}-r{cfg.blocks_per_item}"
             f"{'-fusedtopk' if cfg.fuse_topk else ''}{tail}")
 

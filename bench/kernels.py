@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                                                  args.context_lens, ws.logits, next_n=args.next_n)),
             "top-k": t(lambda: topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n,
                                            workspace=ws.topk)),
-            "q side": t(lambda: paths.q_side(args, True)),
+            "q side": t(lambda: paths.q_side(args, True, ws)),
             "partitioned": t(lambda: partitioned_region(args, ws, None, True)),
         }
         theirs = dict.fromkeys(ours, float("nan"))

@@ -60,7 +60,8 @@ def _random_config(rng: random.Random, total: int) -> PartitionConfig:
     tail = {}
     if not fuse and rng.random() < 0.4:  # some or all GEMM tiles beside the top-k in the second launch
         tail = dict(gemm_in_tail=rng.choice([0.5, 1.0]), tail_block_n=rng.choice([128, 256]),
-                    tail_gemm_programs=rng.choice([None, 1, rng.randint(1, 132)]))
+                    tail_gemm_programs=rng.choice([None, 1, rng.randint(1, 132)]),
+                    tail_prequant=rng.random() < 0.7, first_programs=rng.choice([None, None, 1, 528]))
     return PartitionConfig(indexer_programs=n_idx, gemm_programs=total - n_idx, fuse_topk=fuse, blocks_per_item=bpi,
                            **tail)
 
@@ -157,8 +158,9 @@ def test_concurrency_stress_gpu():
     configs += [PartitionConfig(dynamic=True, indexer_programs=p, gemm_programs=0, queue_chunk=c, fuse_topk=f)
                 for p, c in ((total, 1), (total, 4), (total, 16), (37, 4), (1, 2)) for f in (False, True)]
     configs += [PartitionConfig(indexer_programs=i, gemm_programs=total - i, gemm_in_tail=g, tail_block_n=bn,
-                                tail_gemm_programs=tg)
-                for i, g, bn, tg in ((66, 1.0, 128, None), (7, 0.5, 256, 1), (200, 1.0, 256, 100), (33, 0.5, 128, 5))]
+                                tail_gemm_programs=tg, tail_prequant=pq)
+                for i, g, bn, tg, pq in ((66, 1.0, 128, None, True), (7, 0.5, 256, 1, False),
+                                         (200, 1.0, 256, 100, True), (33, 0.5, 128, 5, False))]
     work = b.clone()
     a = work.args
     pristine = {k: getattr(a, k).clone() for k in ("kv_cache", "k_pe")}

@@ -104,6 +104,8 @@ def _random_case(seed: int):
         gemm_in_tail=0.0 if fuse else rng.choice([0.0, 0.3, 1.0]),
         tail_block_n=rng.choice([64, 128, 256]),
         tail_gemm_programs=rng.choice([None, 1, 3]),
+        tail_prequant=rng.random() < 0.7,
+        first_programs=rng.choice([None, None, 1, 3]),
     )
     return lens, next_n, pad, rng.random() < 0.3, cfg
 

@@ -24,6 +24,7 @@ import torch
 
 from smpart.triton_kernels import dims, reference
 from smpart.triton_kernels.batch import make_decode_batch
+from smpart.triton_kernels.fp8 import quant_fp8_torch, quant_scale_torch
 from smpart.triton_kernels.q_b_proj import q_b_proj_num_items, q_b_proj_rope
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -251,6 +252,61 @@ def test_bounds_and_strided_k_pe():
     _check_against_pipeline(q, k_pe, a, True, positions=positions.clamp(max=max_pos - 1))
 
 
+def _prequant_buffers(T: int):
+    K, KB = dims.Q_LORA_RANK, dims.Q_LORA_RANK // dims.QUANT_GROUP
+    xq = torch.full((T + 2, K), float("nan"), device=DEVICE).to(torch.float8_e4m3fn)  # 2 rows it must not touch
+    xs = torch.full((T + 2, KB), -1.0, device=DEVICE)
+    return xq, xs
+
+
+def _check_prequant(a, xq, xs, use_ue8m0: bool) -> None:
+    """The quant buffers hold vLLM's per-token-group quant of ``q_c`` (``fp8.quant_*_torch``) in
+    rows ``[0, T)`` and are untouched past them."""
+    T = a.q_c.shape[0]
+    G = dims.QUANT_GROUP
+    x = a.q_c.float().view(T, -1, G)
+    s_ref = quant_scale_torch(x.abs().amax(-1), 1e-10, use_ue8m0)
+    q_ref = quant_fp8_torch(x, s_ref[..., None]).view(T, -1)
+    assert torch.equal(xs[:T], s_ref), "activation scales differ from vLLM's rule"
+    assert torch.equal(xq[:T].view(torch.uint8), q_ref.view(torch.uint8)), "activation bytes differ"
+    assert (xs[T:] == -1.0).all() and xq[T:].float().isnan().all(), "write past the batch's rows"
+
+
+@pytest.mark.parametrize("use_ue8m0", [True, False], ids=["ue8m0", "fp32scale"])
+def test_prequant_matches_fused(use_ue8m0):
+    """``q_c_fp8``/``q_c_scale`` given: quant once per token, then the GEMM reads it (the tail
+    launch's GEMM tiles do this): the same q and k_pe bytes as the fused quant, vLLM's quant bytes."""
+    T, H = 5, 16
+    b = make_batch(T, H, use_ue8m0, torch.bfloat16, seed=11)
+    a = b.args
+    kw = dict(use_ue8m0=use_ue8m0, block_n=256)
+    q1, k1 = torch.full_like(a.q, float("nan")), a.k_pe.clone()
+    run(a, q1, k1, **kw)
+    xq, xs = _prequant_buffers(T)
+    q2, k2 = torch.full_like(a.q, float("nan")), a.k_pe.clone()
+    run(a, q2, k2, q_c_fp8=xq, q_c_scale=xs, **kw)
+    assert_bitwise(q2, q1, "prequantized GEMM vs fused quant")
+    assert_bitwise(k2, k1, "k_pe, prequantized GEMM")
+    _check_prequant(a, xq, xs, use_ue8m0)
+
+
+def test_prequant_bad_buffers():
+    T, H = 2, 16
+    a = make_batch(T, H, True, torch.bfloat16, seed=12).args
+    xq, xs = _prequant_buffers(T)
+    q, k = torch.empty_like(a.q), a.k_pe.clone()
+    with pytest.raises(ValueError, match="pass both"):
+        run(a, q, k, q_c_fp8=xq)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        run(a, q, k, q_c_fp8=xq.float(), q_c_scale=xs)
+    with pytest.raises(ValueError, match="contiguous"):
+        run(a, q, k, q_c_fp8=xq[:1], q_c_scale=xs)
+    with pytest.raises(ValueError, match="contiguous"):
+        run(a, q, k, q_c_fp8=xq, q_c_scale=xs[:, :6])
+    with pytest.raises(ValueError, match="num_stages"):
+        run(a, q, k, q_c_fp8=xq, q_c_scale=xs, num_stages=-2)
+
+
 def test_num_items():
     assert q_b_proj_num_items(1, 128, 64, 16) == 384
     assert q_b_proj_num_items(33, 16, 128, 32) == 24 * 2
@@ -305,6 +361,13 @@ def test_q_b_proj_rope_gpu(T, H, block_n, block_t, num_warps, use_ue8m0):
     q3, k3 = torch.full_like(a.q, float("nan")), a.k_pe.clone()
     run(a, q3, k3, hw_cvt=True, **kw)
     assert_bitwise(q3, q2, "rerun")
+    # the prequantized GEMM (quant once per token, then pipelined FP8 loads): the same bytes
+    xq, xs = _prequant_buffers(T)
+    q4, k4 = torch.full_like(a.q, float("nan")), a.k_pe.clone()
+    run(a, q4, k4, hw_cvt=True, q_c_fp8=xq, q_c_scale=xs, **kw)
+    assert_bitwise(q4, q2, "prequantized GEMM vs fused quant")
+    assert_bitwise(k4, k2, "k_pe, prequantized GEMM")
+    _check_prequant(a, xq, xs, use_ue8m0)
 
 
 @pytest.mark.gpu

@@ -109,16 +109,17 @@ def resident_programs(num_sms: int, num_warps: int) -> int:
 
 
 def gemm_in_tail(num_tokens: int, max_len: int, num_sms: int) -> float:
-    """Fraction of ``q_b_proj`` to run beside the top-k (``PartitionConfig.gemm_in_tail``): 1.0
-    when the top-k is a few programs (``num_tokens * cdiv(max_len, 16384) <= num_sms // 4``), else 0.
+    """Fraction of ``q_b_proj`` to run beside the top-k (``PartitionConfig.gemm_in_tail``): 1.0.
 
-    The top-k is latency-bound on one program per (row, chunk); when those leave most SMs idle, the
-    GEMM fits beside it and the logits take the whole GPU first. Rule read off the H200 autotune of
-    2026-11-30 (H = 128, 32, 16): the tail split beat every one-launch split in each bucket with at
-    most 32 top-k items (T <= 8 at 4K-64K, T = 32 at 4K-16K; e.g. 30.2 us at T=8, 4K, H=128, vs
-    41.0 for the best one-launch split and 36.9 for dual_stream) and lost in 7 of the 10 buckets
-    with 64 or more (T = 32 at 64K: 243.5 vs 218.3 us; T = 64 at 4K: 90.3 vs 76.3 us), where
-    dual_stream beat both.
+    The top-k is latency-bound on one program per (row, chunk) and the logits are bandwidth-bound:
+    the GEMM goes beside the top-k, and the logits get the whole GPU first in a GEMM-less launch
+    (one program per logits item). Rule read off the H200 (2026-11-30, H=128, cold L2): since the
+    tail's GEMM reads ``q_c`` quantized once per token and its top-k items each get a program,
+    the tail split beat the best one-launch split at every shape measured, T = 1..128 and
+    4K..64K (e.g. T=128, 4K: 104.8 vs 136.4 us; T=128, 64K: 741.8 vs 1054.3; T=8, 4K: 28.7 vs
+    30.9); before those two changes it lost once the top-k had more than ``num_sms // 4`` items.
+    The autotune still tries 0, 1/4 and 1/2 per bucket. Arguments are kept for the rule's shape
+    dependence (none measured now).
     """
-    items = num_tokens * max(-(-max_len // dims.TOPK_CHUNK), 1)
-    return 1.0 if items <= max(num_sms // 4, 1) else 0.0
+    del num_tokens, max_len, num_sms
+    return 1.0

@@ -49,7 +49,7 @@ from . import cost_model, dims
 from .fp8 import quant_fp8_bytes, quant_scale
 from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item, mqa_logits_runs_per_row
-from .q_b_proj import _q_b_proj_item, default_block_t
+from .q_b_proj import _q_b_proj_item, _q_c_quant_row, default_block_t
 from .region import register_path
 from .topk import (TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, TopkConfig, _topk_chunk_item, _topk_stage, resolve_cap,
                    topk_decode)
@@ -83,13 +83,24 @@ class PartitionConfig:
     tail_block_n : GEMM tile rows in the tail launch (it runs at the top-k's ``num_warps``,
         ``topk_config.num_warps``; the tail always merges a row's chunks in-launch, whatever
         ``topk_config.fused_merge`` says).
-    tail_gemm_programs : programs of the tail launch on GEMM tiles (capped to its tiles); ``None``
-        = the SMs the top-k items leave free, at least a quarter of the SMs. The top-k gets the
-        other SMs (its items stride over them).
+    tail_gemm_programs : programs of the tail launch on GEMM tiles (capped to its tiles, striding
+        over them); ``None`` = one per tile. The top-k items get one program each, numbered first,
+        so the hardware starts them first and the GEMM tiles fill the SMs they leave free (and
+        the ones they free as they end).
+    tail_prequant : the tail's GEMM tiles read ``q_c`` quantized once per token by the fused
+        launch (``RegionWorkspace.q_c_fp8``; ``q_b_proj._q_c_quant_row``), with both MMA operands
+        loaded by pipelined async copies, instead of quantizing it in every tile's K loop. Same
+        bytes either way.
+
+    first_programs : programs of a GEMM-less fused launch (``gemm_in_tail=1.0``), all on the key
+        write and the logits, striding over the items; ``None`` = one per logits item of the bucket
+        (``T * cdiv(max_len, 64 * blocks_per_item)``, at least ``indexer_programs + gemm_programs``),
+        which the hardware schedules as SMs free up, like the standalone logits kernel.
 
     With ``gemm_in_tail=1.0`` the fused launch has no GEMM tile: its GEMM code is compiled out and
-    its GEMM programs join the indexer (at least ``indexer_programs + gemm_programs`` programs and up
-    to 4 per SM, all on the key write and the logits).
+    its GEMM programs join the indexer. (H200, 2026-11-30, H=128, T=128, 16K: that launch took
+    138 us with 4 resident programs per SM striding over the items, against about 75 for the
+    standalone logits kernel with one program per item.)
     """
 
     indexer_programs: int | None = None
@@ -107,6 +118,8 @@ class PartitionConfig:
     gemm_in_tail: float = 0.0
     tail_block_n: int = 128
     tail_gemm_programs: int | None = None
+    tail_prequant: bool = True
+    first_programs: int | None = None
 
     def __post_init__(self):
         """Reject bad values when the config is made (a TypeError/ValueError naming the field),
@@ -130,6 +143,7 @@ class PartitionConfig:
         integer("queue_chunk", 1)
         integer("num_stages", 1)
         integer("tail_gemm_programs", 1, none_ok=True)
+        integer("first_programs", 1, none_ok=True)
         integer("roles", 0)
         one_of("block_n", (64, 128, 256))
         one_of("tail_block_n", (64, 128, 256))
@@ -139,7 +153,7 @@ class PartitionConfig:
             one_of("block_t", (16, 32, 64, 128))
         if self.roles > 15:
             raise ValueError(f"config.roles: expected a bit mask in 0..15, got {self.roles}")
-        for name in ("dynamic", "fuse_topk"):
+        for name in ("dynamic", "fuse_topk", "tail_prequant"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"config.{name}: expected a bool, got {getattr(self, name)!r}")
         g = self.gemm_in_tail
@@ -283,7 +297,7 @@ def _indexer_logits_and_topk_item(
 @triton.jit
 def _partitioned_kernel(
     # q side
-    q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
+    q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr, xq_ptr, xs_ptr,
     T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
     # indexer
     index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr, slot_mapping_ptr,
@@ -295,10 +309,12 @@ def _partitioned_kernel(
     USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, NUM_STAGES: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, T_PAD: tl.constexpr,
     DYNAMIC: tl.constexpr, QUEUE_CHUNK: tl.constexpr, HW_CVT: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
-    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr, ROLES: tl.constexpr,
+    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr, ROLES: tl.constexpr, QUANT_Q_C: tl.constexpr,
 ):
     """Whole region, one launch (module docstring). ``counters_ptr``: [0] queue head, [1] exited
-    programs, [64 + t*max_chunks + c] (row, chunk) arrivals; ``row_ctr_ptr``: [t] chunk arrivals."""
+    programs, [64 + t*max_chunks + c] (row, chunk) arrivals; ``row_ctr_ptr``: [t] chunk arrivals.
+    ``QUANT_Q_C``: the per-token items also quantize ``q_c`` into ``xq_ptr``/``xs_ptr`` for the
+    prequantized GEMM tiles of the tail launch."""
     pid = tl.program_id(0)
     zero = pid * 0  # loop indices + zero are tensors under the interpreter too (role functions call .to)
     chunk_ctr_ptr = counters_ptr + _QUEUE_SLOTS
@@ -314,7 +330,9 @@ def _partitioned_kernel(
                 if w < T:
                     if ROLES & 1:
                         _indexer_k_cache_item(w, index_k_ptr, kv_cache_ptr, slot_mapping_ptr, num_blocks * 64, stride_k,
-                                          USE_UE8M0)
+                                              USE_UE8M0)
+                    if QUANT_Q_C:
+                        _q_c_quant_row(w, q_c_ptr, stride_qc, xq_ptr, xs_ptr, USE_UE8M0, HW_CVT)
                 elif w < T + n_logit:
                     _indexer_logits_and_topk_item(
                         w - T, n_items, cum_items, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
@@ -326,8 +344,8 @@ def _partitioned_kernel(
                 elif ROLES & 8:
                     _q_b_proj_item(
                         w - T - n_logit, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
-                        T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
-                        USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES,
+                        xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
+                        USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, False,
                     )
             start = tl.atomic_add(counters_ptr, QUEUE_CHUNK, sem="relaxed", scope="gpu")
         # the last program out resets the queue head for the next replay
@@ -335,9 +353,12 @@ def _partitioned_kernel(
             tl.atomic_xchg(counters_ptr, 0, sem="relaxed", scope="gpu")
     else:
         if pid < num_idx_programs:
-            for t in range(pid, T if ROLES & 1 else 0, num_idx_programs):
-                _indexer_k_cache_item(zero + t, index_k_ptr, kv_cache_ptr, slot_mapping_ptr, num_blocks * 64, stride_k,
-                                      USE_UE8M0)
+            for t in range(pid, T if (ROLES & 1) or QUANT_Q_C else 0, num_idx_programs):
+                if ROLES & 1:
+                    _indexer_k_cache_item(zero + t, index_k_ptr, kv_cache_ptr, slot_mapping_ptr, num_blocks * 64,
+                                          stride_k, USE_UE8M0)
+                if QUANT_Q_C:
+                    _q_c_quant_row(zero + t, q_c_ptr, stride_qc, xq_ptr, xs_ptr, USE_UE8M0, HW_CVT)
             n_items, cum_items = _row_items(context_lens_ptr, T, max_blocks, max_len, NEXT_N, BLOCKS_PER_ITEM, T_PAD)
             n_logit = tl.sum(n_items, axis=0)
             for i in range(pid, n_logit, num_idx_programs):
@@ -352,8 +373,8 @@ def _partitioned_kernel(
             for item in range(pid - num_idx_programs, n_gemm_items if ROLES & 8 else 0, num_gemm_programs):
                 _q_b_proj_item(
                     zero + item, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
-                    T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
-                    USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES,
+                    xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
+                    USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, False,
                 )
 
 
@@ -363,12 +384,12 @@ def _topk_gemm_tail_kernel(
     logits_ptr, context_lens_ptr, topk_ptr, cand_vals_ptr, cand_idx_ptr, topk_ctr_ptr,
     stride_logits, stride_topk, lmax, max_chunks, n_topk_items, num_topk_programs,
     # q side
-    q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
+    q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr, xq_ptr, xs_ptr,
     T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs, gemm_lo, gemm_hi, num_gemm_programs,
     NEXT_N: tl.constexpr, CHUNK: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
     TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr,
     USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PREQUANT: tl.constexpr,
 ):
     """The top-k launch with GEMM tiles beside it (``PartitionConfig.gemm_in_tail``): programs
     ``[0, num_topk_programs)`` take the top-k items (``item = chunk * T + row``; the last chunk of a
@@ -386,8 +407,8 @@ def _topk_gemm_tail_kernel(
         for item in range(gemm_lo + pid - num_topk_programs, gemm_hi, num_gemm_programs):
             _q_b_proj_item(
                 zero + item, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
-                T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
-                USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES,
+                xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
+                USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, PREQUANT,
             )
 
 
@@ -456,9 +477,9 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
             n_gemm_p = n_gemm_p or model_gemm
         if n_gemm == 0:
             # no GEMM tile in this launch: every program on the key write and the logits, with the
-            # GEMM code compiled out (fewer registers, more programs per SM), up to 4 per SM (one
-            # wave at <= 128 registers) and at most one per logits item of the bucket
-            n_idx = max(n_idx + n_gemm_p, min(T * runs, 4 * num_sms))
+            # GEMM code compiled out (fewer registers, more programs per SM): one per logits item
+            # of the bucket unless first_programs says otherwise
+            n_idx = cfg.first_programs or max(n_idx + n_gemm_p, T * runs)
             n_gemm_p = 0
         total = n_idx + n_gemm_p
     if n_idx < 1 or (not cfg.dynamic and n_gemm > 0 and n_gemm_p < 1):
@@ -466,12 +487,15 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     if T > ws.topk.max_tokens:
         raise ValueError(f"workspace: top-k candidates hold {ws.topk.max_tokens} rows, the batch has {T}")
     hw_cvt = dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    # the tail's GEMM tiles read q_c quantized once by this launch's per-token items
+    prequant = bool(tail_cols) and bool(cfg.roles & 8) and cfg.tail_prequant and ws.q_c_fp8 is not None
+    xq, xs = (ws.q_c_fp8, ws.q_c_scale) if prequant else (args.q_c, args.q_c)
     roles = cfg.roles if cfg.fuse_topk else cfg.roles & ~4
     if n_gemm == 0:
         roles &= ~8  # the GEMM runs in the top-k launch (or not at all)
     _partitioned_kernel[(total,)](
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
-        args.k_pe, args.q,
+        args.k_pe, args.q, xq, xs,
         T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
         args.index_q_fp8, args.index_weights, args.index_k, args.kv_cache, args.block_table, args.context_lens,
         args.slot_mapping, ws.logits, args.topk_indices, ws.counters, tw.counters, tw.cand_vals, tw.cand_idx,
@@ -483,22 +507,23 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         CHUNK=tw.chunk, BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
         DYNAMIC=bool(cfg.dynamic),
         QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=hw_cvt,
-        ROLES=roles, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
+        ROLES=roles, QUANT_Q_C=prequant, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
         num_warps=cfg.num_warps, num_stages=1,
     )
     if cfg.fuse_topk:
         return
     if tail_cols:
         if cfg.roles & 12:
-            _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, num_sms, hw_cvt)
+            _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, num_sms, hw_cvt, prequant)
     elif cfg.roles & 4:
         topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=tw,
                     max_len=max_len, config=cfg.topk_config)
 
 
 def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, block_t: int, n_t_tiles: int,
-                 num_sms: int, hw_cvt: bool) -> None:
-    """The top-k launch with the GEMM tiles of output columns ``[n_cut, N)`` beside it."""
+                 num_sms: int, hw_cvt: bool, prequant: bool) -> None:
+    """The top-k launch with the GEMM tiles of output columns ``[n_cut, N)`` beside it: one
+    program per top-k (row, chunk) item, numbered first, then the GEMM programs."""
     T, next_n = args.num_tokens, args.next_n
     N = args.num_heads * dims.QK_HEAD_DIM
     tw = ws.topk
@@ -509,24 +534,21 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
     bn = cfg.tail_block_n
     gemm_lo = (n_cut // bn) * n_t_tiles
     gemm_hi = triton.cdiv(N, bn) * n_t_tiles if cfg.roles & 8 else gemm_lo
-    n_gemm_p = cfg.tail_gemm_programs
-    if n_gemm_p is None:
-        n_gemm_p = max(num_sms - n_topk, num_sms // 4, 1)
-    n_gemm_p = min(n_gemm_p, gemm_hi - gemm_lo)  # never more programs than tiles
-    n_topk_p = min(n_topk, max(num_sms - n_gemm_p, 1)) if n_topk else 0
-    cap = resolve_cap(tcfg.cap, n_topk, n_topk_p, tw)
+    n_gemm_p = min(cfg.tail_gemm_programs or gemm_hi - gemm_lo, gemm_hi - gemm_lo)  # never more than tiles
+    n_topk_p = n_topk
+    cap = resolve_cap(tcfg.cap, n_topk, num_sms, tw)  # the standalone top-k's rule
     if n_topk_p + n_gemm_p == 0:
         return
     _topk_gemm_tail_kernel[(n_topk_p + n_gemm_p,)](
         ws.logits, args.context_lens, args.topk_indices, tw.cand_vals, tw.cand_idx, tw.counters,
         ws.logits.stride(0), args.topk_indices.stride(0), lmax, tw.max_chunks, n_topk, n_topk_p,
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
-        args.k_pe, args.q,
+        args.k_pe, args.q, ws.q_c_fp8 if prequant else args.q_c, ws.q_c_scale if prequant else args.q_c,
         T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
         gemm_lo, gemm_hi, max(n_gemm_p, 1),
         NEXT_N=next_n, CHUNK=tw.chunk, TOPK_K=tw.k, TOPK_BLOCK=tcfg.block, TOPK_LOG2_NB=tcfg.log2_bins, TOPK_CAP=cap,
         USE_UE8M0=bool(use_ue8m0), HW_CVT=hw_cvt, BLOCK_N=bn, BLOCK_T=block_t, NUM_STAGES=cfg.num_stages,
-        num_warps=tcfg.num_warps, num_stages=1,
+        PREQUANT=prequant, num_warps=tcfg.num_warps, num_stages=1,
     )
 
 

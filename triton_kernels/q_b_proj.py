@@ -120,13 +120,12 @@ def _rope_pairs(xe, xo, c, s, CS_FP32: tl.constexpr):
 # role function
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _q_b_proj_kstep(acc, w, x, w_s, USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One 128-wide K step: quantize the activations ``x`` [BLOCK_T, 128] fp32 (vLLM
-    per_token_group_quant_fp8: s = max(amax, 1e-10) / 448, x_q = e4m3_rne(clamp(x / s, +-448))),
-    MMA with the FP8 weight tile ``w`` [BLOCK_N, 128], scale and accumulate into ``acc``."""
-    G: tl.constexpr = 128
+def _act_quant(x, USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr):
+    """Quantize activations ``x`` [R, 128] fp32, one group of 128 per row (vLLM
+    per_token_group_quant_fp8: s = max(amax, 1e-10) / 448, x_q = e4m3_rne(clamp(x / s, +-448))).
+    Returns (x_q float8e4nv [R, 128], s fp32 [R])."""
     amax = tl.max(tl.abs(x), axis=1)
-    x_s = quant_scale(amax, 1e-10, USE_UE8M0)  # [BLOCK_T]; dims.ACT_SCALE_EPS
+    x_s = quant_scale(amax, 1e-10, USE_UE8M0)  # [R]; dims.ACT_SCALE_EPS
     if USE_UE8M0:
         # s = 2**e exactly: x * 2**-e (exponent-flipped reciprocal) is bitwise the IEEE x / s
         rcp = ((254 - ((x_s.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
@@ -138,12 +137,42 @@ def _q_b_proj_kstep(acc, w, x, w_s, USE_UE8M0: tl.constexpr, HW_CVT: tl.constexp
         xq = y.to(tl.float8e4nv)  # cvt.rn.satfinite.e4m3x2.f32 on sm_89+: torch's bytes
     else:
         xq = fp8e4m3_rne(y).to(tl.float8e4nv, bitcast=True)
+    return xq, x_s
+
+
+@triton.jit
+def _q_b_proj_kstep(acc, w, x, w_s, USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One 128-wide K step: quantize the activations ``x`` [BLOCK_T, 128] fp32 (:func:`_act_quant`),
+    MMA with the FP8 weight tile ``w`` [BLOCK_N, 128], scale and accumulate into ``acc``."""
+    xq, x_s = _act_quant(x, USE_UE8M0, HW_CVT)
+    return _q_b_proj_acc(acc, w, xq, x_s, w_s, BLOCK_N)
+
+
+@triton.jit
+def _q_b_proj_acc(acc, w, xq, x_s, w_s, BLOCK_N: tl.constexpr):
+    """``acc += (w . xq^T) * w_s * x_s`` for one K block (DeepGEMM's per-block promotion)."""
     part = tl.dot(w, tl.trans(xq))  # [BLOCK_N, BLOCK_T] fp32, exact FP8 x FP8 sums
-    if BLOCK_N <= G:
+    if BLOCK_N <= 128:
         acc += part * (x_s * w_s)[None, :]
     else:
         acc += part * w_s[:, None] * x_s[None, :]
     return acc
+
+
+@triton.jit
+def _q_c_quant_row(t, q_c_ptr, stride_qc, xq_ptr, xs_ptr, USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr):
+    """Quantize row ``t`` of ``q_c`` once for every GEMM tile (the prequantized GEMM,
+    ``_q_b_proj_item(PREQUANT=True)``): ``xq[t]`` fp8 [1536], ``xs[t]`` fp32 [12] (row strides 1536 and
+    12), the same bytes and scales as :func:`_act_quant` computes inside the fused K loop."""
+    KB: tl.constexpr = 12  # dims.Q_LORA_RANK // dims.QUANT_GROUP
+    g = tl.arange(0, 16)
+    d = tl.arange(0, 128)
+    gm = g < KB
+    t64 = t.to(tl.int64)
+    x = tl.load(q_c_ptr + t64 * stride_qc + g[:, None] * 128 + d[None, :], mask=gm[:, None], other=0.0)
+    xq, x_s = _act_quant(x.to(tl.float32), USE_UE8M0, HW_CVT)
+    tl.store(xq_ptr + t64 * 1536 + g[:, None] * 128 + d[None, :], xq, mask=gm[:, None])
+    tl.store(xs_ptr + t64 * KB + g, x_s, mask=gm)
 
 
 @triton.jit
@@ -156,6 +185,8 @@ def _q_b_proj_item(
     cos_sin_ptr,
     k_pe_ptr,
     q_ptr,
+    xq_ptr,
+    xs_ptr,
     T,
     N,
     max_pos,
@@ -169,6 +200,7 @@ def _q_b_proj_item(
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PREQUANT: tl.constexpr,
 ):
     """One work item: ``BLOCK_N`` output columns x ``BLOCK_T`` tokens of ``q``, RoPE included.
 
@@ -183,6 +215,8 @@ def _q_b_proj_item(
     cos_sin_ptr : bf16 or fp32 ``[max_pos, 64]`` (cos | sin), row stride ``stride_cs``.
     k_pe_ptr : bf16 ``[T, 1, 64]``, token stride ``stride_kpe``, roped in place.
     q_ptr : bf16 ``[T, N]`` (= ``[T, H, 192]``), row stride ``stride_q``; written.
+    xq_ptr, xs_ptr : with ``PREQUANT``, ``q_c`` already quantized by :func:`_q_c_quant_row`
+        (float8e4nv ``[T, 1536]`` and fp32 ``[T, 12]``, contiguous); otherwise unused.
     T, N : tokens and output columns (``N = H * 192``); max_pos : ``cos_sin_cache.shape[0]``.
     USE_UE8M0 : power-of-two activation scales. APPLY_ROPE : False = plain GEMM (tests only; k_pe
         untouched). HW_CVT : hardware fp32->e4m3 conversion (``cvt.rn.satfinite``, the same bytes
@@ -191,6 +225,11 @@ def _q_b_proj_item(
         step; 256: a per-row scale vector).
     BLOCK_T : tokens per tile, a power of two >= 16 (the MMA's N side).
     NUM_STAGES : software-pipelining depth of the K loop.
+    PREQUANT : read the quantized activations (``xq_ptr``/``xs_ptr``) instead of quantizing
+        ``q_c`` in the K loop. Same bytes, same sums; both MMA operands then come from memory, so
+        the pipeliner turns the loads into async copies, and the quantization is done once per
+        token instead of once per (token, output tile): the fused quant is O(T x tiles x K)
+        issue slots, which dominates the GEMM at T >= 64 (H200, 2026-11-30: 69 us at T=128, H=128).
     """
     K: tl.constexpr = 1536  # dims.Q_LORA_RANK
     G: tl.constexpr = 128  # dims.QUANT_GROUP
@@ -222,7 +261,17 @@ def _q_b_proj_item(
         ws_ptrs = ws_ptr + (tl.minimum(offs_n, N - 1) // G) * KB  # [BLOCK_N], several scale rows
 
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    if NUM_STAGES >= 0:
+    if PREQUANT:
+        tl.static_assert(NUM_STAGES >= 1, "PREQUANT: NUM_STAGES >= 1 (the pipeliner's async copies)")
+        xq_ptrs = xq_ptr + offs_t.to(tl.int64)[:, None] * K + offs_k[None, :]  # [BLOCK_T, 128] fp8
+        xs_ptrs = xs_ptr + offs_t.to(tl.int64) * KB
+        for kb in tl.range(0, KB, num_stages=NUM_STAGES):
+            w = tl.load(w_ptrs + kb * G, mask=n_mask[:, None], other=0.0)
+            xq = tl.load(xq_ptrs + kb * G, mask=t_mask[:, None], other=0.0)
+            x_s = tl.load(xs_ptrs + kb, mask=t_mask, other=0.0)
+            w_s = tl.load(ws_ptrs + kb)
+            acc = _q_b_proj_acc(acc, w, xq, x_s, w_s, BLOCK_N)
+    elif NUM_STAGES >= 0:
         for kb in tl.range(0, KB, num_stages=NUM_STAGES):
             w = tl.load(w_ptrs + kb * G, mask=n_mask[:, None], other=0.0)
             x = tl.load(x_ptrs + kb * G, mask=t_mask[:, None], other=0.0).to(tl.float32)
@@ -292,6 +341,8 @@ def _q_b_proj_kernel(
     cos_sin_ptr,
     k_pe_ptr,
     q_ptr,
+    xq_ptr,
+    xs_ptr,
     T,
     N,
     max_pos,
@@ -305,13 +356,20 @@ def _q_b_proj_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PREQUANT: tl.constexpr,
 ):
     """Standalone kernel: one work item per program (grid = ``q_b_proj_num_items``)."""
     _q_b_proj_item(
-        tl.program_id(0), q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
+        tl.program_id(0), q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr, xq_ptr, xs_ptr,
         T, N, max_pos, stride_qc, stride_q, stride_kpe, stride_cs,
-        USE_UE8M0, APPLY_ROPE, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES,
+        USE_UE8M0, APPLY_ROPE, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, PREQUANT,
     )
+
+
+@triton.jit
+def _q_c_quant_kernel(q_c_ptr, stride_qc, xq_ptr, xs_ptr, USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr):
+    """Standalone activation quant: one program per token (:func:`_q_c_quant_row`)."""
+    _q_c_quant_row(tl.program_id(0), q_c_ptr, stride_qc, xq_ptr, xs_ptr, USE_UE8M0, HW_CVT)
 
 
 # --------------------------------------------------------------------------------------
@@ -343,6 +401,8 @@ def q_b_proj_rope(
     num_stages: int = 4,
     apply_rope: bool = True,
     hw_cvt: bool | None = None,
+    q_c_fp8: torch.Tensor | None = None,
+    q_c_scale: torch.Tensor | None = None,
 ) -> None:
     """``q = rope(q_c @ weight^T)`` (W8A8 block FP8) into ``q``; ``k_pe`` roped in place. One launch.
 
@@ -363,6 +423,10 @@ def q_b_proj_rope(
         bytes as torch) in the activation quant instead of the integer helper
         ``fp8.fp8e4m3_rne``: about 45% fewer instructions in the K loop. Default ``None``: on for
         CUDA tensors, off under ``TRITON_INTERPRET=1`` (whose conversion rounds differently).
+    q_c_fp8, q_c_scale : optional float8_e4m3fn ``[>= T, 1536]`` and fp32 ``[>= T, 12]`` contiguous
+        buffers (e.g. ``RegionWorkspace.q_c_fp8`` / ``q_c_scale``): given, the call is two launches,
+        the activation quant once per token into them (``_q_c_quant_kernel``) then the GEMM reading
+        them (``PREQUANT``; ``num_stages >= 1``); the same ``q`` bytes as the fused quant.
 
     Math: ``x_s[t,kb] = max(amax, 1e-10)/448``; ``acc[t,n] = sum_kb (e4m3(x/x_s) . w)_kb *
     x_s[t,kb] * w_s[n//128,kb]``; ``q = bf16(acc)``, then interleaved RoPE on ``q[..., 128:]``
@@ -378,11 +442,30 @@ def q_b_proj_rope(
         block_t = default_block_t(T)
     if hw_cvt is None:
         hw_cvt = q_c.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    prequant = q_c_fp8 is not None
+    if prequant != (q_c_scale is not None):
+        raise ValueError("q_c_fp8, q_c_scale: pass both (prequantized GEMM) or neither")
+    if prequant:
+        if q_c_fp8.dtype != torch.float8_e4m3fn or q_c_scale.dtype != torch.float32:
+            raise TypeError(f"q_c_fp8, q_c_scale: expected float8_e4m3fn and float32, got {q_c_fp8.dtype}, "
+                            f"{q_c_scale.dtype}")
+        K, KB = dims.Q_LORA_RANK, dims.Q_LORA_RANK // dims.QUANT_GROUP
+        if (q_c_fp8.dim() != 2 or q_c_fp8.shape[0] < T or q_c_fp8.shape[1] != K or not q_c_fp8.is_contiguous()
+                or q_c_scale.dim() != 2 or q_c_scale.shape[0] < T or q_c_scale.shape[1] != KB
+                or not q_c_scale.is_contiguous()):
+            raise ValueError(f"q_c_fp8, q_c_scale: expected contiguous [>= {T}, {K}] and [>= {T}, {KB}], got "
+                             f"{tuple(q_c_fp8.shape)} and {tuple(q_c_scale.shape)}")
+        if num_stages < 1:
+            raise ValueError(f"num_stages: the prequantized GEMM needs >= 1, got {num_stages}")
+        _q_c_quant_kernel[(T,)](q_c, q_c.stride(0), q_c_fp8, q_c_scale, USE_UE8M0=bool(use_ue8m0),
+                                HW_CVT=bool(hw_cvt), num_warps=4)
+    else:
+        q_c_fp8, q_c_scale = q_c, q_c  # unused by the fused-quant kernel
     grid = (q_b_proj_num_items(T, H, block_n, block_t),)
     _q_b_proj_kernel[grid](
-        q_c, weight, weight_scale, positions, cos_sin_cache, k_pe, q,
+        q_c, weight, weight_scale, positions, cos_sin_cache, k_pe, q, q_c_fp8, q_c_scale,
         T, N, cos_sin_cache.shape[0], q_c.stride(0), q.stride(0), k_pe.stride(0), cos_sin_cache.stride(0),
         USE_UE8M0=bool(use_ue8m0), APPLY_ROPE=bool(apply_rope), HW_CVT=bool(hw_cvt),
-        BLOCK_N=block_n, BLOCK_T=block_t, NUM_STAGES=num_stages,
+        BLOCK_N=block_n, BLOCK_T=block_t, NUM_STAGES=num_stages, PREQUANT=prequant,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -31,6 +31,9 @@ class RegionWorkspace:
     logits : fp32 [max_tokens, max_len] (bytes: 4 * max_tokens * max_len).
     topk : the top-k kernel's workspace (:class:`smpart.triton_kernels.topk.TopkWorkspace`).
     counters : int32 [64 + max_tokens * max_chunks], zero between launches (partitioned kernel).
+    q_c_fp8, q_c_scale : float8_e4m3fn [max_tokens, 1536] and fp32 [max_tokens, 12]: ``q_c``
+        quantized once per token for the prequantized GEMM (``q_b_proj._q_c_quant_row``; written by
+        the partitioned kernel's first launch, read by the GEMM tiles of its second).
     """
 
     max_tokens: int
@@ -38,6 +41,8 @@ class RegionWorkspace:
     logits: torch.Tensor
     topk: object
     counters: torch.Tensor
+    q_c_fp8: torch.Tensor = None
+    q_c_scale: torch.Tensor = None
     extra: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -62,6 +67,9 @@ class RegionWorkspace:
             topk=TopkWorkspace(max_tokens, max_len, device),
             counters=torch.zeros(64 + max_tokens * triton.cdiv(max_len, TOPK_CHUNK), dtype=torch.int32,
                                  device=device),
+            q_c_fp8=torch.empty(max_tokens, dims.Q_LORA_RANK, dtype=torch.float8_e4m3fn, device=device),
+            q_c_scale=torch.empty(max_tokens, dims.Q_LORA_RANK // dims.QUANT_GROUP, dtype=torch.float32,
+                                  device=device),
         )
 
     @classmethod
