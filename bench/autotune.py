@@ -59,17 +59,20 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[
     add(dataclasses.replace(model, gemm_in_tail=1.0, tail_block_n=256))
     # the GEMM-less first launch as 4 resident programs per SM striding over the logits items
     add(dataclasses.replace(model, gemm_in_tail=1.0, first_programs=4 * num_sms))
-    for f in (0.5, 0.75, 1.5, 2.0):
-        n_idx = min(max(int(round(model.indexer_programs * f)), 1), total - 1)
-        add(dataclasses.replace(model, indexer_programs=n_idx, gemm_programs=total - n_idx))
-    add(dataclasses.replace(model, indexer_programs=total // 2, gemm_programs=total - total // 2))
-    for bn in (128,):
-        add(dataclasses.replace(model, block_n=bn))
+    add(dataclasses.replace(model, gemm_in_tail=1.0, num_stages=4))
     for r in (2, 8):
         add(dataclasses.replace(model, blocks_per_item=r))
-    add(dataclasses.replace(model, fuse_topk=True, gemm_in_tail=0.0))
-    add(dataclasses.replace(model, dynamic=True, indexer_programs=total, gemm_programs=0))
-    add(dataclasses.replace(model, dynamic=True, indexer_programs=total, gemm_programs=0, queue_chunk=16))
+    # one-launch splits (the GEMM in the fused launch: the split and its tile matter there)
+    one = dataclasses.replace(model, gemm_in_tail=0.0)
+    for f in (0.5, 0.75, 1.5, 2.0):
+        n_idx = min(max(int(round(model.indexer_programs * f)), 1), total - 1)
+        add(dataclasses.replace(one, indexer_programs=n_idx, gemm_programs=total - n_idx))
+    add(dataclasses.replace(one, indexer_programs=total // 2, gemm_programs=total - total // 2))
+    for bn in (128,):
+        add(dataclasses.replace(one, block_n=bn))
+    add(dataclasses.replace(one, fuse_topk=True))
+    add(dataclasses.replace(one, dynamic=True, indexer_programs=total, gemm_programs=0))
+    add(dataclasses.replace(one, dynamic=True, indexer_programs=total, gemm_programs=0, queue_chunk=16))
     return out
 
 
@@ -83,6 +86,8 @@ def _name(cfg: PartitionConfig | None, path: str) -> str:
         tail += f"-first{cfg.first_programs}"
     if cfg.gemm_in_tail and not cfg.tail_prequant:
         tail += "-noprequant"
+    if cfg.num_stages != 3:
+        tail += f"-s{cfg.num_stages}"
     return (f"partitioned:{cfg.indexer_programs}/{cfg.gemm_programs}-bn{cfg.block_n}-r{cfg.blocks_per_item}"
             f"{'-fusedtopk' if cfg.fuse_topk else ''}{tail}")
 

@@ -237,8 +237,18 @@ def _row_items(context_lens_ptr, T, max_blocks, max_len,
 
 
 @triton.jit
+def _item_row_run(i, n_items, cum_items, T_PAD: tl.constexpr):
+    """Row and run of the ``i``-th real logits item (rows' items laid end to end, ``cum_items``
+    their inclusive prefix sum; :func:`_row_items`)."""
+    rows = tl.arange(0, T_PAD)
+    t = tl.sum((cum_items <= i).to(tl.int32), axis=0)  # the row whose items cover i
+    run = i - tl.sum(tl.where(rows == t, cum_items - n_items, 0), axis=0)
+    return t, run
+
+
+@triton.jit
 def _indexer_logits_and_topk_item(
-    i, n_items, cum_items,
+    t, run,
     # tensors
     index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr, slot_mapping_ptr,
     logits_ptr, topk_ptr, chunk_ctr_ptr, row_ctr_ptr, cand_vals_ptr, cand_idx_ptr,
@@ -246,14 +256,11 @@ def _indexer_logits_and_topk_item(
     stride_q, stride_w, stride_k, stride_bt, stride_logits, stride_topk,
     num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
     USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, NUM_STAGES: tl.constexpr,
-    CHUNK: tl.constexpr, T_PAD: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
     TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr, ROLES: tl.constexpr,
 ):
-    """The ``i``-th real logits item of the step (rows' items laid end to end, ``cum_items`` their
-    inclusive prefix sum), then whatever top-k stage its arrival completes."""
-    rows = tl.arange(0, T_PAD)
-    t = tl.sum((cum_items <= i).to(tl.int32), axis=0)  # the row whose items cover i
-    run = i - tl.sum(tl.where(rows == t, cum_items - n_items, 0), axis=0)
+    """The logits item ``run`` of row ``t`` (blocks ``[run*BLOCKS_PER_ITEM, ...)``), its new-key
+    patch when it covers a new token, then whatever top-k stage its arrival completes."""
     if ROLES & 2:
         _mqa_logits_item(
             t * runs_per_row + run, index_q_ptr, index_w_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr,
@@ -267,14 +274,17 @@ def _indexer_logits_and_topk_item(
     L = tl.load(context_lens_ptr + b) - NEXT_N + 1 + j
     L = tl.minimum(tl.maximum(L, 0), tl.minimum(max_blocks * 64, max_len))
     nblk = tl.cdiv(L, 64)
+    p_lo = run * BLOCKS_PER_ITEM * 64
+    # the new tokens of row (b, j) sit at positions [L - 1 - j, L - 1]: only the item(s) covering
+    # them patch (the others skip the patch's loads)
     if ROLES & 2:
-        tl.debug_barrier()  # this item's logits stores (all threads) precede the patch's stores
-        p_lo = run * BLOCKS_PER_ITEM * 64
-        _patch_new_key_logits(
-            t, p_lo, p_lo + BLOCKS_PER_ITEM * 64, index_q_ptr, index_w_ptr, index_k_ptr, slot_mapping_ptr,
-            context_lens_ptr, logits_ptr, stride_q, stride_w, stride_k, stride_logits, num_blocks * 64, L,
-            USE_UE8M0, NEXT_N,
-        )
+        if (p_lo + BLOCKS_PER_ITEM * 64 > L - 1 - j) & (p_lo < L):
+            tl.debug_barrier()  # this item's logits stores (all threads) precede the patch's stores
+            _patch_new_key_logits(
+                t, p_lo, p_lo + BLOCKS_PER_ITEM * 64, index_q_ptr, index_w_ptr, index_k_ptr, slot_mapping_ptr,
+                context_lens_ptr, logits_ptr, stride_q, stride_w, stride_k, stride_logits, num_blocks * 64, L,
+                USE_UE8M0, NEXT_N,
+            )
     c = (run * BLOCKS_PER_ITEM) // BPC
     n_chunks = tl.maximum(tl.cdiv(L, CHUNK), 1)
     items_in_chunk = tl.maximum(tl.cdiv(tl.minimum(nblk, (c + 1) * BPC) - c * BPC, BLOCKS_PER_ITEM), 1)
@@ -310,6 +320,7 @@ def _partitioned_kernel(
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, T_PAD: tl.constexpr,
     DYNAMIC: tl.constexpr, QUEUE_CHUNK: tl.constexpr, HW_CVT: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
     TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr, ROLES: tl.constexpr, QUANT_Q_C: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
     """Whole region, one launch (module docstring). ``counters_ptr``: [0] queue head, [1] exited
     programs, [64 + t*max_chunks + c] (row, chunk) arrivals; ``row_ctr_ptr``: [t] chunk arrivals.
@@ -334,12 +345,13 @@ def _partitioned_kernel(
                     if QUANT_Q_C:
                         _q_c_quant_row(w, q_c_ptr, stride_qc, xq_ptr, xs_ptr, USE_UE8M0, HW_CVT)
                 elif w < T + n_logit:
+                    t, run = _item_row_run(w - T, n_items, cum_items, T_PAD)
                     _indexer_logits_and_topk_item(
-                        w - T, n_items, cum_items, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
+                        t, run, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
                         block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
                         row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
                         stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
-                        USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, T_PAD, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP, ROLES,
+                        USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP, ROLES,
                     )
                 elif ROLES & 8:
                     _q_b_proj_item(
@@ -359,16 +371,38 @@ def _partitioned_kernel(
                                           stride_k, USE_UE8M0)
                 if QUANT_Q_C:
                     _q_c_quant_row(zero + t, q_c_ptr, stride_qc, xq_ptr, xs_ptr, USE_UE8M0, HW_CVT)
-            n_items, cum_items = _row_items(context_lens_ptr, T, max_blocks, max_len, NEXT_N, BLOCKS_PER_ITEM, T_PAD)
-            n_logit = tl.sum(n_items, axis=0)
-            for i in range(pid, n_logit, num_idx_programs):
-                _indexer_logits_and_topk_item(
-                    zero + i, n_items, cum_items, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
-                    block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
-                    row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
-                    stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
-                    USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, T_PAD, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP, ROLES,
-                )
+            if DENSE:
+                # one program per (row, run) of the bucket: the standalone logits kernel's mapping,
+                # no prefix sums; runs past a row's blocks exit (run 0 always runs)
+                t = pid // runs_per_row
+                run = pid - t * runs_per_row
+                if t < T:
+                    b = t // NEXT_N
+                    L = tl.load(context_lens_ptr + b) - NEXT_N + 1 + (t - b * NEXT_N)
+                    L = tl.minimum(tl.maximum(L, 0), tl.minimum(max_blocks * 64, max_len))
+                    if (run == 0) | (run * BLOCKS_PER_ITEM * 64 < L):
+                        _indexer_logits_and_topk_item(
+                            t, run, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
+                            block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
+                            row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
+                            stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
+                            USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB,
+                            TOPK_CAP, ROLES,
+                        )
+            else:
+                n_items, cum_items = _row_items(context_lens_ptr, T, max_blocks, max_len, NEXT_N, BLOCKS_PER_ITEM,
+                                                T_PAD)
+                n_logit = tl.sum(n_items, axis=0)
+                for i in range(pid, n_logit, num_idx_programs):
+                    t, run = _item_row_run(zero + i, n_items, cum_items, T_PAD)
+                    _indexer_logits_and_topk_item(
+                        t, run, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
+                        block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
+                        row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
+                        stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
+                        USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB,
+                        TOPK_CAP, ROLES,
+                    )
         else:
             for item in range(pid - num_idx_programs, n_gemm_items if ROLES & 8 else 0, num_gemm_programs):
                 _q_b_proj_item(
@@ -464,6 +498,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     max_chunks = tw.max_chunks
     num_sms = _num_sms(dev)
     resident = cost_model.resident_programs(num_sms, cfg.num_warps)
+    dense = False  # one program per (row, run) logits item, no prefix sums (GEMM-less static launch)
     if cfg.dynamic:
         total = resident if cfg.indexer_programs is None else cfg.indexer_programs + (cfg.gemm_programs or 0)
         n_idx, n_gemm_p = total, 0
@@ -481,6 +516,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
             # of the bucket unless first_programs says otherwise
             n_idx = cfg.first_programs or max(n_idx + n_gemm_p, T * runs)
             n_gemm_p = 0
+            dense = n_idx >= T * runs
         total = n_idx + n_gemm_p
     if n_idx < 1 or (not cfg.dynamic and n_gemm > 0 and n_gemm_p < 1):
         raise ValueError(f"config: need >= 1 program per role, got indexer={n_idx}, gemm={n_gemm_p}")
@@ -507,7 +543,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         CHUNK=tw.chunk, BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
         DYNAMIC=bool(cfg.dynamic),
         QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=hw_cvt,
-        ROLES=roles, QUANT_Q_C=prequant, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
+        ROLES=roles, QUANT_Q_C=prequant, DENSE=dense, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
         num_warps=cfg.num_warps, num_stages=1,
     )
     if cfg.fuse_topk:
