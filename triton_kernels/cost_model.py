@@ -116,8 +116,9 @@ def gemm_in_tail(num_tokens: int, max_len: int, num_sms: int) -> float:
     (one program per logits item). Rule read off the H200 (2026-11-30, H=128, cold L2): since the
     tail's GEMM reads ``q_c`` quantized once per token and its top-k items each get a program,
     the tail split beat the best one-launch split at every shape measured, T = 1..128 and
-    4K..64K (e.g. T=128, 4K: 104.8 vs 136.4 us; T=128, 64K: 741.8 vs 1054.3; T=8, 4K: 28.7 vs
-    30.9); before those two changes it lost once the top-k had more than ``num_sms // 4`` items.
+    4K..64K (e.g. T=128, 4K: 104.8 vs 136.4 us; T=128, 64K: 741.8 vs 1054.3; in the autotune
+    after the dense first launch, T=8, 4K: 27.6 vs 41.2; T=32, 16K: 77.7 vs 107.9); before those
+    changes it lost once the top-k had more than ``num_sms // 4`` items.
     The autotune still tries 0, 1/4 and 1/2 per bucket. Arguments are kept for the rule's shape
     dependence (none measured now).
     """
