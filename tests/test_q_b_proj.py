@@ -297,14 +297,24 @@ def test_prequant_bad_buffers():
     q, k = torch.empty_like(a.q), a.k_pe.clone()
     with pytest.raises(ValueError, match="pass both"):
         run(a, q, k, q_c_fp8=xq)
-    with pytest.raises(TypeError, match="float8_e4m3fn"):
+    with pytest.raises(ValueError, match="pass both"):
+        run(a, q, k, q_c_scale=xs)
+    with pytest.raises(TypeError, match="q_c_fp8: expected torch.float8_e4m3fn"):
         run(a, q, k, q_c_fp8=xq.float(), q_c_scale=xs)
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(TypeError, match="q_c_scale: expected torch.float32"):
+        run(a, q, k, q_c_fp8=xq, q_c_scale=xs.double())
+    with pytest.raises(ValueError, match="q_c_fp8: expected shape"):
         run(a, q, k, q_c_fp8=xq[:1], q_c_scale=xs)
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="q_c_scale: expected shape"):
         run(a, q, k, q_c_fp8=xq, q_c_scale=xs[:, :6])
+    with pytest.raises(ValueError, match="q_c_scale: expected a contiguous"):
+        run(a, q, k, q_c_fp8=xq, q_c_scale=torch.zeros(12, T + 2, device=DEVICE).t())
     with pytest.raises(ValueError, match="num_stages"):
         run(a, q, k, q_c_fp8=xq, q_c_scale=xs, num_stages=-2)
+    # an empty batch still refuses a half-given pair
+    with pytest.raises(ValueError, match="pass both"):
+        q_b_proj_rope(a.q_c[:0], a.q_b_proj_weight, a.q_b_proj_weight_scale, a.positions[:0], a.cos_sin_cache,
+                      a.k_pe[:0], a.q[:0], q_c_fp8=xq)
 
 
 def test_num_items():

@@ -104,6 +104,34 @@ def test_workspace_too_small(batch):
         run_region(batch.clone().args, path="sequential")
 
 
+@pytest.mark.parametrize("path", ["partitioned", "sequential"])
+def test_workspace_prequant_buffers_checked(batch, path):
+    """A workspace whose q_c quant buffers do not fit the batch is refused before any launch
+    (the partitioned kernel's first launch would write them past their rows); both None is allowed."""
+    from smpart.triton_kernels.checks import check_region
+    from smpart.triton_kernels.partitioned import PartitionConfig
+    from smpart.triton_kernels.workspace import RegionWorkspace
+
+    a = batch.clone().args
+    T = a.num_tokens
+    ws = RegionWorkspace.for_args(a)
+    cfg = PartitionConfig(gemm_in_tail=1.0) if path == "partitioned" else None
+    bad = [
+        (dict(q_c_fp8=ws.q_c_fp8[: T - 1].clone()), ValueError, "workspace.q_c_fp8: expected shape"),
+        (dict(q_c_scale=None), ValueError, "pass both"),
+        (dict(q_c_fp8=torch.zeros(T, 1536, dtype=torch.bfloat16)), TypeError, "workspace.q_c_fp8: expected"),
+        (dict(q_c_scale=torch.zeros(12, T).t()), ValueError, "workspace.q_c_scale: expected a contiguous"),
+    ]
+    for change, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            run_region(a, path=path, workspace=dataclasses.replace(ws, **change), config=cfg)
+    out = batch.clone()
+    run_region(out.args, path=path, workspace=dataclasses.replace(ws, q_c_fp8=None, q_c_scale=None), config=cfg)
+    ref = batch.clone()
+    run_region(ref.args, path="reference")
+    check_region(out.args, ref.args, out)
+
+
 @pytest.mark.parametrize("case", ["slots", "block_ids", "lengths"])
 @pytest.mark.parametrize("path", ["partitioned"])  # the standalone kernels: test_indexer_cache / test_mqa_logits
 def test_bad_values_with_checks_off_stay_in_bounds(case, path, device):

@@ -375,6 +375,35 @@ def _q_c_quant_kernel(q_c_ptr, stride_qc, xq_ptr, xs_ptr, USE_UE8M0: tl.constexp
 # --------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------
+def check_prequant_buffers(q_c_fp8, q_c_scale, num_tokens: int, prefix: str = "") -> None:
+    """Check the buffers of the prequantized GEMM (``q_b_proj_rope(q_c_fp8=...)``, the partitioned
+    kernel's ``RegionWorkspace.q_c_fp8`` / ``q_c_scale``) for ``num_tokens`` rows.
+
+    Expected: both given; float8_e4m3fn ``[>= num_tokens, 1536]`` and fp32 ``[>= num_tokens, 12]``,
+    each contiguous, on one device. ``prefix`` names their owner in messages (e.g. ``"workspace."``).
+
+    Raises
+    ------
+    ValueError : only one given, wrong shape, not contiguous, different devices.
+    TypeError : wrong dtype.
+    """
+    a, b = f"{prefix}q_c_fp8", f"{prefix}q_c_scale"
+    if (q_c_fp8 is None) != (q_c_scale is None):
+        raise ValueError(f"{a}, {b}: pass both (prequantized GEMM) or neither")
+    K, KB = dims.Q_LORA_RANK, dims.Q_LORA_RANK // dims.QUANT_GROUP
+    for name, x, dt, cols in ((a, q_c_fp8, torch.float8_e4m3fn, K), (b, q_c_scale, torch.float32, KB)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != dt:
+            raise TypeError(f"{name}: expected {dt}, got {x.dtype}")
+        if x.dim() != 2 or x.shape[0] < num_tokens or x.shape[1] != cols:
+            raise ValueError(f"{name}: expected shape [>= {num_tokens}, {cols}], got {tuple(x.shape)}")
+        if not x.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor (strides {x.stride()})")
+    if q_c_fp8.device != q_c_scale.device:
+        raise ValueError(f"{a}, {b}: on different devices ({q_c_fp8.device}, {q_c_scale.device})")
+
+
 def default_block_t(T: int) -> int:
     """Default token tile: the next power of two >= T, between 16 and 64."""
     return min(max(16, triton.next_power_of_2(max(T, 1))), 64)
@@ -424,7 +453,8 @@ def q_b_proj_rope(
         ``fp8.fp8e4m3_rne``: about 45% fewer instructions in the K loop. Default ``None``: on for
         CUDA tensors, off under ``TRITON_INTERPRET=1`` (whose conversion rounds differently).
     q_c_fp8, q_c_scale : optional float8_e4m3fn ``[>= T, 1536]`` and fp32 ``[>= T, 12]`` contiguous
-        buffers (e.g. ``RegionWorkspace.q_c_fp8`` / ``q_c_scale``): given, the call is two launches,
+        buffers (e.g. ``RegionWorkspace.q_c_fp8`` / ``q_c_scale``; checked by
+        :func:`check_prequant_buffers`, which raises ValueError/TypeError): given, the call is two launches,
         the activation quant once per token into them (``_q_c_quant_kernel``) then the GEMM reading
         them (``PREQUANT``; ``num_stages >= 1``); the same ``q`` bytes as the fused quant.
 
@@ -434,6 +464,8 @@ def q_b_proj_rope(
     (``validate.py`` checks inputs).
     """
     T = q_c.shape[0]
+    if (q_c_fp8 is not None or q_c_scale is not None) and T == 0:
+        check_prequant_buffers(q_c_fp8, q_c_scale, T)  # bad buffers are refused even for an empty batch
     if T == 0:
         return
     N = weight.shape[0]
@@ -442,19 +474,9 @@ def q_b_proj_rope(
         block_t = default_block_t(T)
     if hw_cvt is None:
         hw_cvt = q_c.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-    prequant = q_c_fp8 is not None
-    if prequant != (q_c_scale is not None):
-        raise ValueError("q_c_fp8, q_c_scale: pass both (prequantized GEMM) or neither")
+    prequant = q_c_fp8 is not None or q_c_scale is not None
     if prequant:
-        if q_c_fp8.dtype != torch.float8_e4m3fn or q_c_scale.dtype != torch.float32:
-            raise TypeError(f"q_c_fp8, q_c_scale: expected float8_e4m3fn and float32, got {q_c_fp8.dtype}, "
-                            f"{q_c_scale.dtype}")
-        K, KB = dims.Q_LORA_RANK, dims.Q_LORA_RANK // dims.QUANT_GROUP
-        if (q_c_fp8.dim() != 2 or q_c_fp8.shape[0] < T or q_c_fp8.shape[1] != K or not q_c_fp8.is_contiguous()
-                or q_c_scale.dim() != 2 or q_c_scale.shape[0] < T or q_c_scale.shape[1] != KB
-                or not q_c_scale.is_contiguous()):
-            raise ValueError(f"q_c_fp8, q_c_scale: expected contiguous [>= {T}, {K}] and [>= {T}, {KB}], got "
-                             f"{tuple(q_c_fp8.shape)} and {tuple(q_c_scale.shape)}")
+        check_prequant_buffers(q_c_fp8, q_c_scale, T)
         if num_stages < 1:
             raise ValueError(f"num_stages: the prequantized GEMM needs >= 1, got {num_stages}")
         _q_c_quant_kernel[(T,)](q_c, q_c.stride(0), q_c_fp8, q_c_scale, USE_UE8M0=bool(use_ue8m0),

@@ -81,8 +81,16 @@ class RegionWorkspace:
         return cls.for_shape(args.num_tokens, max_len, args.q_c.device)
 
     def check_fits(self, args) -> None:
-        """Raise ``ValueError`` if ``args`` has more rows than the workspace or another device."""
+        """Raise ``ValueError`` if ``args`` has more rows than the workspace or another device, or
+        ``ValueError``/``TypeError`` if its ``q_c_fp8`` / ``q_c_scale`` do not fit the batch
+        (``q_b_proj.check_prequant_buffers``; both ``None`` is allowed: the fused-quant GEMM)."""
         if args.num_tokens > self.max_tokens:
             raise ValueError(f"workspace: holds {self.max_tokens} rows, the batch has {args.num_tokens}")
         if self.logits.device != args.q_c.device:
             raise ValueError(f"workspace: on {self.logits.device}, the batch is on {args.q_c.device}")
+        if self.q_c_fp8 is not None or self.q_c_scale is not None:  # both None: the fused-quant GEMM
+            from .q_b_proj import check_prequant_buffers
+
+            check_prequant_buffers(self.q_c_fp8, self.q_c_scale, args.num_tokens, prefix="workspace.")
+            if self.q_c_fp8.device != args.q_c.device:
+                raise ValueError(f"workspace.q_c_fp8: on {self.q_c_fp8.device}, the batch is on {args.q_c.device}")
