@@ -372,29 +372,25 @@ def _partitioned_kernel(
                 if QUANT_Q_C:
                     _q_c_quant_row(zero + t, q_c_ptr, stride_qc, xq_ptr, xs_ptr, USE_UE8M0, HW_CVT)
             if DENSE:
-                # one program per (row, run) of the bucket: the standalone logits kernel's mapping,
-                # no prefix sums; runs past a row's blocks exit (run 0 always runs)
-                t = pid // runs_per_row
-                run = pid - t * runs_per_row
-                if t < T:
-                    b = t // NEXT_N
-                    L = tl.load(context_lens_ptr + b) - NEXT_N + 1 + (t - b * NEXT_N)
-                    L = tl.minimum(tl.maximum(L, 0), tl.minimum(max_blocks * 64, max_len))
-                    if (run == 0) | (run * BLOCKS_PER_ITEM * 64 < L):
-                        _indexer_logits_and_topk_item(
-                            t, run, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
-                            block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
-                            row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
-                            stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
-                            USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB,
-                            TOPK_CAP, ROLES,
-                        )
+                n_logit = T * runs_per_row  # every (row, run) item of the bucket, one program each
             else:
                 n_items, cum_items = _row_items(context_lens_ptr, T, max_blocks, max_len, NEXT_N, BLOCKS_PER_ITEM,
                                                 T_PAD)
                 n_logit = tl.sum(n_items, axis=0)
-                for i in range(pid, n_logit, num_idx_programs):
+            for i in range(pid, n_logit, num_idx_programs):
+                if DENSE:
+                    # the standalone logits kernel's mapping, no prefix sums: runs past a row's
+                    # blocks do nothing (run 0 always runs)
+                    t = (zero + i) // runs_per_row
+                    run = (zero + i) - t * runs_per_row
+                    b = t // NEXT_N
+                    L = tl.load(context_lens_ptr + b) - NEXT_N + 1 + (t - b * NEXT_N)
+                    L = tl.minimum(tl.maximum(L, 0), tl.minimum(max_blocks * 64, max_len))
+                    todo = (run == 0) | (run * BLOCKS_PER_ITEM * 64 < L)
+                else:
                     t, run = _item_row_run(zero + i, n_items, cum_items, T_PAD)
+                    todo = run >= 0
+                if todo:
                     _indexer_logits_and_topk_item(
                         t, run, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
                         block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
