@@ -99,8 +99,9 @@ class PartitionConfig:
 
     With ``gemm_in_tail=1.0`` the fused launch has no GEMM tile: its GEMM code is compiled out and
     its GEMM programs join the indexer. (H200, 2026-11-30, H=128, T=128, 16K: that launch took
-    138 us with 4 resident programs per SM striding over the items, against about 75 for the
-    standalone logits kernel with one program per item.)
+    138 us striding over the items, against about 75 for the standalone logits kernel with one
+    program per item; it then still compiled the GEMM loop, 218 registers against the logits
+    kernel's 79, which a constexpr guard has since removed: 96, not yet timed.)
     """
 
     indexer_programs: int | None = None
@@ -399,8 +400,10 @@ def _partitioned_kernel(
                         USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB,
                         TOPK_CAP, ROLES,
                     )
-        else:
-            for item in range(pid - num_idx_programs, n_gemm_items if ROLES & 8 else 0, num_gemm_programs):
+        elif ROLES & 8:
+            # a constexpr test, so that a launch without GEMM tiles compiles no GEMM code: a loop
+            # of zero trips would still be compiled and its registers counted for every program
+            for item in range(pid - num_idx_programs, n_gemm_items, num_gemm_programs):
                 _q_b_proj_item(
                     zero + item, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
                     xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
