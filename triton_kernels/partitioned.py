@@ -51,8 +51,8 @@ from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item, mqa_logits_runs_per_row
 from .q_b_proj import _q_b_proj_item, _q_c_quant_row, default_block_t
 from .region import register_path
-from .topk import (TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, TopkConfig, _topk_chunk_item, _topk_stage, resolve_cap,
-                   topk_decode)
+from .topk import (TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, TopkConfig, _topk_chunk_item, _topk_row_len, _topk_stage,
+                   resolve_cap, topk_decode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,9 +384,7 @@ def _partitioned_kernel(
                     # blocks do nothing (run 0 always runs)
                     t = (zero + i) // runs_per_row
                     run = (zero + i) - t * runs_per_row
-                    b = t // NEXT_N
-                    L = tl.load(context_lens_ptr + b) - NEXT_N + 1 + (t - b * NEXT_N)
-                    L = tl.minimum(tl.maximum(L, 0), tl.minimum(max_blocks * 64, max_len))
+                    L = _topk_row_len(t, context_lens_ptr, NEXT_N, tl.minimum(max_blocks * 64, max_len), False)
                     todo = (run == 0) | (run * BLOCKS_PER_ITEM * 64 < L)
                 else:
                     t, run = _item_row_run(zero + i, n_items, cum_items, T_PAD)
@@ -549,16 +547,18 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         return
     if tail_cols:
         if cfg.roles & 12:
-            _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, num_sms, hw_cvt, prequant)
+            _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, num_sms, hw_cvt, prequant,
+                         xq, xs)
     elif cfg.roles & 4:
         topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=tw,
                     max_len=max_len, config=cfg.topk_config)
 
 
 def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, block_t: int, n_t_tiles: int,
-                 num_sms: int, hw_cvt: bool, prequant: bool) -> None:
+                 num_sms: int, hw_cvt: bool, prequant: bool, xq, xs) -> None:
     """The top-k launch with the GEMM tiles of output columns ``[n_cut, N)`` beside it: one
-    program per top-k (row, chunk) item, numbered first, then the GEMM programs."""
+    program per top-k (row, chunk) item, numbered first, then the GEMM programs. ``xq``/``xs``:
+    the quantized ``q_c`` the first launch wrote (``prequant``), else unused placeholders."""
     T, next_n = args.num_tokens, args.next_n
     N = args.num_heads * dims.QK_HEAD_DIM
     tw = ws.topk
@@ -578,7 +578,7 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
         ws.logits, args.context_lens, args.topk_indices, tw.cand_vals, tw.cand_idx, tw.counters,
         ws.logits.stride(0), args.topk_indices.stride(0), lmax, tw.max_chunks, n_topk, n_topk_p,
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
-        args.k_pe, args.q, ws.q_c_fp8 if prequant else args.q_c, ws.q_c_scale if prequant else args.q_c,
+        args.k_pe, args.q, xq, xs,
         T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
         gemm_lo, gemm_hi, max(n_gemm_p, 1),
         NEXT_N=next_n, CHUNK=tw.chunk, TOPK_K=tw.k, TOPK_BLOCK=tcfg.block, TOPK_LOG2_NB=tcfg.log2_bins, TOPK_CAP=cap,

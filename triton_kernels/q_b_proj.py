@@ -464,8 +464,9 @@ def q_b_proj_rope(
     (``validate.py`` checks inputs).
     """
     T = q_c.shape[0]
-    if (q_c_fp8 is not None or q_c_scale is not None) and T == 0:
-        check_prequant_buffers(q_c_fp8, q_c_scale, T)  # bad buffers are refused even for an empty batch
+    prequant = q_c_fp8 is not None or q_c_scale is not None
+    if prequant:  # bad buffers are refused even for an empty batch
+        check_prequant_buffers(q_c_fp8, q_c_scale, T)
     if T == 0:
         return
     N = weight.shape[0]
@@ -474,9 +475,7 @@ def q_b_proj_rope(
         block_t = default_block_t(T)
     if hw_cvt is None:
         hw_cvt = q_c.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-    prequant = q_c_fp8 is not None or q_c_scale is not None
     if prequant:
-        check_prequant_buffers(q_c_fp8, q_c_scale, T)
         if num_stages < 1:
             raise ValueError(f"num_stages: the prequantized GEMM needs >= 1, got {num_stages}")
         _q_c_quant_kernel[(T,)](q_c, q_c.stride(0), q_c_fp8, q_c_scale, USE_UE8M0=bool(use_ue8m0),
