@@ -52,12 +52,23 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[
         if cfg not in out:
             out.append(cfg)
 
+    # the GEMM beside the logits (q_c quantized by a launch of its own), GEMM programs numbered
+    # first, one program per logits item, a register cap so that both share SMs; the top-k alone
+    # after. H200, 2026-11-30, H=128, T=128: 72.4 / 153.3 / 528.0 us at 4K / 16K / 64K against
+    # 84.4 / 170.6 / 554.7 for the tail split; tied or lost at T <= 32: tried first at T >= 64
+    base = dataclasses.replace(model, gemm_in_tail=0.0, first_prequant=True, dense_first=True, blocks_per_item=8)
+    dense = [dataclasses.replace(base, maxnreg=mr, gemm_programs=g, num_stages=st)
+             for mr, g, st in ((168, 2 * num_sms, 3), (128, 2 * num_sms, 3), (168, num_sms, 4),
+                               (128, 2 * num_sms, 4), (168, None, 3))]
     add(model)
+    for cfg in dense if T >= 64 else ():
+        add(cfg)
     # the top-k launch with the GEMM beside it (the logits get the whole GPU first)
     for tail in (1.0, 0.0, 0.5, 0.25):
         add(dataclasses.replace(model, gemm_in_tail=tail))
     add(dataclasses.replace(model, gemm_in_tail=1.0, tail_block_n=256))
-    # the GEMM-less first launch as 4 resident programs per SM striding over the logits items
+    for cfg in dense:
+        add(cfg)
     add(dataclasses.replace(model, gemm_in_tail=1.0, first_programs=4 * num_sms))
     add(dataclasses.replace(model, gemm_in_tail=1.0, num_stages=4))
     for r in (2, 8):
@@ -82,6 +93,13 @@ def _name(cfg: PartitionConfig | None, path: str) -> str:
     if cfg.dynamic:
         return f"partitioned:dyn{cfg.indexer_programs}q{cfg.queue_chunk}"
     tail = f"-tail{cfg.gemm_in_tail:g}bn{cfg.tail_block_n}" if cfg.gemm_in_tail else ""
+    if cfg.first_prequant:
+        tail += "-prequant"
+    if cfg.maxnreg is not None:
+        tail += f"-maxnreg{cfg.maxnreg}"
+    if cfg.dense_first:
+        return (f"partitioned:dense/{cfg.gemm_programs or 'tiles'}-bn{cfg.block_n}-r{cfg.blocks_per_item}"
+                f"{'-fusedtopk' if cfg.fuse_topk else ''}{tail}" + (f"-s{cfg.num_stages}" if cfg.num_stages != 3 else ""))
     if cfg.gemm_in_tail and cfg.first_programs:
         tail += f"-first{cfg.first_programs}"
     if cfg.gemm_in_tail and not cfg.tail_prequant:

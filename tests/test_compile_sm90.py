@@ -64,7 +64,7 @@ def _registers(constexprs: dict) -> int:
 
 _BASE = dict(USE_UE8M0=True, NEXT_N=1, BLOCKS_PER_ITEM=4, NUM_STAGES=3, CHUNK=16384, BLOCK_N=64, BLOCK_T=64,
              T_PAD=128, DYNAMIC=False, QUEUE_CHUNK=4, HW_CVT=True, TOPK_K=2048, TOPK_BLOCK=1024, TOPK_LOG2_NB=6,
-             TOPK_CAP=2048)
+             TOPK_CAP=2048, GEMM_PREQUANT=False, GEMM_FIRST=False)
 
 
 def _child() -> None:

@@ -62,6 +62,8 @@ def _random_config(rng: random.Random, total: int) -> PartitionConfig:
         tail = dict(gemm_in_tail=rng.choice([0.5, 1.0]), tail_block_n=rng.choice([128, 256]),
                     tail_gemm_programs=rng.choice([None, 1, rng.randint(1, 132)]),
                     tail_prequant=rng.random() < 0.7, first_programs=rng.choice([None, None, 1, 528]))
+    if rng.random() < 0.4:  # GEMM tiles reading q_c quantized by a launch of its own, a register cap
+        tail.update(first_prequant=True, maxnreg=rng.choice([None, 128, 168]), dense_first=rng.random() < 0.5)
     return PartitionConfig(indexer_programs=n_idx, gemm_programs=total - n_idx, fuse_topk=fuse, blocks_per_item=bpi,
                            **tail)
 
@@ -109,8 +111,10 @@ def test_random_sweep_gpu(chunk):
 
 
 @pytest.mark.parametrize("config", [None, PartitionConfig(dynamic=True, fuse_topk=True, queue_chunk=4),
-                                    PartitionConfig(gemm_in_tail=1.0)],
-                         ids=["tuned-static", "dynamic-fusedtopk", "gemm-in-tail"])
+                                    PartitionConfig(gemm_in_tail=1.0),
+                                    PartitionConfig(first_prequant=True, dense_first=True, maxnreg=128,
+                                                    gemm_programs=264, blocks_per_item=8)],
+                         ids=["tuned-static", "dynamic-fusedtopk", "gemm-in-tail", "dense-first"])
 def test_graph_replays_1000_gpu(config):
     """One graph, 1,000 replays (250 for the fused top-k), metadata rewritten in place between
     replays; every replay equals ``reference`` on the same inputs."""
@@ -161,6 +165,10 @@ def test_concurrency_stress_gpu():
                                 tail_gemm_programs=tg, tail_prequant=pq)
                 for i, g, bn, tg, pq in ((66, 1.0, 128, None, True), (7, 0.5, 256, 1, False),
                                          (200, 1.0, 256, 100, True), (33, 0.5, 128, 5, False))]
+    configs += [PartitionConfig(indexer_programs=i, gemm_programs=total - i, gemm_in_tail=g, first_prequant=True,
+                                maxnreg=r, dense_first=d)
+                for i, g, r, d in ((200, 0.0, 128, False), (66, 0.5, 168, True), (33, 0.0, None, False),
+                                   (1, 0.0, 168, True))]
     work = b.clone()
     a = work.args
     pristine = {k: getattr(a, k).clone() for k in ("kv_cache", "k_pe")}

@@ -61,6 +61,33 @@ def test_partitioned_h128_smoke(device):
     _run_and_check(b, "partitioned", device, PartitionConfig(indexer_programs=2, gemm_programs=3, block_n=128))
 
 
+@pytest.mark.parametrize("cfg", [
+    PartitionConfig(first_prequant=True, dense_first=True),  # one GEMM program per tile
+    PartitionConfig(first_prequant=True, dense_first=True, gemm_programs=1, maxnreg=128, blocks_per_item=8),
+    PartitionConfig(first_prequant=True, dense_first=True, gemm_programs=2, gemm_in_tail=0.5, fuse_topk=False),
+    PartitionConfig(first_prequant=True, dense_first=True, gemm_programs=3, fuse_topk=True),
+    PartitionConfig(first_prequant=True, indexer_programs=2, gemm_programs=1, maxnreg=168),  # strided
+    PartitionConfig(dense_first=True, gemm_programs=2),  # GEMM tiles quantizing q_c themselves
+], ids=["tiles", "one-gemm-program-cap128", "half-in-tail", "fused-topk", "strided-prequant", "fused-quant"])
+def test_partitioned_gemm_first_launch_variants(cfg, device):
+    """The first launch with GEMM tiles: q_c quantized by a launch of its own (``first_prequant``),
+    GEMM programs numbered first and one program per logits item (``dense_first``), a register cap
+    (``maxnreg``, ignored by the interpreter); MTP rows, a padding row, a row longer than a top-k
+    chunk (two chunks and a merge). The rows of ``q_c_fp8`` past T stay untouched."""
+    b = make_decode_batch([70, 4100, 2], num_heads=16, next_n=2, num_padding=1, seed=11)
+    b = b if device == "cpu" else _to(b, device)
+    ref = b.clone()
+    run_region(ref.args, path="reference")
+    out = b.clone()
+    ws = RegionWorkspace.for_shape(b.args.num_tokens + 3, 4160, out.args.q_c.device)
+    ws.q_c_fp8.view(torch.uint8).fill_(0x55)
+    run_region(out.args, path="partitioned", workspace=ws, config=cfg)
+    checks.check_region(out.args, ref.args, b)
+    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0, "counters not reset"
+    T = b.args.num_tokens
+    assert bool((ws.q_c_fp8[T:].view(torch.uint8) == 0x55).all()), "rows past T written"
+
+
 @pytest.mark.parametrize("roles", [3, 4, 8, 12])
 def test_partitioned_roles_with_gemm_in_tail(roles, device):
     """``roles`` (a benchmark knob) leaves the schedule of a tail split as it is: the roles it
@@ -106,6 +133,9 @@ def _random_case(seed: int):
         tail_gemm_programs=rng.choice([None, 1, 3]),
         tail_prequant=rng.random() < 0.7,
         first_programs=rng.choice([None, None, 1, 3]),
+        first_prequant=rng.random() < 0.4,
+        maxnreg=rng.choice([None, None, 128]),
+        dense_first=not dynamic and rng.random() < 0.4,
     )
     return lens, next_n, pad, rng.random() < 0.3, cfg
 

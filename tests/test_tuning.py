@@ -129,9 +129,15 @@ def test_autotune_candidates_and_dry_run(capsys):
     assert cands[0] == model and len(cands) == len(set(cands))
     for c in cands:
         if not c.dynamic:
-            assert c.indexer_programs >= 1 and c.gemm_programs >= 1
+            assert c.indexer_programs >= 1 and (c.gemm_programs or 1) >= 1
+        if c.dense_first:  # one program per logits item; gemm_programs GEMM programs (None = per tile)
+            assert c.first_prequant and c.gemm_in_tail == 0.0 and c.maxnreg in (128, 168)
+        elif not c.dynamic:
             assert c.indexer_programs + c.gemm_programs == model.indexer_programs + model.gemm_programs
     assert any(c.dynamic for c in cands) and any(c.fuse_topk for c in cands)
+    assert not cands[1].dense_first and any(c.dense_first for c in cands)  # T=32: the tail variants first
+    big = autotune.candidates(128, 128, 1, 8192, 132)
+    assert all(c.dense_first for c in big[1:6]) and len(big) == len(set(big))  # T >= 64: dense-first next
     assert not any(c.fuse_topk and c.gemm_in_tail for c in cands)  # the top-k launch is gone when fused
     assert {c.gemm_in_tail for c in cands} >= {0.0, 0.25, 0.5, 1.0}
     assert autotune.main(["--dry-run", "--batch", "1,8", "--context", "4096", "--heads", "16"]) == 0

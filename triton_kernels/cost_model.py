@@ -120,7 +120,10 @@ def gemm_in_tail(num_tokens: int, max_len: int, num_sms: int) -> float:
     after the dense first launch, T=8, 4K: 27.6 vs 41.2; T=32, 16K: 77.7 vs 107.9); before those
     changes it lost once the top-k had more than ``num_sms // 4`` items.
     The autotune still tries 0, 1/4 and 1/2 per bucket. Arguments are kept for the rule's shape
-    dependence (none measured now).
+    dependence (none measured now). Not covered by this rule: the dense-first split
+    (``PartitionConfig.dense_first``, GEMM beside the logits under a register cap), which beat the
+    tail split at T=128 (73.3 vs 83.4 us at 4K, 528.3 vs 554.8 at 64K, same machine and day) and
+    which only the autotune picks.
     """
     del num_tokens, max_len, num_sms
     return 1.0

@@ -4,6 +4,11 @@ One launch runs the key write, the paged logits and the whole q side; the top-20
 inside it (``PartitionConfig(fuse_topk=True)``: the last arriving logits item of a row or chunk)
 or as a second launch right after (the default: on the H200, 2026-11-30, the in-launch top-k ran
 at the kernel's 4 warps and 242 registers and was 3-10x slower at B >= 32; README, Limitations).
+Where the GEMM tiles run is a launch parameter: beside the logits in the first launch, beside the
+top-k in the second (``gemm_in_tail``), or split between them; with ``first_prequant`` a small
+launch before the first quantizes ``q_c`` once per token for the first launch's tiles, with
+``dense_first`` the first launch is one program per GEMM tile group and per logits item (GEMM
+programs numbered first) and ``maxnreg`` caps its registers so both share SMs.
 
 Programs pick a role from ``tl.program_id(0)`` (static split) or claim chunks of a shared work
 list from an atomic queue (dynamic, POD-Attention style). The roles call the standalone kernels'
@@ -49,7 +54,7 @@ from . import cost_model, dims
 from .fp8 import quant_fp8_bytes, quant_scale
 from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item, mqa_logits_runs_per_row
-from .q_b_proj import _q_b_proj_item, _q_c_quant_row, default_block_t
+from .q_b_proj import _q_b_proj_item, _q_c_quant_kernel, _q_c_quant_row, default_block_t
 from .region import register_path
 from .topk import (TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, TopkConfig, _topk_chunk_item, _topk_row_len, _topk_stage,
                    resolve_cap, topk_decode)
@@ -92,6 +97,24 @@ class PartitionConfig:
         loaded by pipelined async copies, instead of quantizing it in every tile's K loop. Same
         bytes either way.
 
+    first_prequant : quantize ``q_c`` in a small launch of its own (``q_b_proj._q_c_quant_kernel``,
+        one program per token) before the fused launch, whose GEMM tiles then read the FP8
+        activations (``_q_b_proj_item(PREQUANT=True)``) instead of quantizing them in every tile's K
+        loop; for splits with GEMM tiles in the fused launch (``gemm_in_tail < 1``). Three launches
+        instead of two; same bytes. Needs the workspace's ``q_c_fp8`` buffers (else ignored).
+    maxnreg : register cap per thread of the fused launch (Triton's ``maxnreg``, PTX ``.maxnreg``;
+        ``None`` = ptxas decides). A launch with GEMM tiles compiles to 214-251 registers at 4 warps
+        (2 programs per SM, the logits role alone needs 95, sm_90 compile, 2026-11-30); a cap of 128
+        lets 4 programs share an SM, at the price of spills in the GEMM tile (120 bytes of stack at
+        ``block_t=64``).
+    dense_first : a fused launch with GEMM tiles (``gemm_in_tail < 1``, static schedule) as
+        ``gemm_programs`` programs striding over the GEMM tiles (``None`` = one per tile), numbered
+        first so that the hardware starts them first, then one program per logits item of the
+        bucket (the standalone logits kernel's grid: the items fill the slots the GEMM programs
+        leave, and the ones they free), instead of ``indexer_programs + gemm_programs`` resident
+        programs striding over both (``indexer_programs`` is then ignored). Pair it with
+        ``maxnreg`` so that GEMM programs and logits items share SMs, and ``gemm_programs`` about
+        ``num_sms`` so that the GEMM does not take every slot first.
     first_programs : programs of a GEMM-less fused launch (``gemm_in_tail=1.0``), all on the key
         write and the logits, striding over the items; ``None`` = one per logits item of the bucket
         (``T * cdiv(max_len, 64 * blocks_per_item)``, at least ``indexer_programs + gemm_programs``),
@@ -99,9 +122,15 @@ class PartitionConfig:
 
     With ``gemm_in_tail=1.0`` the fused launch has no GEMM tile: its GEMM code is compiled out and
     its GEMM programs join the indexer. (H200, 2026-11-30, H=128, T=128, 16K: that launch took
-    138 us striding over the items, against about 75 for the standalone logits kernel with one
-    program per item; it then still compiled the GEMM loop, 218 registers against the logits
-    kernel's 79, which a constexpr guard has since removed: 96, not yet timed.)
+    138 us striding over the items at 218 registers, the GEMM loop compiled in; with one program
+    per item and the GEMM code compiled out (96 registers) 85.1, against 84.4 for the standalone
+    logits kernel.)
+
+    Which split wins (same machine and day, H=128, us): at T <= 32 the tail split
+    (``gemm_in_tail=1``); at T=128 the dense-first split (``first_prequant=True, dense_first=True,
+    maxnreg=168 or 128, gemm_programs=2*num_sms, blocks_per_item=8``): 73.3 / 154.1 / 528.3 at
+    4K / 16K / 64K against 83.4 / 166.0 / 554.8 for the tail split and 80.2 / 165.6 / 537.2 for
+    ``sequential``. ``smpart-autotune`` picks per bucket.
     """
 
     indexer_programs: int | None = None
@@ -121,6 +150,9 @@ class PartitionConfig:
     tail_gemm_programs: int | None = None
     tail_prequant: bool = True
     first_programs: int | None = None
+    first_prequant: bool = False
+    maxnreg: int | None = None
+    dense_first: bool = False
 
     def __post_init__(self):
         """Reject bad values when the config is made (a TypeError/ValueError naming the field),
@@ -145,6 +177,9 @@ class PartitionConfig:
         integer("num_stages", 1)
         integer("tail_gemm_programs", 1, none_ok=True)
         integer("first_programs", 1, none_ok=True)
+        integer("maxnreg", 32, none_ok=True)
+        if self.maxnreg is not None and self.maxnreg > 255:
+            raise ValueError(f"config.maxnreg: expected 32..255 (registers per thread), got {self.maxnreg}")
         integer("roles", 0)
         one_of("block_n", (64, 128, 256))
         one_of("tail_block_n", (64, 128, 256))
@@ -154,7 +189,7 @@ class PartitionConfig:
             one_of("block_t", (16, 32, 64, 128))
         if self.roles > 15:
             raise ValueError(f"config.roles: expected a bit mask in 0..15, got {self.roles}")
-        for name in ("dynamic", "fuse_topk", "tail_prequant"):
+        for name in ("dynamic", "fuse_topk", "tail_prequant", "first_prequant", "dense_first"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"config.{name}: expected a bool, got {getattr(self, name)!r}")
         g = self.gemm_in_tail
@@ -164,6 +199,8 @@ class PartitionConfig:
             raise ValueError(f"config.gemm_in_tail: expected a fraction in [0, 1], got {g}")
         if g > 0 and self.fuse_topk:
             raise ValueError("config: gemm_in_tail > 0 needs fuse_topk=False (the GEMM tiles go to the top-k launch)")
+        if self.dense_first and self.dynamic:
+            raise ValueError("config: dense_first needs the static schedule (dynamic=False)")
         if self.topk_config is not None and not isinstance(self.topk_config, TopkConfig):
             raise TypeError(f"config.topk_config: expected a TopkConfig or None, got {type(self.topk_config).__name__}")
 
@@ -321,7 +358,7 @@ def _partitioned_kernel(
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, T_PAD: tl.constexpr,
     DYNAMIC: tl.constexpr, QUEUE_CHUNK: tl.constexpr, HW_CVT: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
     TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr, ROLES: tl.constexpr, QUANT_Q_C: tl.constexpr,
-    DENSE: tl.constexpr,
+    DENSE: tl.constexpr, GEMM_PREQUANT: tl.constexpr, GEMM_FIRST: tl.constexpr,
 ):
     """Whole region, one launch (module docstring). ``counters_ptr``: [0] queue head, [1] exited
     programs, [64 + t*max_chunks + c] (row, chunk) arrivals; ``row_ctr_ptr``: [t] chunk arrivals.
@@ -358,15 +395,17 @@ def _partitioned_kernel(
                     _q_b_proj_item(
                         w - T - n_logit, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
                         xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
-                        USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, False,
+                        USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, GEMM_PREQUANT,
                     )
             start = tl.atomic_add(counters_ptr, QUEUE_CHUNK, sem="relaxed", scope="gpu")
         # the last program out resets the queue head for the next replay
         if _arrive(counters_ptr + 1, tl.num_programs(0)):
             tl.atomic_xchg(counters_ptr, 0, sem="relaxed", scope="gpu")
     else:
-        if pid < num_idx_programs:
-            for t in range(pid, T if (ROLES & 1) or QUANT_Q_C else 0, num_idx_programs):
+        # GEMM_FIRST: programs [0, num_gemm_programs) take the GEMM tiles, the indexer's follow
+        ipid = pid - num_gemm_programs if GEMM_FIRST else pid
+        if (ipid >= 0) & (ipid < num_idx_programs):
+            for t in range(ipid, T if (ROLES & 1) or QUANT_Q_C else 0, num_idx_programs):
                 if ROLES & 1:
                     _indexer_k_cache_item(zero + t, index_k_ptr, kv_cache_ptr, slot_mapping_ptr, num_blocks * 64,
                                           stride_k, USE_UE8M0)
@@ -378,7 +417,7 @@ def _partitioned_kernel(
                 n_items, cum_items = _row_items(context_lens_ptr, T, max_blocks, max_len, NEXT_N, BLOCKS_PER_ITEM,
                                                 T_PAD)
                 n_logit = tl.sum(n_items, axis=0)
-            for i in range(pid, n_logit, num_idx_programs):
+            for i in range(ipid, n_logit, num_idx_programs):
                 if DENSE:
                     # the standalone logits kernel's mapping, no prefix sums: runs past a row's
                     # blocks do nothing (run 0 always runs)
@@ -401,11 +440,11 @@ def _partitioned_kernel(
         elif ROLES & 8:
             # a constexpr test, so that a launch without GEMM tiles compiles no GEMM code: a loop
             # of zero trips would still be compiled and its registers counted for every program
-            for item in range(pid - num_idx_programs, n_gemm_items, num_gemm_programs):
+            for item in range(pid if GEMM_FIRST else pid - num_idx_programs, n_gemm_items, num_gemm_programs):
                 _q_b_proj_item(
                     zero + item, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
                     xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
-                    USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, False,
+                    USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, GEMM_PREQUANT,
                 )
 
 
@@ -495,7 +534,8 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     max_chunks = tw.max_chunks
     num_sms = _num_sms(dev)
     resident = cost_model.resident_programs(num_sms, cfg.num_warps)
-    dense = False  # one program per (row, run) logits item, no prefix sums (GEMM-less static launch)
+    dense = False  # one program per (row, run) logits item, no prefix sums
+    gemm_first = False  # programs [0, n_gemm) on the GEMM tiles, the indexer's after them
     if cfg.dynamic:
         total = resident if cfg.indexer_programs is None else cfg.indexer_programs + (cfg.gemm_programs or 0)
         n_idx, n_gemm_p = total, 0
@@ -514,18 +554,28 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
             n_idx = cfg.first_programs or max(n_idx + n_gemm_p, T * runs)
             n_gemm_p = 0
             dense = n_idx >= T * runs
+        elif cfg.dense_first:
+            n_idx, n_gemm_p = T * runs, min(cfg.gemm_programs or n_gemm, n_gemm)
+            dense = gemm_first = True
         total = n_idx + n_gemm_p
     if n_idx < 1 or (not cfg.dynamic and n_gemm > 0 and n_gemm_p < 1):
         raise ValueError(f"config: need >= 1 program per role, got indexer={n_idx}, gemm={n_gemm_p}")
     if T > ws.topk.max_tokens:
         raise ValueError(f"workspace: top-k candidates hold {ws.topk.max_tokens} rows, the batch has {T}")
     hw_cvt = dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-    # the tail's GEMM tiles read q_c quantized once by this launch's per-token items
-    prequant = bool(tail_cols) and bool(cfg.roles & 8) and cfg.tail_prequant and ws.q_c_fp8 is not None
-    xq, xs = (ws.q_c_fp8, ws.q_c_scale) if prequant else (args.q_c, args.q_c)
+    have_q_buf = ws.q_c_fp8 is not None and bool(cfg.roles & 8)
+    # the fused launch's GEMM tiles read q_c quantized by a launch of its own before it
+    first_pre = cfg.first_prequant and n_gemm > 0 and have_q_buf
+    # the tail's GEMM tiles read q_c quantized once, by that launch or by the fused launch's
+    # per-token items
+    prequant = bool(tail_cols) and have_q_buf and (cfg.tail_prequant or first_pre)
+    xq, xs = (ws.q_c_fp8, ws.q_c_scale) if prequant or first_pre else (args.q_c, args.q_c)
     roles = cfg.roles if cfg.fuse_topk else cfg.roles & ~4
     if n_gemm == 0:
         roles &= ~8  # the GEMM runs in the top-k launch (or not at all)
+    if first_pre:
+        _q_c_quant_kernel[(T,)](args.q_c, args.q_c.stride(0), xq, xs, USE_UE8M0=bool(use_ue8m0), HW_CVT=hw_cvt)
+    extra = {} if cfg.maxnreg is None else dict(maxnreg=cfg.maxnreg)
     _partitioned_kernel[(total,)](
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
         args.k_pe, args.q, xq, xs,
@@ -540,8 +590,8 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         CHUNK=tw.chunk, BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
         DYNAMIC=bool(cfg.dynamic),
         QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=hw_cvt,
-        ROLES=roles, QUANT_Q_C=prequant, DENSE=dense, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
-        num_warps=cfg.num_warps, num_stages=1,
+        ROLES=roles, QUANT_Q_C=prequant and not first_pre, DENSE=dense, GEMM_PREQUANT=first_pre, GEMM_FIRST=gemm_first, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
+        num_warps=cfg.num_warps, num_stages=1, **extra,
     )
     if cfg.fuse_topk:
         return
