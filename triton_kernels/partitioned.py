@@ -54,7 +54,7 @@ from . import cost_model, dims
 from .fp8 import quant_fp8_bytes, quant_scale
 from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item, mqa_logits_runs_per_row
-from .q_b_proj import _q_b_proj_item, _q_c_quant_kernel, _q_c_quant_row, default_block_t
+from .q_b_proj import _q_b_proj_item, _q_c_quant_row, default_block_t, launch_q_c_quant
 from .region import register_path
 from .topk import (TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, TopkConfig, _topk_chunk_item, _topk_row_len, _topk_stage,
                    resolve_cap, topk_decode)
@@ -97,7 +97,7 @@ class PartitionConfig:
         loaded by pipelined async copies, instead of quantizing it in every tile's K loop. Same
         bytes either way.
 
-    first_prequant : quantize ``q_c`` in a small launch of its own (``q_b_proj._q_c_quant_kernel``,
+    first_prequant : quantize ``q_c`` in a small launch of its own (``q_b_proj.launch_q_c_quant``,
         one program per token) before the fused launch, whose GEMM tiles then read the FP8
         activations (``_q_b_proj_item(PREQUANT=True)``) instead of quantizing them in every tile's K
         loop; for splits with GEMM tiles in the fused launch (``gemm_in_tail < 1``). Three launches
@@ -574,7 +574,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     if n_gemm == 0:
         roles &= ~8  # the GEMM runs in the top-k launch (or not at all)
     if first_pre:
-        _q_c_quant_kernel[(T,)](args.q_c, args.q_c.stride(0), xq, xs, USE_UE8M0=bool(use_ue8m0), HW_CVT=hw_cvt)
+        launch_q_c_quant(args.q_c, xq, xs, use_ue8m0, hw_cvt)
     extra = {} if cfg.maxnreg is None else dict(maxnreg=cfg.maxnreg)
     _partitioned_kernel[(total,)](
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,

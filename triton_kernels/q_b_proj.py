@@ -375,6 +375,21 @@ def _q_c_quant_kernel(q_c_ptr, stride_qc, xq_ptr, xs_ptr, USE_UE8M0: tl.constexp
 # --------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------
+def launch_q_c_quant(q_c: torch.Tensor, q_c_fp8: torch.Tensor, q_c_scale: torch.Tensor, use_ue8m0: bool,
+                     hw_cvt: bool) -> None:
+    """Quantize ``q_c`` once per token into ``q_c_fp8`` / ``q_c_scale`` (``_q_c_quant_kernel``, one
+    program per row of ``q_c``): the activations of the prequantized GEMM (``PREQUANT``).
+
+    q_c : bf16 ``[T, 1536]``, unit column stride. q_c_fp8 : float8_e4m3fn ``[>= T, 1536]`` and
+    q_c_scale : fp32 ``[>= T, 12]``, contiguous (checked by the callers,
+    :func:`check_prequant_buffers`); rows past ``T`` are not written. use_ue8m0 : power-of-two
+    scales. hw_cvt : the hardware FP8 conversion (False under the interpreter). Per-token-group
+    quant of vLLM 0.33 ``per_token_group_quant_fp8`` (``_act_quant``).
+    """
+    _q_c_quant_kernel[(q_c.shape[0],)](q_c, q_c.stride(0), q_c_fp8, q_c_scale, USE_UE8M0=bool(use_ue8m0),
+                                       HW_CVT=bool(hw_cvt), num_warps=4)
+
+
 def check_prequant_buffers(q_c_fp8, q_c_scale, num_tokens: int, prefix: str = "") -> None:
     """Check the buffers of the prequantized GEMM (``q_b_proj_rope(q_c_fp8=...)``, the partitioned
     kernel's ``RegionWorkspace.q_c_fp8`` / ``q_c_scale``) for ``num_tokens`` rows.
@@ -478,8 +493,7 @@ def q_b_proj_rope(
     if prequant:
         if num_stages < 1:
             raise ValueError(f"num_stages: the prequantized GEMM needs >= 1, got {num_stages}")
-        _q_c_quant_kernel[(T,)](q_c, q_c.stride(0), q_c_fp8, q_c_scale, USE_UE8M0=bool(use_ue8m0),
-                                HW_CVT=bool(hw_cvt), num_warps=4)
+        launch_q_c_quant(q_c, q_c_fp8, q_c_scale, use_ue8m0, hw_cvt)
     else:
         q_c_fp8, q_c_scale = q_c, q_c  # unused by the fused-quant kernel
     grid = (q_b_proj_num_items(T, H, block_n, block_t),)
