@@ -6,6 +6,7 @@ partitioned kernel's seeded random sweep (mixed lengths, random splits, both sch
 fused or as a second launch) and CUDA-graph replays with lengths and tables changed in between.
 """
 
+import dataclasses
 import random
 
 import pytest
@@ -15,6 +16,7 @@ from smpart.triton_kernels import checks
 from smpart.triton_kernels.batch import make_decode_batch
 from smpart.triton_kernels.partitioned import PartitionConfig
 from smpart.triton_kernels.region import run_region
+from smpart.triton_kernels.topk import TopkWorkspace
 from smpart.triton_kernels.workspace import RegionWorkspace
 
 FOUNDATION = [
@@ -40,8 +42,6 @@ def _run_and_check(batch, path, device, config=None):
 
 
 def _to(batch, device):
-    import dataclasses
-
     return dataclasses.replace(batch, args=batch.args.to(device))
 
 
@@ -73,13 +73,19 @@ def test_partitioned_gemm_first_launch_variants(cfg, device):
     """The first launch with GEMM tiles: q_c quantized by a launch of its own (``first_prequant``),
     GEMM programs numbered first and one program per logits item (``dense_first``), a register cap
     (``maxnreg``, ignored by the interpreter); MTP rows, a padding row, a row longer than a top-k
-    chunk (two chunks and a merge). The rows of ``q_c_fp8`` past T stay untouched."""
+    chunk (a 4096-position chunking here: two chunks and a merge). The rows of ``q_c_fp8`` past T
+    stay untouched."""
     b = make_decode_batch([70, 4100, 2], num_heads=16, next_n=2, num_padding=1, seed=11)
     b = b if device == "cpu" else _to(b, device)
     ref = b.clone()
     run_region(ref.args, path="reference")
     out = b.clone()
-    ws = RegionWorkspace.for_shape(b.args.num_tokens + 3, 4160, out.args.q_c.device)
+    dev = out.args.q_c.device
+    rows = b.args.num_tokens + 3
+    ws = RegionWorkspace.for_shape(rows, 4160, dev)
+    tw = TopkWorkspace(rows, 4160, dev, chunk=4096)
+    ws = dataclasses.replace(ws, topk=tw, counters=torch.zeros(RegionWorkspace.num_counters(rows, tw.max_chunks),
+                                                               dtype=torch.int32, device=dev))
     ws.q_c_fp8.view(torch.uint8).fill_(0x55)
     run_region(out.args, path="partitioned", workspace=ws, config=cfg)
     checks.check_region(out.args, ref.args, b)

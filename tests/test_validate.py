@@ -132,6 +132,25 @@ def test_workspace_prequant_buffers_checked(batch, path):
     check_region(out.args, ref.args, out)
 
 
+def test_workspace_counters_fit_topk_chunking():
+    """A workspace whose top-k chunking has more chunks than ``counters`` counts is refused before
+    any launch (the partitioned kernel's per-(row, chunk) counters would run past the buffer)."""
+    from smpart.triton_kernels.partitioned import PartitionConfig
+    from smpart.triton_kernels.topk import TopkWorkspace
+    from smpart.triton_kernels.workspace import RegionWorkspace
+
+    b = make_decode_batch([4999, 5000], num_heads=16, next_n=2, seed=3)
+    a = b.args
+    ws = RegionWorkspace.for_shape(a.num_tokens, 5056, "cpu")
+    small = TopkWorkspace(a.num_tokens, 5056, "cpu", chunk=4096)  # 2 chunks a row, counters sized for 1
+    before = a.kv_cache.clone()
+    with pytest.raises(ValueError, match="workspace.counters"):
+        run_region(a, path="partitioned", workspace=dataclasses.replace(ws, topk=small),
+                   config=PartitionConfig(first_prequant=True, dense_first=True, fuse_topk=True))
+    assert torch.equal(a.kv_cache, before)
+    assert RegionWorkspace.num_counters(a.num_tokens, small.max_chunks) == 64 + a.num_tokens * 2
+
+
 @pytest.mark.parametrize("case", ["slots", "block_ids", "lengths"])
 @pytest.mark.parametrize("path", ["partitioned"])  # the standalone kernels: test_indexer_cache / test_mqa_logits
 def test_bad_values_with_checks_off_stay_in_bounds(case, path, device):
@@ -243,8 +262,11 @@ BAD_CONFIGS = [
     (dict(dense_first="yes"), TypeError, "dense_first"),
     (dict(dense_first=True, dynamic=True), ValueError, "dense_first"),
     (dict(maxnreg=16), ValueError, "maxnreg"),
+    (dict(maxnreg=64), ValueError, "maxnreg"),  # ptxas cannot compile the GEMM tile under ~90
     (dict(maxnreg=256), ValueError, "maxnreg"),
     (dict(maxnreg=128.0), TypeError, "maxnreg"),
+    (dict(maxnreg=True), TypeError, "maxnreg"),
+    (dict(dense_first=True, gemm_programs=0), ValueError, "gemm_programs"),
     (dict(topk_config="fast"), TypeError, "topk_config"),
     (dict(indexer_programs=0), ValueError, "indexer_programs"),
     (dict(gemm_programs=-1), ValueError, "gemm_programs"),

@@ -95,26 +95,31 @@ class PartitionConfig:
     tail_prequant : the tail's GEMM tiles read ``q_c`` quantized once per token by the fused
         launch (``RegionWorkspace.q_c_fp8``; ``q_b_proj._q_c_quant_row``), with both MMA operands
         loaded by pipelined async copies, instead of quantizing it in every tile's K loop. Same
-        bytes either way.
+        bytes either way. Moot when ``first_prequant`` takes effect: the tail then reads what that
+        quant launch wrote.
 
     first_prequant : quantize ``q_c`` in a small launch of its own (``q_b_proj.launch_q_c_quant``,
         one program per token) before the fused launch, whose GEMM tiles then read the FP8
         activations (``_q_b_proj_item(PREQUANT=True)``) instead of quantizing them in every tile's K
-        loop; for splits with GEMM tiles in the fused launch (``gemm_in_tail < 1``). Three launches
-        instead of two; same bytes. Needs the workspace's ``q_c_fp8`` buffers (else ignored).
-    maxnreg : register cap per thread of the fused launch (Triton's ``maxnreg``, PTX ``.maxnreg``;
-        ``None`` = ptxas decides). A launch with GEMM tiles compiles to 214-251 registers at 4 warps
-        (2 programs per SM, the logits role alone needs 95, sm_90 compile, 2026-11-30); a cap of 128
-        lets 4 programs share an SM, at the price of spills in the GEMM tile (120 bytes of stack at
-        ``block_t=64``).
-    dense_first : a fused launch with GEMM tiles (``gemm_in_tail < 1``, static schedule) as
-        ``gemm_programs`` programs striding over the GEMM tiles (``None`` = one per tile), numbered
-        first so that the hardware starts them first, then one program per logits item of the
-        bucket (the standalone logits kernel's grid: the items fill the slots the GEMM programs
-        leave, and the ones they free), instead of ``indexer_programs + gemm_programs`` resident
-        programs striding over both (``indexer_programs`` is then ignored). Pair it with
-        ``maxnreg`` so that GEMM programs and logits items share SMs, and ``gemm_programs`` about
-        ``num_sms`` so that the GEMM does not take every slot first.
+        loop. Takes effect when the fused launch keeps GEMM tiles (``tail_columns(H, gemm_in_tail)
+        < H * 192``: ``gemm_in_tail`` below 1 after rounding to 256 columns) and the workspace has
+        the ``q_c_fp8`` buffers; else ignored. Three launches instead of two; same bytes.
+    maxnreg : register cap per thread of the fused launch, 96..255 (Triton's ``maxnreg``, PTX
+        ``.maxnreg``; ``None`` = ptxas decides). A launch with GEMM tiles compiles to 205-251
+        registers at 4 warps (2 programs per SM; the logits role alone needs 96; sm_90 compile,
+        2026-11-30); a cap of 168 lets 3 programs share an SM, 128 lets 4, at the price of spills in
+        the GEMM tile (120 bytes of stack at ``block_t=64``, 640 at 128). ptxas refuses caps below
+        58 (below 90 for ``block_t=128`` tiles), hence the floor.
+    dense_first : a fused launch with GEMM tiles (same condition as ``first_prequant``; static
+        schedule only) as ``gemm_programs`` programs striding over the GEMM tiles (``None`` = one
+        per tile; capped to the tiles), numbered first so that the hardware starts them first, then
+        one program per logits item of the bucket (the standalone logits kernel's grid: the items
+        fill the slots the GEMM programs leave, and the ones they free), instead of
+        ``indexer_programs + gemm_programs`` resident programs striding over both
+        (``indexer_programs`` is then ignored). Pair it with ``maxnreg`` so that GEMM programs and
+        logits items share SMs, and ``gemm_programs`` = ``num_sms`` or ``2 * num_sms`` so that the
+        GEMM does not take every slot first. With ``fuse_topk`` the last arriving logits item of a
+        row still runs its top-k; with no GEMM tile in the fused launch it is ignored.
     first_programs : programs of a GEMM-less fused launch (``gemm_in_tail=1.0``), all on the key
         write and the logits, striding over the items; ``None`` = one per logits item of the bucket
         (``T * cdiv(max_len, 64 * blocks_per_item)``, at least ``indexer_programs + gemm_programs``),
@@ -177,9 +182,11 @@ class PartitionConfig:
         integer("num_stages", 1)
         integer("tail_gemm_programs", 1, none_ok=True)
         integer("first_programs", 1, none_ok=True)
-        integer("maxnreg", 32, none_ok=True)
-        if self.maxnreg is not None and self.maxnreg > 255:
-            raise ValueError(f"config.maxnreg: expected 32..255 (registers per thread), got {self.maxnreg}")
+        if self.maxnreg is not None:
+            if isinstance(self.maxnreg, bool) or not isinstance(self.maxnreg, int):
+                raise TypeError(f"config.maxnreg: expected an int in 96..255 or None, got {self.maxnreg!r}")
+            if not 96 <= self.maxnreg <= 255:  # ptxas: >= 58 (>= 90 with 128-token tiles) to compile
+                raise ValueError(f"config.maxnreg: expected 96..255 registers per thread, got {self.maxnreg}")
         integer("roles", 0)
         one_of("block_n", (64, 128, 256))
         one_of("tail_block_n", (64, 128, 256))
@@ -201,6 +208,8 @@ class PartitionConfig:
             raise ValueError("config: gemm_in_tail > 0 needs fuse_topk=False (the GEMM tiles go to the top-k launch)")
         if self.dense_first and self.dynamic:
             raise ValueError("config: dense_first needs the static schedule (dynamic=False)")
+        if self.dense_first and self.gemm_programs == 0:
+            raise ValueError("config.gemm_programs: dense_first needs >= 1 GEMM program, or None (one per tile)")
         if self.topk_config is not None and not isinstance(self.topk_config, TopkConfig):
             raise TypeError(f"config.topk_config: expected a TopkConfig or None, got {type(self.topk_config).__name__}")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
 
 from . import dims
 
@@ -60,17 +59,23 @@ class RegionWorkspace:
         from .topk import TOPK_CHUNK, TopkWorkspace
 
         max_len = _round_up(max_len, dims.CACHE_BLOCK_SIZE)
+        topk = TopkWorkspace(max_tokens, max_len, device, chunk=TOPK_CHUNK)
         return cls(
             max_tokens=max_tokens,
             max_len=max_len,
             logits=torch.empty(max_tokens, max_len, dtype=torch.float32, device=device),
-            topk=TopkWorkspace(max_tokens, max_len, device),
-            counters=torch.zeros(64 + max_tokens * triton.cdiv(max_len, TOPK_CHUNK), dtype=torch.int32,
-                                 device=device),
+            topk=topk,
+            counters=torch.zeros(cls.num_counters(max_tokens, topk.max_chunks), dtype=torch.int32, device=device),
             q_c_fp8=torch.empty(max_tokens, dims.Q_LORA_RANK, dtype=torch.float8_e4m3fn, device=device),
             q_c_scale=torch.empty(max_tokens, dims.Q_LORA_RANK // dims.QUANT_GROUP, dtype=torch.float32,
                                   device=device),
         )
+
+    @staticmethod
+    def num_counters(max_tokens: int, max_chunks: int) -> int:
+        """Length of ``counters``: 64 queue slots, then one per (row, top-k chunk)
+        (``partitioned._QUEUE_SLOTS``; ``max_chunks`` = ``topk.max_chunks``)."""
+        return 64 + max_tokens * max_chunks
 
     @classmethod
     def for_args(cls, args, max_len: int | None = None) -> "RegionWorkspace":
@@ -81,13 +86,18 @@ class RegionWorkspace:
         return cls.for_shape(args.num_tokens, max_len, args.q_c.device)
 
     def check_fits(self, args) -> None:
-        """Raise ``ValueError`` if ``args`` has more rows than the workspace or another device, or
+        """Raise ``ValueError`` if ``args`` has more rows than the workspace or another device, if
+        ``counters`` is shorter than the top-k workspace's chunking needs, or
         ``ValueError``/``TypeError`` if its ``q_c_fp8`` / ``q_c_scale`` do not fit the batch
         (``q_b_proj.check_prequant_buffers``; both ``None`` is allowed: the fused-quant GEMM)."""
         if args.num_tokens > self.max_tokens:
             raise ValueError(f"workspace: holds {self.max_tokens} rows, the batch has {args.num_tokens}")
         if self.logits.device != args.q_c.device:
             raise ValueError(f"workspace: on {self.logits.device}, the batch is on {args.q_c.device}")
+        need = self.num_counters(args.num_tokens, self.topk.max_chunks)
+        if self.counters.numel() < need:  # one per (row, chunk) of topk's chunking, past 64 queue slots
+            raise ValueError(f"workspace.counters: {self.counters.numel()} int32, the batch needs {need} "
+                             f"(64 + {args.num_tokens} rows x {self.topk.max_chunks} top-k chunks)")
         if self.q_c_fp8 is not None or self.q_c_scale is not None:  # both None: the fused-quant GEMM
             from .q_b_proj import check_prequant_buffers
 
