@@ -97,17 +97,15 @@ def _name(cfg: PartitionConfig | None, path: str) -> str:
         tail += "-prequant"
     if cfg.maxnreg is not None:
         tail += f"-maxnreg{cfg.maxnreg}"
-    if cfg.dense_first:
-        return (f"partitioned:dense/{cfg.gemm_programs or 'tiles'}-bn{cfg.block_n}-r{cfg.blocks_per_item}"
-                f"{'-fusedtopk' if cfg.fuse_topk else ''}{tail}" + (f"-s{cfg.num_stages}" if cfg.num_stages != 3 else ""))
     if cfg.gemm_in_tail and cfg.first_programs:
         tail += f"-first{cfg.first_programs}"
     if cfg.gemm_in_tail and not cfg.tail_prequant:
         tail += "-noprequant"
     if cfg.num_stages != 3:
         tail += f"-s{cfg.num_stages}"
-    return (f"partitioned:{cfg.indexer_programs}/{cfg.gemm_programs}-bn{cfg.block_n}-r{cfg.blocks_per_item}"
-            f"{'-fusedtopk' if cfg.fuse_topk else ''}{tail}")
+    split = (f"dense/{cfg.gemm_programs or 'tiles'}" if cfg.dense_first  # indexer_programs unused
+             else f"{cfg.indexer_programs}/{cfg.gemm_programs}")
+    return f"partitioned:{split}-bn{cfg.block_n}-r{cfg.blocks_per_item}{'-fusedtopk' if cfg.fuse_topk else ''}{tail}"
 
 
 def main(argv=None) -> int:

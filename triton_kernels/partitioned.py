@@ -182,11 +182,9 @@ class PartitionConfig:
         integer("num_stages", 1)
         integer("tail_gemm_programs", 1, none_ok=True)
         integer("first_programs", 1, none_ok=True)
-        if self.maxnreg is not None:
-            if isinstance(self.maxnreg, bool) or not isinstance(self.maxnreg, int):
-                raise TypeError(f"config.maxnreg: expected an int in 96..255 or None, got {self.maxnreg!r}")
-            if not 96 <= self.maxnreg <= 255:  # ptxas: >= 58 (>= 90 with 128-token tiles) to compile
-                raise ValueError(f"config.maxnreg: expected 96..255 registers per thread, got {self.maxnreg}")
+        integer("maxnreg", 96, none_ok=True)  # ptxas: >= 58 (>= 90 with 128-token tiles) to compile
+        if self.maxnreg is not None and self.maxnreg > 255:
+            raise ValueError(f"config.maxnreg: expected 96..255 registers per thread, got {self.maxnreg}")
         integer("roles", 0)
         one_of("block_n", (64, 128, 256))
         one_of("tail_block_n", (64, 128, 256))
