@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from . import dims
+from .radix_topk import _NB as _HIST_NB, _f32_to_key, _hist_bin
 
 
 @triton.jit
@@ -64,6 +65,8 @@ def _mqa_logits_item(
     NUM_HEADS: tl.constexpr = 64,
     HEAD_DIM: tl.constexpr = 128,
     CACHE_BLOCK: tl.constexpr = 64,
+    HIST: tl.constexpr = False,
+    hist_ptr=None,
 ):
     """Logits of row ``t = item // runs_per_row`` for the blocks of run ``item % runs_per_row``.
 
@@ -82,6 +85,10 @@ def _mqa_logits_item(
     four k=32 steps chain in the MMA accumulator (as DeepGEMM's kernel does); with
     ``PRECISE_ACC`` each step's partial sum is added in fp32 registers
     (``max_num_imprecise_acc=32``). No effect under the interpreter.
+
+    ``HIST``: also add every visible logit it writes to row ``t``'s histogram ``hist_ptr``
+    (int32 ``[T, 2048]``, bins of ``radix_topk._hist_bin``) with relaxed atomics whose result is
+    unused (RED), for ``radix_topk.radix_topk(hist_ready=True)``, which zeroes it again.
     """
     BLOCK_BYTES: tl.constexpr = CACHE_BLOCK * (HEAD_DIM + 4)
     SCALE_OFFSET: tl.constexpr = CACHE_BLOCK * HEAD_DIM
@@ -139,6 +146,9 @@ def _mqa_logits_item(
         logit = tl.sum(s, axis=1) * k_scale
         pos = (blk0 + i) * CACHE_BLOCK + tok
         tl.store(out_row + i * CACHE_BLOCK + tok, logit, mask=pos < L)
+        if HIST:
+            tl.atomic_add(hist_ptr + t64 * _HIST_NB + _hist_bin(_f32_to_key(logit)), 1, mask=pos < L,
+                          sem="relaxed")
 
     if WRITE_NEG_INF:
         neg_inf = tl.full([CACHE_BLOCK], float("-inf"), tl.float32)
@@ -170,6 +180,8 @@ def _mqa_logits_kernel(
     WRITE_NEG_INF: tl.constexpr,
     FIXED_TRIP: tl.constexpr,
     PRECISE_ACC: tl.constexpr,
+    hist_ptr,
+    HIST: tl.constexpr,
 ):
     """Items ``pid, pid + grid, ...`` below ``num_items`` (one item per program when the grid is
     ``mqa_logits_num_items(...)``; a smaller grid makes it persistent)."""
@@ -178,6 +190,7 @@ def _mqa_logits_kernel(
             item, q_ptr, weights_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr, logits_ptr,
             stride_q, stride_w, stride_bt, stride_logits, num_blocks, max_blocks, max_len, runs_per_row,
             NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, WRITE_NEG_INF, FIXED_TRIP, PRECISE_ACC,
+            HIST=HIST, hist_ptr=hist_ptr,
         )
 
 
@@ -215,6 +228,7 @@ def paged_mqa_logits(
     max_len: int | None = None,
     num_programs: int | None = None,
     precise_acc: bool = False,
+    hist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FP8 paged MQA logits into the caller's workspace ``logits``.
 
@@ -240,6 +254,9 @@ def paged_mqa_logits(
     precise_acc : add each k=32 wgmma step's partial sum in fp32 registers (sm_90 FP8 MMAs
         accumulate with reduced precision; the default chains them in the accumulator, as
         DeepGEMM does).
+    hist : optional int32 ``[>= T, 2048]`` contiguous (``radix_topk.RadixTopkWorkspace.hist``, zero
+        on entry): each visible logit is also counted in its row's histogram for
+        ``radix_topk.radix_topk(..., hist_ready=True)``.
 
     Returns
     -------
@@ -261,6 +278,7 @@ def paged_mqa_logits(
         kv_cache.shape[0], max_blocks, max_len, runs, num_items,
         NEXT_N=next_n, BLOCKS_PER_ITEM=blocks_per_item, NUM_STAGES=num_stages,
         WRITE_NEG_INF=bool(write_neg_inf), FIXED_TRIP=bool(fixed_trip), PRECISE_ACC=bool(precise_acc),
+        hist_ptr=hist if hist is not None else logits, HIST=hist is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return logits

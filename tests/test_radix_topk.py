@@ -1,0 +1,232 @@
+"""Histogram-fed radix top-2048 (``triton_kernels/radix_topk.py``), checked exactly.
+
+Every row: the -1 entries are exactly the columns ``[min(L, 2048), 2048)``; the selected positions
+are unique and in ``[0, L)``; the multiset of selected logits equals ``torch.topk``'s (DESIGN.md
+7a, STYLE.md 7); and the selected *set* equals the tie rule's (key desc, then lowest position:
+``radix_topk_torch``), so ties are deterministic. Logits past each row's length are garbage (NaN,
++inf, huge) so that any read past ``L`` changes the result. Histograms and counters must be back
+to zero after every call.
+
+CPU: ``TRITON_INTERPRET=1 python -m pytest --import-mode=importlib -q tests/test_radix_topk.py``.
+"""
+
+import os
+
+import pytest
+import torch
+
+from smpart.triton_kernels import radix_topk as rt
+
+K = rt.TOPK_K
+GUARD = 64
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+launches = pytest.mark.skipif(not (ON_GPU or INTERPRET), reason="no CUDA device: run with TRITON_INTERPRET=1")
+# small chunks take the multi-chunk (reservation, candidates, last arriver) path at CPU sizes
+SMALL = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4)
+
+
+def make_values(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """fp32 [n] visible logits of a given character."""
+    if kind == "randn":
+        return torch.randn(n, generator=gen)
+    if kind == "equal":
+        return torch.full((n,), 0.75)
+    if kind == "tie3000":  # a 3000-way tie at the 2048th value
+        v = torch.randn(n, generator=gen).abs() + 2.0
+        v[torch.randperm(n, generator=gen)[: n - 1000]] = 1.5  # 1000 above, the rest tied
+        v[torch.randperm(n, generator=gen)[: max(n - 4000, 0)]] = -3.0  # n - 4000 below
+        return v
+    if kind == "exact_k":  # exactly K values above a tie
+        v = torch.full((n,), 0.5)
+        v[torch.randperm(n, generator=gen)[:K]] = torch.rand(K, generator=gen) + 3.0
+        return v
+    if kind == "four":
+        return torch.tensor([-1.0, 0.0, 0.5, 7.0])[torch.randint(0, 4, (n,), generator=gen)]
+    if kind == "negative":
+        return -torch.rand(n, generator=gen) * 100 - 1e-3
+    if kind == "huge":  # 2**100 magnitudes, both signs, beyond the bin window
+        return torch.randn(n, generator=gen) * 2.0**100
+    if kind == "subnormal":  # subnormals, zeros of both signs: all in the window's two middle bins
+        v = torch.randint(-50, 50, (n,), generator=gen).float() * 1e-44
+        v[torch.rand(n, generator=gen) < 0.1] = -0.0
+        return v
+    if kind == "infs":
+        v = torch.randn(n, generator=gen)
+        v[torch.randperm(n, generator=gen)[:6]] = torch.tensor([float("inf")] * 3 + [float("-inf")] * 3)
+        return v
+    if kind == "narrow":  # thousands of logits in one bin (vLLM issue #51782's case)
+        return 5.0 + torch.rand(n, generator=gen) * 1e-3
+    raise ValueError(kind)
+
+
+def make_logits(lens, width, kind, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.empty(len(lens), width)
+    for t, L in enumerate(lens):
+        L = min(L, width)
+        x[t, :L] = make_values(L, kind, gen)
+        x[t, L:] = torch.tensor([float("nan"), float("inf"), 3e38])[torch.arange(width - L) % 3]
+    return x
+
+
+def check_exact(out, logits, lens):
+    """The contract plus the deterministic tie rule; the message names the first bad row."""
+    out, logits = out.cpu(), logits.cpu()
+    want = rt.radix_topk_torch(logits, lens)
+    for t in range(out.shape[0]):
+        L = min(int(lens[t]), logits.shape[1])
+        n = min(L, K)
+        row = out[t]
+        assert bool((row[n:] == -1).all()), f"row {t} (L={L}): -1 padding wrong"
+        sel = row[:n].long()
+        assert bool(((sel >= 0) & (sel < L)).all()), f"row {t} (L={L}): position outside [0, L)"
+        assert torch.unique(sel).numel() == n, f"row {t} (L={L}): duplicate positions"
+        if n == 0:
+            continue
+        vals = logits[t, :L]
+        got = vals[sel].sort().values
+        ref = torch.topk(vals, n).values.sort().values
+        assert torch.equal(got.nan_to_num(), ref.nan_to_num()) or bool((got == ref).all()), \
+            f"row {t} (L={L}): selected values differ from torch.topk"
+        assert set(sel.tolist()) == set(want[t, :n].tolist()), f"row {t} (L={L}): not the tie rule's set"
+
+
+def run(lens, width, kind, *, config=None, seed=0, ws=None, device="cpu"):
+    logits = make_logits(lens, width, kind, seed).to(device)
+    T = len(lens)
+    ws = ws or rt.RadixTopkWorkspace(T, device)
+    buf = torch.full((T + 1, K + GUARD), -7, dtype=torch.int32, device=device)
+    out = buf[:T, :K]
+    vis = torch.tensor(lens, dtype=torch.int32)
+    rt.radix_topk(logits, None, out, next_n=1, workspace=ws, row_lens=vis.to(device), config=config)
+    assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0, "hist/counters not reset"
+    assert bool((buf[:T, K:] == -7).all()) and bool((buf[T:] == -7).all()), "write outside the rows' K columns"
+    check_exact(out, logits, vis.clamp(max=width))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# CPU (interpreter) and GPU
+# --------------------------------------------------------------------------------------
+@launches
+@pytest.mark.parametrize("cfg", [None, SMALL], ids=["default", "small"])
+@pytest.mark.parametrize("lens", [[0, 1, 2047, 2048, 2049], [4095, 4096, 4097], [16383, 16384, 16385]],
+                         ids=["short", "4k", "16k"])
+def test_lengths(lens, cfg, device):
+    run(lens, max(lens) + 64, "randn", config=cfg, seed=lens[-1], device=device)
+
+
+@launches
+@pytest.mark.parametrize("L", [40000, 163840])
+def test_long_rows(L, device):
+    run([L, 3000], L, "randn", seed=L, device=device)
+
+
+@launches
+@pytest.mark.parametrize("cfg", [None, SMALL], ids=["default", "small"])
+@pytest.mark.parametrize("kind", ["equal", "tie3000", "exact_k", "four", "negative", "huge", "subnormal", "infs",
+                                  "narrow"])
+def test_value_kinds(kind, cfg, device):
+    run([6000, 4100, 2500], 6000, kind, config=cfg, seed=3, device=device)
+
+
+@launches
+def test_narrow_long_row_fallback(device):
+    # 20000 values in one bin: > CAND candidates, the streaming fallback must stay exact
+    run([20000, 9000], 20000, "narrow", seed=5, device=device)
+    run([20000], 20000, "equal", seed=5, device=device)
+
+
+@launches
+def test_next_n2_context_lens_and_padding_rows(device):
+    # requests of seq_len 5000, 2049 and two CUDA-graph padding requests (seq_len 0)
+    ctx = torch.tensor([5000, 2049, 0, 0], dtype=torch.int32)
+    vis = [4999, 5000, 2048, 2049, 0, 0, 0, 0]
+    logits = make_logits([max(v, 0) for v in vis], 5000, "randn", 9).to(device)
+    ws = rt.RadixTopkWorkspace(8, device)
+    out = torch.full((8, K), -7, dtype=torch.int32, device=device)
+    for cfg in (None, SMALL):
+        rt.radix_topk(logits, ctx.to(device), out, next_n=2, workspace=ws, config=cfg)
+        check_exact(out, logits, torch.tensor(vis))
+        assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
+
+
+@launches
+def test_repeated_calls_one_workspace(device):
+    ws = rt.RadixTopkWorkspace(3, device)
+    for i, (lens, kind) in enumerate([([9000, 3000, 5000], "randn"), ([2049, 9000, 100], "four"),
+                                      ([8000, 8000, 8000], "tie3000"), ([1, 2, 9000], "randn")]):
+        run(lens, 9000, kind, config=SMALL, seed=i, ws=ws, device=device)
+        run(lens, 9000, kind, seed=i, ws=ws, device=device)
+
+
+@launches
+def test_producer_histogram(device):
+    """Logits kernel with ``hist=``: the histogram it builds feeds ``hist_ready=True`` exactly."""
+    from smpart.batch import make_decode_batch
+    from smpart.triton_kernels.mqa_logits import paged_mqa_logits
+
+    b = make_decode_batch([5000, 2100, 300], num_heads=16, next_n=1, seed=4, device=device).args
+    W = b.block_table.shape[1] * 64
+    ws = rt.RadixTopkWorkspace(3, device)
+    logits = torch.full((3, W), float("nan"), device=device)
+    paged_mqa_logits(b.index_q_fp8, b.index_weights, b.kv_cache, b.block_table, b.context_lens, logits, next_n=1,
+                     hist=ws.hist)
+    lens = b.context_lens.cpu()
+    for t in range(3):
+        L = int(lens[t])
+        keys = rt._order_keys(logits[t, :L].cpu())
+        u = keys >> 19
+        v = torch.where(u >= 0, u, -1 - u)
+        c = (v - 1520).clamp(0, 1023)
+        want = torch.bincount(torch.where(u >= 0, 1024 + c, 1023 - c), minlength=2048)
+        assert torch.equal(ws.hist[t].cpu().long(), want), f"row {t}: producer histogram differs"
+    out = torch.full((3, K), -7, dtype=torch.int32, device=device)
+    for cfg in (None, SMALL):
+        if cfg is SMALL:  # the first call zeroed it: build it again
+            paged_mqa_logits(b.index_q_fp8, b.index_weights, b.kv_cache, b.block_table, b.context_lens, logits,
+                             next_n=1, hist=ws.hist)
+        rt.radix_topk(logits, b.context_lens, out, next_n=1, workspace=ws, hist_ready=True, config=cfg)
+        check_exact(out, logits, lens)
+        assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
+
+
+@launches
+def test_stale_histogram_falls_back_exactly(device):
+    # a histogram that does not count the row's L values (e.g. lengths mismatch) must not break exactness
+    logits = make_logits([9000, 3000], 9000, "randn", 2).to(device)
+    ws = rt.RadixTopkWorkspace(2, device)
+    ws.hist[0, 100] = 5
+    ws.hist[1, 2000] = 7
+    out = torch.full((2, K), -7, dtype=torch.int32, device=device)
+    lens = torch.tensor([9000, 3000], dtype=torch.int32)
+    rt.radix_topk(logits, None, out, next_n=1, workspace=ws, row_lens=lens.to(device), hist_ready=True, config=SMALL)
+    check_exact(out, logits, lens)
+    assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
+
+
+def test_bins_monotone_and_torch_twin():
+    """The bin function is monotone in the value (checked on the torch mirror over edge values)."""
+    x = torch.tensor([float("-inf"), -2.0**100, -2.0**33, -2.0**32, -1.0, -2.0**-32, -1e-44, -0.0, 0.0, 1e-44,
+                      2.0**-33, 2.0**-32, 1.0, 1.0625, 2.0**31, 2.0**32, 2.0**100, float("inf")])
+    keys = rt._order_keys(x)
+    assert bool((keys[1:] >= keys[:-1]).all()) and int(keys[7]) == int(keys[8]) == 0
+    u = keys >> 19
+    v = torch.where(u >= 0, u, -1 - u)
+    c = (v - 1520).clamp(0, 1023)
+    bins = torch.where(u >= 0, 1024 + c, 1023 - c)
+    assert bool((bins[1:] >= bins[:-1]).all()) and int(bins[0]) == 0 and int(bins[-1]) == 2047
+    assert int(bins[12]) != int(bins[13])  # 16 bins per binade: 1.0 and 1.0625 differ
+
+
+def test_bad_arguments():
+    ws = rt.RadixTopkWorkspace(1, "cpu")
+    with pytest.raises(ValueError, match="workspace"):
+        rt.radix_topk(torch.zeros(2, 4096), None, torch.zeros(2, K, dtype=torch.int32), next_n=1, workspace=ws,
+                      row_lens=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="topk_indices"):
+        rt.radix_topk(torch.zeros(1, 4096), None, torch.zeros(1, 100, dtype=torch.int32), next_n=1, workspace=ws,
+                      row_lens=torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="config.chunk"):
+        rt.RadixTopkConfig(chunk=1000)
