@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--next-n", type=_int_list, default="1", help="rows per request (1, 2)")
     p.add_argument("--paths", type=_str_list, default=DEFAULT_PATHS,
                    help="paths to run; 'auto' = the path and config the runtime dispatches to for the shape "
-                        "(smpart.triton_kernels.tuning.choose)")
+                        "(smpart.tuning.choose)")
     p.add_argument("--replays", type=int, default=50, help="timed CUDA-graph replays per path (>= 30 advised)")
     p.add_argument("--out", default="bench_out", help="output folder (CSV appended, MD and PNG rewritten)")
     p.add_argument("--seed", type=int, default=0, help="make_decode_batch seed")
@@ -129,7 +129,7 @@ def check_path(path: str, out, want, batch, logits64=None) -> None:
     """
     import dataclasses
 
-    from smpart.triton_kernels import checks
+    from smpart import checks
 
     if path in VENDOR_PATHS:
         d = checks.calc_diff(out.k_pe.float(), want.k_pe.float())
@@ -143,7 +143,7 @@ def _reference_logits64(args):
     """float64 reference logits of the (post-write) cache, computed once per shape for every check."""
     import torch
 
-    from smpart.triton_kernels import reference
+    from smpart import reference
 
     lens = reference.visible_lens(args.context_lens, args.next_n)
     max_len = max(int(lens.max()), 1)
@@ -152,22 +152,15 @@ def _reference_logits64(args):
 
 
 def _load_paths() -> str | None:
-    """Import the path modules; returns the error text if that fails, else ``None``."""
-    import importlib
-
-    from smpart.triton_kernels import region
+    """Import every path's implementation (``region.load_path``); returns the errors' text, else ``None``."""
+    from smpart import region
 
     errors = []
-    try:
-        region._load_impls()
-    except Exception as e:  # noqa: BLE001 - a module not written yet must not stop the bench
-        errors.append(f"paths: {type(e).__name__}: {e}")
-    # modules that register paths themselves (in case region._load_impls does not import them yet)
-    for mod in ("partitioned", "vendor"):
+    for name in region.PATHS:
         try:
-            importlib.import_module(f"smpart.triton_kernels.{mod}")
-        except Exception as e:  # noqa: BLE001
-            errors.append(f"{mod}: {type(e).__name__}: {e}")
+            region.load_path(name)
+        except Exception as e:  # noqa: BLE001 - a module that cannot load must not stop the bench
+            errors.append(f"{name}: {type(e).__name__}: {e}")
     return "; ".join(errors) or None
 
 
@@ -180,9 +173,14 @@ def _unavailable(e: BaseException) -> bool:
 
 
 def _registered(path: str) -> bool:
-    from smpart.triton_kernels import region
+    """Can ``path``'s implementation be imported here?"""
+    from smpart import region
 
-    return path == "reference" or path in region._IMPLS
+    try:
+        region.load_path(path)
+    except Exception:  # noqa: BLE001 - reported by _load_paths
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -195,8 +193,8 @@ def cpu_main(args) -> int:
         print("smpart-bench: no CUDA device; re-running under TRITON_INTERPRET=1", flush=True)
         return subprocess.call([sys.executable, "-m", "smpart.bench", *sys_argv_for(args)], env=env)
 
-    from smpart.triton_kernels import region
-    from smpart.triton_kernels.batch import make_decode_batch
+    from smpart import region
+    from smpart.batch import make_decode_batch
 
     err = _load_paths()
     if err:
@@ -223,7 +221,7 @@ def cpu_main(args) -> int:
         out = batch.clone()
         t0 = time.perf_counter()
         try:
-            from smpart.triton_kernels.workspace import RegionWorkspace
+            from smpart.workspace import RegionWorkspace
 
             ws = RegionWorkspace.for_args(out.args)
             region.run_region(out.args, path, workspace=ws, use_ue8m0=batch.use_ue8m0)
@@ -250,7 +248,7 @@ def check_grid_args(parser: argparse.ArgumentParser, args) -> None:
     the GPU and the CPU mode: unknown paths, H not in 128/64/32/16, B < 1, ``B * next_n > 256``,
     next_n not 1/2, contexts outside 1..163840, replays < 1."""
     from smpart.triton_kernels import dims
-    from smpart.triton_kernels.region import PATHS
+    from smpart.region import PATHS
 
     bad = [p for p in args.paths if (p not in PATHS and p != AUTO) or p == "reference"]
     if bad or not args.paths:
@@ -282,7 +280,7 @@ def _env_info() -> dict:
     import torch
     import triton
 
-    from smpart.triton_kernels.vendor import deep_gemm_version
+    from smpart.vendor import deep_gemm_version
 
     return {
         "gpu": torch.cuda.get_device_name(),
@@ -305,9 +303,9 @@ def gpu_main(args) -> int:
     _require("matplotlib")
 
     from smpart.bench.harness import copy_bandwidth, floor_bytes, l2_flush_buffer, time_graph
-    from smpart.triton_kernels import region
-    from smpart.triton_kernels.batch import make_decode_batch
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart import region
+    from smpart.batch import make_decode_batch
+    from smpart.workspace import RegionWorkspace
 
     err = _load_paths()
     if err:
@@ -348,7 +346,7 @@ def gpu_main(args) -> int:
                    "replays": args.replays, "status": "ok", "note": ""}
             run_path, cfg = path, None
             if path == AUTO:
-                from smpart.triton_kernels import tuning
+                from smpart import tuning
 
                 choice = tuning.choose(B * next_n, H, next_n, ws.max_len, dev)
                 run_path, cfg = choice.path, choice.config

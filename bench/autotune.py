@@ -9,7 +9,7 @@ it) moved to the top-k launch (``gemm_in_tail``, tile height 128 or 256; the GEM
 with one program per logits item or 4 per SM), ``block_n`` 64/128,
 ``blocks_per_item`` 2/4/8, the top-k fused or as a second launch, and the dynamic schedule; plus the
 ``sequential`` and ``dual_stream`` paths. The fastest of all is recorded per bucket with every
-candidate's time in the tuning cache (``smpart.triton_kernels.tuning``; written atomically), so the
+candidate's time in the tuning cache (``smpart.tuning``; written atomically), so the
 runtime dispatches to it and the shipped op never loses to streams on a tuned bucket.
 
 ``--budget-s`` caps the device time: candidates are tried in the model's order of promise and the
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from smpart.triton_kernels import tuning
+from smpart import tuning
 from smpart.triton_kernels.partitioned import PartitionConfig
 
 
@@ -138,9 +138,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from smpart.bench.harness import l2_flush_buffer, time_graph
-    from smpart.triton_kernels import checks, region
-    from smpart.triton_kernels.batch import make_decode_batch
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart import checks, region
+    from smpart.batch import make_decode_batch
+    from smpart.workspace import RegionWorkspace
 
     dev = torch.device("cuda")
     meta = tuning.device_meta(dev)

@@ -26,7 +26,7 @@ The loop (one simulated decoder layer, decode steps only)
 * **Prefill** writes each admitted prompt's indexer keys (random bf16, quantized exactly as
   ``reference.indexer_k_quant_and_cache``) into every path's cache copy.
 * **Decode step.** Every running request decodes ``next_n`` rows (1, or 2 with one MTP draft
-  token); :class:`~smpart.triton_kernels.region.RegionArgs` is built from the allocator's
+  token); :class:`~smpart.region.RegionArgs` is built from the allocator's
   ``block_table`` (a persistent table whose rows keep stale ids past each request's blocks, as
   vLLM's ``BlockTable`` does), ``slot_mapping``, ``context_lens`` (vLLM ``seq_lens``, new tokens
   included), ``positions``, a fixed ``cos_sin_cache`` and ``q_b_proj`` weight, and fresh random
@@ -326,7 +326,7 @@ class LoopConfig:
         ------
         ValueError : a bad option (the message names it).
         """
-        from smpart.triton_kernels.region import PATHS
+        from smpart.region import PATHS
 
         c = dataclasses.replace(self, strides=dict(self.strides), configs=dict(self.configs))
         dev = torch.device(c.device)
@@ -504,7 +504,8 @@ def quantize_keys(keys: torch.Tensor, use_ue8m0: bool) -> tuple[torch.Tensor, to
     (bytes uint8 [n, 128], scales fp32 [n]): ``scale = max(amax, 1e-4) / 448`` (rounded up to a power
     of two with UE8M0), ``bytes = e4m3(k / scale)`` (vLLM ``csrc/cache_kernels.cu``).
     """
-    from smpart.triton_kernels import dims, reference
+    from smpart.triton_kernels import dims
+    from smpart import reference
 
     kf = keys.float()
     scale = reference.quant_scale_torch(kf.abs().amax(dim=-1), dims.KEY_SCALE_EPS, use_ue8m0)
@@ -516,7 +517,7 @@ def write_keys(kv_cache: torch.Tensor, slots: torch.Tensor, key_bytes: torch.Ten
 
     ``kv_cache`` uint8 [num_blocks, 64, 132]; ``key_bytes`` uint8 [n, 128]; ``scales`` fp32 [n].
     """
-    from smpart.triton_kernels import reference
+    from smpart import reference
 
     values, scale_view = reference.cache_values_and_scales(kv_cache)
     blk, off = slots // BLOCK_SIZE, slots % BLOCK_SIZE
@@ -526,7 +527,7 @@ def write_keys(kv_cache: torch.Tensor, slots: torch.Tensor, key_bytes: torch.Ten
 
 def copy_slots(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor) -> None:
     """Copy the cache bytes of ``slots`` (int64 [n], >= 0) from cache ``src`` to cache ``dst``."""
-    from smpart.triton_kernels import reference
+    from smpart import reference
 
     sv, ss = reference.cache_values_and_scales(src)
     dv, ds = reference.cache_values_and_scales(dst)
@@ -536,15 +537,15 @@ def copy_slots(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor) -> Non
 
 
 def tie_free_keys(codes: torch.Tensor) -> torch.Tensor:
-    """``smpart.triton_kernels.batch.tie_free_keys`` (imported lazily, see the note above)."""
-    from smpart.triton_kernels.batch import tie_free_keys as impl
+    """``smpart.batch.tie_free_keys`` (imported lazily, see the note above)."""
+    from smpart.batch import tie_free_keys as impl
 
     return impl(codes)
 
 
 def tie_free_query(T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``smpart.triton_kernels.batch.tie_free_query`` (imported lazily, see the note above)."""
-    from smpart.triton_kernels.batch import tie_free_query as impl
+    """``smpart.batch.tie_free_query`` (imported lazily, see the note above)."""
+    from smpart.batch import tie_free_query as impl
 
     return impl(T, device)
 
@@ -554,7 +555,7 @@ def tie_free_query(T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 # ======================================================================================
 def reference_logits64(want) -> torch.Tensor:
     """float64 reference logits [T, max visible] of the post-step reference cache (``want``: RegionArgs)."""
-    from smpart.triton_kernels import reference
+    from smpart import reference
 
     lens = reference.visible_lens(want.context_lens, want.next_n)
     max_len = max(int(lens.max()), 1)
@@ -584,7 +585,7 @@ def fast_check_region(path: str, out, want, logits64: torch.Tensor, tol: torch.T
     ------
     AssertionError : the first failing rule (first row, first column).
     """
-    from smpart.triton_kernels import checks, reference
+    from smpart import checks, reference
 
     checks.assert_equal_bytes("kv_cache", out.kv_cache, want.kv_cache)
     if path in VENDOR_PATHS:
@@ -728,8 +729,9 @@ class DecodeLoop:
     """
 
     def __init__(self, config: LoopConfig, progress: Callable[[int, dict], None] | None = None):
-        from smpart.triton_kernels import dims, reference
-        from smpart.triton_kernels.batch import make_decode_batch
+        from smpart.triton_kernels import dims
+        from smpart import reference
+        from smpart.batch import make_decode_batch
 
         self.cfg = cfg = config.resolved()
         self.progress = progress
@@ -776,24 +778,20 @@ class DecodeLoop:
     # setup
     # ---------------------------------------------------------------------------------
     def _setup_paths(self) -> None:
-        from smpart.triton_kernels import region
-        from smpart.triton_kernels.workspace import RegionWorkspace
+        from smpart import region
+        from smpart.workspace import RegionWorkspace
 
         cfg = self.cfg
-        try:
-            region._load_impls()
-        except Exception as e:  # noqa: BLE001 - report below, per path
-            load_err = f"{type(e).__name__}: {e}"
-        else:
-            load_err = None
         max_tokens = self.buckets[-1] * cfg.next_n
         strided = 0
         for p in cfg.paths:
-            if p not in region._IMPLS:
-                self.skipped[p] = f"not registered ({load_err or 'no implementation in this build'})"
+            try:
+                region.load_path(p)
+            except Exception as e:  # noqa: BLE001 - report per path
+                self.skipped[p] = f"not loadable ({type(e).__name__}: {e})"
                 continue
             if p in VENDOR_PATHS:
-                from smpart.triton_kernels.vendor import vendor_available
+                from smpart.vendor import vendor_available
 
                 ok, why = vendor_available()
                 if not ok:
@@ -975,7 +973,7 @@ class DecodeLoop:
     def _args(self, sb: StepBatch, kv_cache: torch.Tensor, padded: bool):
         """RegionArgs over the step's inputs (``padded``: all Tp rows, else the T live rows) with
         fresh outputs (``q`` NaN, ``topk_indices`` -7, ``k_pe`` a copy: it is roped in place)."""
-        from smpart.triton_kernels.region import RegionArgs
+        from smpart.region import RegionArgs
 
         t = sb.tensors
         T, B = (sb.Tp, sb.Bp) if padded else (sb.T, sb.B)
@@ -994,7 +992,7 @@ class DecodeLoop:
         earlier owner of the block (nonzero fp32 scale in the reference cache) while the step runs."""
         if sb.B == 0:
             return 0
-        from smpart.triton_kernels import reference
+        from smpart import reference
 
         _, scales = reference.cache_values_and_scales(self.states["reference"].kv_cache)
         last = torch.tensor([r.blocks[(r.context_len + self.cfg.next_n - 1) // BLOCK_SIZE] for r in sb.requests],
@@ -1013,7 +1011,7 @@ class DecodeLoop:
         next_n`` rows, the path's own cache): safe warm-up contents, every slot -1 (nothing is written
         to the cache) and every length ``max_context`` over the null block (so that vendor host values
         such as the top-k's ``max_seq_len`` are captured at their largest)."""
-        from smpart.triton_kernels.region import RegionArgs
+        from smpart.region import RegionArgs
 
         cfg, dev = self.cfg, self.dev
         Tp = bucket * cfg.next_n
@@ -1035,7 +1033,7 @@ class DecodeLoop:
         """Capture ``st``'s path for ``bucket`` requests: :meth:`static_args`, two eager warm-ups on a
         side stream (compiles; the vendor paths build their workspace), then the graph (vLLM's capture
         order; all graphs share one memory pool and are replayed one at a time)."""
-        from smpart.triton_kernels.region import run_region
+        from smpart.region import run_region
 
         cfg, dev = self.cfg, self.dev
         static = self.static_args(st, bucket)
@@ -1130,8 +1128,8 @@ class DecodeLoop:
 
     def _launch(self, st: _PathState, sb: StepBatch, events: dict):
         """Run one path on the step (graph replay or eager call, timed on a GPU); returns its args."""
-        from smpart.triton_kernels.region import run_region
-        from smpart.triton_kernels.validate import validate_region_args
+        from smpart.region import run_region
+        from smpart.validate import validate_region_args
 
         cfg = self.cfg
         if cfg.graphs:
@@ -1166,7 +1164,7 @@ class DecodeLoop:
     # ---------------------------------------------------------------------------------
     def _check(self, sb: StepBatch, ref_args, outs: dict) -> None:
         from smpart.bench.__main__ import check_path
-        from smpart.triton_kernels import checks, reference
+        from smpart import checks, reference
 
         cfg = self.cfg
         logits64 = reference_logits64(ref_args)
@@ -1265,7 +1263,7 @@ class DecodeLoop:
         ------
         MismatchError : a path disagreed with the reference.
         """
-        from smpart.triton_kernels.region import run_region
+        from smpart.region import run_region
 
         cfg = self.cfg
         self._arrivals(step)
@@ -1445,7 +1443,7 @@ def _env_info(device) -> dict:
     info = {"torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
     if torch.device(device).type == "cuda":
-        from smpart.triton_kernels.vendor import deep_gemm_version
+        from smpart.vendor import deep_gemm_version
 
         info["gpu"] = torch.cuda.get_device_name(device)
         info["deep_gemm"] = deep_gemm_version() or "n/a"
@@ -1634,7 +1632,7 @@ def config_from_args(a: argparse.Namespace, cuda: bool) -> LoopConfig:
                              ("output_max", a.output_max)) if v is not None})
     if cuda:
         paths = ["sequential", "dual_stream", "partitioned"]
-        from smpart.triton_kernels.vendor import vendor_available
+        from smpart.vendor import vendor_available
 
         if vendor_available()[0]:
             paths += list(VENDOR_PATHS)

@@ -189,7 +189,7 @@ def floor_bytes(args, breakdown: bool = False):
     -------
     int (bytes), or dict ``{term: bytes}`` with a ``"total"`` entry.
     """
-    from smpart.triton_kernels.reference import visible_lens
+    from smpart.reference import visible_lens
 
     T = args.num_tokens
     N, K = args.q_b_proj_weight.shape

@@ -4,7 +4,7 @@
 Markdown table (us, CUDA-graph median, cold L2 before every replay; DESIGN.md 8/9) with, per shape:
 key write, fill, paged logits, top-k (each on its own kernel's logits), q side (ours: one fused
 launch; vLLM: activation quant + DeepGEMM GEMM + RoPE), and the whole partitioned launch.
-Vendor columns need DeepGEMM and vLLM's ops (``smpart.triton_kernels.vendor``); without them they
+Vendor columns need DeepGEMM and vLLM's ops (``smpart.vendor``); without them they
 read "n/a".
 """
 
@@ -33,14 +33,14 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     from smpart.bench.harness import l2_flush_buffer, time_graph
-    from smpart.triton_kernels import paths, vendor
-    from smpart.triton_kernels.batch import make_decode_batch
+    from smpart import schedules, vendor
+    from smpart.batch import make_decode_batch
     from smpart.triton_kernels.fill import fill_topk_indices
     from smpart.triton_kernels.indexer_cache import indexer_k_quant_and_cache
     from smpart.triton_kernels.mqa_logits import paged_mqa_logits
-    from smpart.triton_kernels.partitioned import partitioned_region
+    from smpart.partitioned import partitioned_region
     from smpart.triton_kernels.topk import topk_decode
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart.workspace import RegionWorkspace
 
     flush = l2_flush_buffer("cuda")
     ok, why = vendor.vendor_available()
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         batch = make_decode_batch(L, batch_size=B, num_heads=H, seed=0, device="cuda")
         args = batch.args
         ws = RegionWorkspace.for_args(args)
-        paths.run_sequential(args, ws, None, True)  # logits in ws for the top-k timing
+        schedules.run_sequential(args, ws, None, True)  # logits in ws for the top-k timing
         T = args.num_tokens
 
         def t(fn):
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                                                  args.context_lens, ws.logits, next_n=args.next_n)),
             "top-k": t(lambda: topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n,
                                            workspace=ws.topk)),
-            "q side": t(lambda: paths.q_side(args, True, ws)),
+            "q side": t(lambda: schedules.q_side(args, True, ws)),
             "partitioned": t(lambda: partitioned_region(args, ws, None, True)),
         }
         theirs = dict.fromkeys(ours, float("nan"))

@@ -13,13 +13,13 @@ What one call does
   decode layout is one vLLM 0.33 produces for plain decode (``seq_lens`` ``[B, 1]``), native
   MTP (``[B, 2]``) or per-token flattening (``[T, 1]`` with an expanded block table), and the
   ``q_b_proj`` weights are W8A8 block FP8 with power-of-two (UE8M0) scales. Then a
-  :class:`~smpart.triton_kernels.region.RegionArgs` is built from **views** of the op's inputs
-  and of the metadata (no copy), the :class:`~smpart.triton_kernels.workspace.RegionWorkspace`
+  :class:`~smpart.region.RegionArgs` is built from **views** of the op's inputs
+  and of the metadata (no copy), the :class:`~smpart.workspace.RegionWorkspace`
   is taken from a cache (made once per (rows bucket, max_len, device)), and
   ``run_region(args, path=..., check_values=False)`` writes ``q`` (``q_b_proj`` + interleaved
   RoPE), ``k_pe`` (roped in place), the new indexer keys into ``kv_cache`` and the top-2048 into
   ``topk_indices_buffer[:T]``. The path is ``$SMPART_DSV32_PATH`` when set, else the tuning
-  cache's choice for the shape bucket (``smpart.triton_kernels.tuning.choose``: the partitioned
+  cache's choice for the shape bucket (``smpart.tuning.choose``: the partitioned
   kernel unless a tuned entry says otherwise); nothing is tuned in the forward.
 * **Fallback** (prefill or mixed batches, profile/dummy runs, DCP, non-uniform decode lengths,
   ...): exactly the computation of vLLM's ``MultiHeadLatentAttentionWrapper.forward`` for this
@@ -72,8 +72,8 @@ import weakref
 import torch
 
 from smpart.triton_kernels import dims
-from smpart.triton_kernels.region import PATHS, RegionArgs, run_region
-from smpart.triton_kernels.workspace import RegionWorkspace
+from smpart.region import PATHS, RegionArgs, run_region
+from smpart.workspace import RegionWorkspace
 
 OP_NAMESPACE = "smpart"
 OP_NAME = "dsv32_region"
@@ -141,7 +141,7 @@ def workspace_for(num_tokens: int, max_len: int, device) -> RegionWorkspace:
 
 def choose_path(num_tokens: int, num_heads: int, next_n: int, max_len: int, device) -> str:
     """``$SMPART_DSV32_PATH`` when set (and not ``auto``), else the tuning cache's path for the
-    bucket (``smpart.triton_kernels.tuning.choose``), else ``"partitioned"``."""
+    bucket (``smpart.tuning.choose``), else ``"partitioned"``."""
     env = os.environ.get(PATH_ENV, "").strip()
     if env and env != "auto":
         if env in PATHS:
@@ -149,7 +149,7 @@ def choose_path(num_tokens: int, num_heads: int, next_n: int, max_len: int, devi
         log_off_once(f"{PATH_ENV}={env!r} is not one of {PATHS}; using 'partitioned'")
         return "partitioned"
     try:
-        from smpart.triton_kernels import tuning
+        from smpart import tuning
     except ImportError:
         return "partitioned"
     try:

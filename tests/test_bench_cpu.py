@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from smpart.bench import harness
-from smpart.triton_kernels import checks, reference as R, vendor
-from smpart.triton_kernels.batch import make_decode_batch
+from smpart import checks, reference as R, vendor
+from smpart.batch import make_decode_batch
 from smpart.triton_kernels.fp8 import FP8_DTYPE
 
 
@@ -97,10 +97,10 @@ def test_vendor_loaders_fail_cleanly(monkeypatch, tmp_path):
 
 
 def test_vendor_paths_registered():
-    from smpart.triton_kernels import region
+    from smpart import region
 
-    assert region._IMPLS["vllm_sequential"] is vendor.run_vllm_sequential
-    assert region._IMPLS["vllm_dual_stream"] is vendor.run_vllm_dual_stream
+    assert region.load_path("vllm_sequential") is vendor.run_vllm_sequential
+    assert region.load_path("vllm_dual_stream") is vendor.run_vllm_dual_stream
 
 
 def test_vendor_paths_refuse_cpu_tensors():
@@ -341,8 +341,8 @@ def test_vendor_path_gpu(path, next_n):
     if not ok:
         pytest.skip(f"vendor kernels unavailable: {why}")
     from smpart.bench.__main__ import check_path
-    from smpart.triton_kernels import region
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart import region
+    from smpart.workspace import RegionWorkspace
 
     b = make_decode_batch([300, 2100, 4096, 64], num_heads=32, next_n=next_n, seed=7, device="cuda")
     ref = b.clone()

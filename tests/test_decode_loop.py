@@ -142,7 +142,7 @@ def test_cli_bad_option_exits_2(capsys):
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ue8m0", [True, False], ids=["ue8m0", "fp32"])
 def test_prefill_bytes_equal_reference_cache_write(ue8m0):
-    from smpart.triton_kernels import reference
+    from smpart import reference
 
     g = torch.Generator().manual_seed(3)
     keys = (torch.randn(200, 128, generator=g) * torch.rand(200, 1, generator=g) * 5).to(torch.bfloat16)
@@ -160,7 +160,7 @@ def _check_pair(path, out, want, tie_free):
     import types
 
     from smpart.bench.__main__ import check_path
-    from smpart.triton_kernels import checks, reference
+    from smpart import checks, reference
 
     l64 = dl.reference_logits64(want)
     msgs = []
@@ -202,9 +202,9 @@ def _corrupt(kind, a, lens, logits64):
 @pytest.mark.parametrize("tie_free", [False, True], ids=["random", "tiefree"])
 @pytest.mark.parametrize("kind", [None, "pad", "range", "dup", "value", "cache", "k_pe", "q_nan", "q"])
 def test_fast_check_agrees_with_check_region(kind, tie_free):
-    from smpart.triton_kernels import reference
-    from smpart.triton_kernels.batch import make_decode_batch
-    from smpart.triton_kernels.region import run_region
+    from smpart import reference
+    from smpart.batch import make_decode_batch
+    from smpart.region import run_region
 
     b = make_decode_batch([70, 300, 2300], num_heads=16, next_n=2, num_padding=0, tie_free=tie_free, seed=5)
     run_region(b.args, "reference")
@@ -228,11 +228,12 @@ def test_fast_check_agrees_with_check_region(kind, tie_free):
 # --------------------------------------------------------------------------------------
 @pytest.fixture
 def stand_in_paths(monkeypatch):
-    """Register the reference under ``sequential`` and ``partitioned``; returns a dict where a test
+    """Put the reference in place of ``sequential`` and ``partitioned``; returns a dict where a test
     can put a ``corrupt(step, args)`` hook per path."""
-    from smpart.triton_kernels import reference, region
+    import importlib
 
-    region._load_impls()
+    from smpart import reference, region
+
     hooks = {}
     # small tensors: one intra-op thread (OpenMP spin-waits crawl when the cores are shared)
     threads = torch.get_num_threads()
@@ -249,8 +250,9 @@ def stand_in_paths(monkeypatch):
 
         return impl
 
-    for name in ("sequential", "partitioned"):
-        monkeypatch.setitem(region._IMPLS, name, make(name))
+    for name in ("sequential", "partitioned"):  # the PATHS table resolves module:function at each call
+        module, _, attr = region.PATHS[name].partition(":")
+        monkeypatch.setattr(importlib.import_module(module), attr, make(name))
     yield hooks
     torch.set_num_threads(threads)
 
@@ -350,7 +352,7 @@ def test_graph_mode_bookkeeping_emulated_on_cpu(stand_in_paths, monkeypatch):
     """Graph mode's bookkeeping without CUDA: captured buffers per bucket, the live step copied in,
     padding rows, outputs sliced to the live rows, buffers reused across steps. A stand-in "graph"
     re-runs the path on its captured buffers, which is what a replay does."""
-    from smpart.triton_kernels.region import run_region
+    from smpart.region import run_region
 
     cfg = LoopConfig(num_heads=16, next_n=2, steps=30, max_batch=6, max_context=1024, seed=7, arrival_period=20,
                      mix=RequestMix(prompt_median=200, prompt_max=1000, output_median=8, output_max=40))
@@ -484,7 +486,7 @@ def test_interpreter_loop_zero_mismatches(loop_runs, name):
 # GPU
 # --------------------------------------------------------------------------------------
 def _gpu_paths():
-    from smpart.triton_kernels.vendor import vendor_available
+    from smpart.vendor import vendor_available
 
     return ("sequential", "dual_stream", "partitioned") + (dl.VENDOR_PATHS if vendor_available()[0] else ())
 

@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from smpart.triton_kernels import dims, reference
+from smpart.triton_kernels import dims
+from smpart import reference
 from smpart.triton_kernels.fill import fill_topk_indices
 from smpart.triton_kernels.indexer_cache import indexer_k_quant_and_cache
 

@@ -51,10 +51,11 @@ except Exception as e:  # noqa: BLE001 (any import failure means: no vLLM here)
                 f"pip install --no-deps vllm==0.33.0 plus its imports (see .ci/run)", allow_module_level=True)
 
 from smpart.integration import plugin  # noqa: E402
-from smpart.triton_kernels import checks, dims  # noqa: E402
-from smpart.triton_kernels import reference as R  # noqa: E402
-from smpart.triton_kernels.batch import make_decode_batch  # noqa: E402
-from smpart.triton_kernels.region import run_region  # noqa: E402
+from smpart.triton_kernels import dims
+from smpart import checks  # noqa: E402
+from smpart import reference as R  # noqa: E402
+from smpart.batch import make_decode_batch  # noqa: E402
+from smpart.region import run_region  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -72,10 +72,11 @@ def test_registered_op_in_cuda_graph_matches_reference_and_vllm_gpu(path, next_n
 
     from smpart.bench.__main__ import check_path
     from smpart.integration import ops
-    from smpart.triton_kernels import checks, dims, vendor
-    from smpart.triton_kernels.batch import make_decode_batch, redraw_decode_metadata
-    from smpart.triton_kernels.region import run_region
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart.triton_kernels import dims
+    from smpart import checks, vendor
+    from smpart.batch import make_decode_batch, redraw_decode_metadata
+    from smpart.region import run_region
+    from smpart.workspace import RegionWorkspace
 
     monkeypatch.setenv(ops.PATH_ENV, path)
     ops.register_op()

@@ -18,8 +18,9 @@ import sys
 import pytest
 import torch
 
-from smpart.triton_kernels import dims, reference
-from smpart.triton_kernels.batch import make_decode_batch
+from smpart.triton_kernels import dims
+from smpart import reference
+from smpart.batch import make_decode_batch
 from smpart.triton_kernels.mqa_logits import mqa_logits_num_items, mqa_logits_runs_per_row, paged_mqa_logits
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"

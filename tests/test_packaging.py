@@ -23,7 +23,7 @@ def test_existing_triton_kernels_module_is_untouched(tmp_path):
     (other / "__init__.py").write_text("OWNER = 'someone else'\n")
     got = _run(
         """
-        import smpart.triton_kernels.region, smpart.triton_kernels.dims
+        import smpart.region, smpart.triton_kernels.dims
         import triton_kernels
         print(triton_kernels.OWNER, smpart.triton_kernels.dims.Q_LORA_RANK)
         """,

@@ -10,11 +10,11 @@ import dataclasses
 
 import pytest
 
-from smpart.triton_kernels import partitioned as P
-from smpart.triton_kernels.batch import make_decode_batch
+from smpart import partitioned as P  # the host side, whose kernel names the recorders replace
+from smpart.batch import make_decode_batch
 from smpart.triton_kernels.mqa_logits import mqa_logits_runs_per_row
 from smpart.triton_kernels.partitioned import PartitionConfig
-from smpart.triton_kernels.workspace import RegionWorkspace
+from smpart.workspace import RegionWorkspace
 
 
 class _Recorder:

@@ -31,11 +31,11 @@ import textwrap
 import pytest
 import torch
 
-from smpart.triton_kernels import checks
-from smpart.triton_kernels.batch import make_decode_batch, redraw_decode_metadata
+from smpart import checks
+from smpart.batch import make_decode_batch, redraw_decode_metadata
 from smpart.triton_kernels.partitioned import PartitionConfig
-from smpart.triton_kernels.region import run_region
-from smpart.triton_kernels.workspace import RegionWorkspace
+from smpart.region import run_region
+from smpart.workspace import RegionWorkspace
 
 pytestmark = pytest.mark.gpu
 SCALE = float(os.environ.get("SMPART_STRESS_SCALE", "1"))
@@ -200,11 +200,11 @@ def test_concurrency_stress_gpu():
 
 _MEMCHECK_CHILD = textwrap.dedent("""
     import torch
-    from smpart.triton_kernels import checks
-    from smpart.triton_kernels.batch import make_decode_batch
+    from smpart import checks
+    from smpart.batch import make_decode_batch
     from smpart.triton_kernels.partitioned import PartitionConfig
-    from smpart.triton_kernels.region import run_region
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart.region import run_region
+    from smpart.workspace import RegionWorkspace
     b = make_decode_batch([70, 3000, 2, 2049], num_heads=32, next_n=2, num_padding=1, seed=3, device="cuda")
     ref = b.clone(); run_region(ref.args, path="reference")
     for cfg in (PartitionConfig(indexer_programs=3, gemm_programs=5),

@@ -12,12 +12,12 @@ import random
 import pytest
 import torch
 
-from smpart.triton_kernels import checks
-from smpart.triton_kernels.batch import make_decode_batch
+from smpart import checks
+from smpart.batch import make_decode_batch
 from smpart.triton_kernels.partitioned import PartitionConfig
-from smpart.triton_kernels.region import run_region
+from smpart.region import run_region
 from smpart.triton_kernels.topk import TopkWorkspace
-from smpart.triton_kernels.workspace import RegionWorkspace
+from smpart.workspace import RegionWorkspace
 
 FOUNDATION = [
     # (context_lens, next_n, num_padding, tie_free, use_ue8m0)
@@ -198,7 +198,7 @@ def test_graph_replays_with_changing_metadata_gpu(path):
         assert checks.calc_diff(out.q.float(), ref.args.q.float()) < 1e-5
         lensv = ref.args.context_lens
         l64 = None
-        from smpart.triton_kernels import reference
+        from smpart import reference
 
         l64 = reference.paged_mqa_logits(ref.args.index_q_fp8, ref.args.index_weights, ref.args.kv_cache,
                                          ref.args.block_table, lensv, 1, max(int(lensv.max()), 1), dtype=torch.float64)
@@ -230,7 +230,7 @@ def test_green_ctx_matches_reference_gpu():
 def test_redraw_decode_metadata_steps(device):
     """Three steps of redrawn metadata (lengths, tables, slots, positions) on one batch's
     buffers: each agrees with ``reference`` (what the GPU replay stress relies on); bad sizes raise."""
-    from smpart.triton_kernels.batch import redraw_decode_metadata
+    from smpart.batch import redraw_decode_metadata
 
     B, max_len = 3, 256
     base = make_decode_batch(max_len, batch_size=B, num_heads=16, next_n=2, spare_blocks=B * 4, seed=7)

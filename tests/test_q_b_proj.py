@@ -22,8 +22,9 @@ import os
 import pytest
 import torch
 
-from smpart.triton_kernels import dims, reference
-from smpart.triton_kernels.batch import make_decode_batch
+from smpart.triton_kernels import dims
+from smpart import reference
+from smpart.batch import make_decode_batch
 from smpart.triton_kernels.fp8 import quant_fp8_torch, quant_scale_torch
 from smpart.triton_kernels.q_b_proj import q_b_proj_num_items, q_b_proj_rope
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from smpart.triton_kernels import dims, reference as R
-from smpart.triton_kernels.batch import make_decode_batch
-from smpart.triton_kernels.checks import calc_diff, check_topk
+from smpart.triton_kernels import dims
+from smpart import reference as R
+from smpart.batch import make_decode_batch
+from smpart.checks import calc_diff, check_topk
 from smpart.triton_kernels.fp8 import FP8_DTYPE
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 
 from smpart.triton_kernels import topk as tk
-from smpart.triton_kernels.reference import visible_lens
+from smpart.reference import visible_lens
 
 K = tk.TOPK_K
 GUARD = 64  # guard columns after every output row

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from smpart.triton_kernels import cost_model, tuning
+from smpart import cost_model, tuning
 from smpart.triton_kernels.partitioned import PartitionConfig
 
 H200 = {"gpu": "NVIDIA H200", "num_sms": 132, "torch": "2.11", "triton": "3.6"}
@@ -148,7 +148,7 @@ def test_autotune_candidates_and_dry_run(capsys):
 def test_gemm_in_tail_rule():
     """The model puts the whole GEMM beside the top-k at every shape (the H200 evidence in
     ``cost_model.gemm_in_tail``), and the model config then is a valid tail split."""
-    from smpart.triton_kernels import cost_model
+    from smpart import cost_model
 
     for sms in (8, 78, 132):
         for L in (1, 4096, 65536, 163840):

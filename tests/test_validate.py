@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from smpart.triton_kernels import dims
-from smpart.triton_kernels.batch import make_decode_batch
-from smpart.triton_kernels.region import run_region
-from smpart.triton_kernels.validate import validate_region_args
+from smpart.batch import make_decode_batch
+from smpart.region import run_region
+from smpart.validate import validate_region_args
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize("field,make,name", BAD_VALUES, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_VALUES)])
 @pytest.mark.parametrize("path", ["reference", "sequential"])
 def test_value_errors_write_nothing(batch, field, make, name, path):
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart.workspace import RegionWorkspace
 
     a = batch.clone().args
     a = dataclasses.replace(a, **{field: make(a)})
@@ -93,7 +93,7 @@ def test_value_errors_write_nothing(batch, field, make, name, path):
 
 
 def test_workspace_too_small(batch):
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart.workspace import RegionWorkspace
 
     ws = RegionWorkspace.for_shape(2, 64, "cpu")
     with pytest.raises(ValueError, match="context_lens"):
@@ -108,9 +108,9 @@ def test_workspace_too_small(batch):
 def test_workspace_prequant_buffers_checked(batch, path):
     """A workspace whose q_c quant buffers do not fit the batch is refused before any launch
     (the partitioned kernel's first launch would write them past their rows); both None is allowed."""
-    from smpart.triton_kernels.checks import check_region
+    from smpart.checks import check_region
     from smpart.triton_kernels.partitioned import PartitionConfig
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart.workspace import RegionWorkspace
 
     a = batch.clone().args
     T = a.num_tokens
@@ -137,7 +137,7 @@ def test_workspace_counters_fit_topk_chunking():
     any launch (the partitioned kernel's per-(row, chunk) counters would run past the buffer)."""
     from smpart.triton_kernels.partitioned import PartitionConfig
     from smpart.triton_kernels.topk import TopkWorkspace
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart.workspace import RegionWorkspace
 
     b = make_decode_batch([4999, 5000], num_heads=16, next_n=2, seed=3)
     a = b.args
@@ -159,7 +159,7 @@ def test_bad_values_with_checks_off_stay_in_bounds(case, path, device):
     as they were), and out-of-range slots write nothing at all."""
     import dataclasses as dc
 
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart.workspace import RegionWorkspace
 
     a = make_decode_batch([70, 130], num_heads=16, seed=12, device=device).args
     guard = 2
@@ -205,7 +205,7 @@ def test_workspace_type_and_interpreter_hint(batch, monkeypatch):
         run_region(batch.clone().args, path="sequential", workspace="big")
     if torch.cuda.is_available():
         return
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart.workspace import RegionWorkspace
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     a = batch.clone().args
@@ -214,7 +214,7 @@ def test_workspace_type_and_interpreter_hint(batch, monkeypatch):
 
 
 def test_args_and_config_types(batch):
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart.workspace import RegionWorkspace
 
     a = batch.clone().args
     with pytest.raises(TypeError, match="args: expected a RegionArgs"):
@@ -283,8 +283,8 @@ BAD_CONFIGS = [
 def test_interpreter_set_after_import_is_named(batch, monkeypatch):
     """Kernels defined without the interpreter cannot run CPU tensors even if TRITON_INTERPRET=1 is
     set later: a RuntimeError says so (not an error from inside Triton)."""
-    from smpart.triton_kernels import region
-    from smpart.triton_kernels.workspace import RegionWorkspace
+    from smpart import region
+    from smpart.workspace import RegionWorkspace
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(region, "_kernels_interpreted", lambda: False)

@@ -95,7 +95,7 @@ def indexer_k_quant_and_cache(
     num_warps : launch parameter.
 
     Math: ``scale = max(max|k_t|, 1e-4) / 448``; ``bytes = e4m3_rne(clamp(k_t / scale, +-448))``.
-    No validation, allocation or host sync here (``validate.py`` checks inputs).
+    No validation, allocation or host sync here (``smpart.validate`` checks inputs).
     """
     T = k.shape[0]
     if T == 0:

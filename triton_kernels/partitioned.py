@@ -32,7 +32,7 @@ Cross-program protocol (no program ever waits for another):
   same rows. The logits item that covers a row's new positions therefore recomputes their logits
   from ``index_k`` directly, with the exact quantization of the cache write
   (``_patch_new_key_logits``), right after its own stores (program order, a CTA barrier between).
-  ``validate.py`` checks (eager) that ``slot_mapping`` is the new token's cache slot, which makes
+  ``smpart.validate`` checks (eager) that ``slot_mapping`` is the new token's cache slot, which makes
   this identical to write-then-read.
 * loads of data written by other programs in this launch use ``.cg`` (L2, never a stale L1 line).
 
@@ -44,20 +44,15 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 
-import torch
 import triton
 import triton.language as tl
 
-from . import cost_model, dims
 from .fp8 import quant_fp8_bytes, quant_scale
 from .indexer_cache import _indexer_k_cache_item
-from .mqa_logits import _mqa_logits_item, mqa_logits_runs_per_row
-from .q_b_proj import _q_b_proj_item, _q_c_quant_row, default_block_t, launch_q_c_quant
-from .region import register_path
-from .topk import (TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, TopkConfig, _topk_chunk_item, _topk_row_len, _topk_stage,
-                   resolve_cap, topk_decode)
+from .mqa_logits import _mqa_logits_item
+from .q_b_proj import _q_b_proj_item, _q_c_quant_row
+from .topk import TopkConfig, _topk_chunk_item, _topk_row_len, _topk_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,163 +482,3 @@ def _topk_gemm_tail_kernel(
                 xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
                 USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, PREQUANT,
             )
-
-
-_TAIL_ALIGN = 256  # gemm_in_tail moves output columns in multiples of this (any tile height divides it)
-
-
-def tail_columns(num_heads: int, gemm_in_tail: float) -> int:
-    """Output columns of ``q_b_proj`` (the last ones) whose tiles run in the top-k launch: the
-    fraction ``gemm_in_tail`` of ``num_heads * 192``, rounded to a multiple of 256."""
-    N = num_heads * dims.QK_HEAD_DIM
-    return min(N, int(round(gemm_in_tail * N / _TAIL_ALIGN)) * _TAIL_ALIGN)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the interpreter: a small grid keeps CPU runs short
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m0: bool = True) -> None:
-    """Run the whole region in one launch of :func:`_partitioned_kernel` (see module docstring).
-
-    Parameters
-    ----------
-    args : RegionArgs (validated by the caller, ``run_region``).
-    ws : RegionWorkspace (logits, top-k candidates, zeroed counters).
-    config : PartitionConfig; ``None`` = the tuned configuration of this shape bucket
-        (``tuning.choose``), else the defaults with the cost model's split.
-    """
-    T, H, next_n = args.num_tokens, args.num_heads, args.next_n
-    dev = args.q_c.device
-    if config is not None and not isinstance(config, PartitionConfig):
-        raise TypeError(f"config: expected a PartitionConfig or None, got {type(config).__name__}")
-    if config is None:
-        from . import tuning  # the tuned config of this bucket, else the cost model's split
-
-        config = tuning.choose(T, H, next_n, ws.max_len, dev).config
-    cfg = config  # field values were checked when it was made (PartitionConfig.__post_init__)
-    N = H * dims.QK_HEAD_DIM
-    # the schedule does not depend on ``roles`` (a role left out keeps its programs, idle)
-    tail_cols = tail_columns(H, cfg.gemm_in_tail)
-    if cfg.topk_config is not None:  # refused before the first launch writes anything
-        resolve_cap(cfg.topk_config.cap, 1, 1, ws.topk)
-    block_t = cfg.block_t or default_block_t(T)
-    n_t_tiles = triton.cdiv(T, block_t)
-    head_cols = N - tail_cols  # a multiple of 256, so of block_n: whole n-tiles stay in the fused launch
-    n_gemm = triton.cdiv(head_cols, cfg.block_n) * n_t_tiles
-    max_blocks = args.block_table.shape[1]
-    max_len = ws.max_len
-    cols = min(max_len, max_blocks * dims.CACHE_BLOCK_SIZE)
-    runs = mqa_logits_runs_per_row(max_len, max_blocks, cfg.blocks_per_item, write_neg_inf=False)
-    tw = ws.topk
-    max_chunks = tw.max_chunks
-    num_sms = _num_sms(dev)
-    resident = cost_model.resident_programs(num_sms, cfg.num_warps)
-    dense = False  # one program per (row, run) logits item, no prefix sums
-    gemm_first = False  # programs [0, n_gemm) on the GEMM tiles, the indexer's after them
-    if cfg.dynamic:
-        total = resident if cfg.indexer_programs is None else cfg.indexer_programs + (cfg.gemm_programs or 0)
-        n_idx, n_gemm_p = total, 0
-    else:
-        n_idx, n_gemm_p = cfg.indexer_programs, cfg.gemm_programs
-        if n_idx is None or n_gemm_p is None:
-            # shapes only (no device read): every request at the bucket's capacity
-            rb = cost_model.role_bytes(T, H, next_n, [cols] * (T // next_n))
-            model_idx, model_gemm = cost_model.first_split(resident, rb)
-            n_idx = n_idx or model_idx
-            n_gemm_p = n_gemm_p or model_gemm
-        if n_gemm == 0:
-            # no GEMM tile in this launch: every program on the key write and the logits, with the
-            # GEMM code compiled out (fewer registers, more programs per SM): one per logits item
-            # of the bucket unless first_programs says otherwise
-            n_idx = cfg.first_programs or max(n_idx + n_gemm_p, T * runs)
-            n_gemm_p = 0
-            dense = n_idx >= T * runs
-        elif cfg.dense_first:
-            n_idx, n_gemm_p = T * runs, min(cfg.gemm_programs or n_gemm, n_gemm)
-            dense = gemm_first = True
-        total = n_idx + n_gemm_p
-    if n_idx < 1 or (not cfg.dynamic and n_gemm > 0 and n_gemm_p < 1):
-        raise ValueError(f"config: need >= 1 program per role, got indexer={n_idx}, gemm={n_gemm_p}")
-    if T > ws.topk.max_tokens:
-        raise ValueError(f"workspace: top-k candidates hold {ws.topk.max_tokens} rows, the batch has {T}")
-    hw_cvt = dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-    have_q_buf = ws.q_c_fp8 is not None and bool(cfg.roles & 8)
-    # the fused launch's GEMM tiles read q_c quantized by a launch of its own before it
-    first_pre = cfg.first_prequant and n_gemm > 0 and have_q_buf
-    # the tail's GEMM tiles read q_c quantized once, by that launch or by the fused launch's
-    # per-token items
-    prequant = bool(tail_cols) and have_q_buf and (cfg.tail_prequant or first_pre)
-    xq, xs = (ws.q_c_fp8, ws.q_c_scale) if prequant or first_pre else (args.q_c, args.q_c)
-    roles = cfg.roles if cfg.fuse_topk else cfg.roles & ~4
-    if n_gemm == 0:
-        roles &= ~8  # the GEMM runs in the top-k launch (or not at all)
-    if first_pre:
-        launch_q_c_quant(args.q_c, xq, xs, use_ue8m0, hw_cvt)
-    extra = {} if cfg.maxnreg is None else dict(maxnreg=cfg.maxnreg)
-    _partitioned_kernel[(total,)](
-        args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
-        args.k_pe, args.q, xq, xs,
-        T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
-        args.index_q_fp8, args.index_weights, args.index_k, args.kv_cache, args.block_table, args.context_lens,
-        args.slot_mapping, ws.logits, args.topk_indices, ws.counters, tw.counters, tw.cand_vals, tw.cand_idx,
-        args.index_q_fp8.stride(0), args.index_weights.stride(0), args.index_k.stride(0), args.block_table.stride(0),
-        ws.logits.stride(0), args.topk_indices.stride(0),
-        args.kv_cache.shape[0], max_blocks, max_len, runs, max_chunks,
-        n_gemm, n_idx, max(n_gemm_p, 1),
-        USE_UE8M0=bool(use_ue8m0), NEXT_N=next_n, BLOCKS_PER_ITEM=cfg.blocks_per_item, NUM_STAGES=cfg.num_stages,
-        CHUNK=tw.chunk, BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
-        DYNAMIC=bool(cfg.dynamic),
-        QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=hw_cvt,
-        ROLES=roles, QUANT_Q_C=prequant and not first_pre, DENSE=dense, GEMM_PREQUANT=first_pre, GEMM_FIRST=gemm_first, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
-        num_warps=cfg.num_warps, num_stages=1, **extra,
-    )
-    if cfg.fuse_topk:
-        return
-    if tail_cols:
-        if cfg.roles & 12:
-            _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, num_sms, hw_cvt, prequant,
-                         xq, xs)
-    elif cfg.roles & 4:
-        topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=tw,
-                    max_len=max_len, config=cfg.topk_config)
-
-
-def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, block_t: int, n_t_tiles: int,
-                 num_sms: int, hw_cvt: bool, prequant: bool, xq, xs) -> None:
-    """The top-k launch with the GEMM tiles of output columns ``[n_cut, N)`` beside it: one
-    program per top-k (row, chunk) item, numbered first, then the GEMM programs. ``xq``/``xs``:
-    the quantized ``q_c`` the first launch wrote (``prequant``), else unused placeholders."""
-    T, next_n = args.num_tokens, args.next_n
-    N = args.num_heads * dims.QK_HEAD_DIM
-    tw = ws.topk
-    tcfg = cfg.topk_config or TopkConfig()
-    lmax = max(min(ws.logits.shape[1], tw.max_len, ws.max_len), 0)
-    n_chunks = max(triton.cdiv(lmax, tw.chunk), 1)
-    n_topk = T * n_chunks if cfg.roles & 4 else 0
-    bn = cfg.tail_block_n
-    gemm_lo = (n_cut // bn) * n_t_tiles
-    gemm_hi = triton.cdiv(N, bn) * n_t_tiles if cfg.roles & 8 else gemm_lo
-    n_gemm_p = min(cfg.tail_gemm_programs or gemm_hi - gemm_lo, gemm_hi - gemm_lo)  # never more than tiles
-    n_topk_p = n_topk
-    cap = resolve_cap(tcfg.cap, n_topk, num_sms, tw)  # the standalone top-k's rule
-    if n_topk_p + n_gemm_p == 0:
-        return
-    _topk_gemm_tail_kernel[(n_topk_p + n_gemm_p,)](
-        ws.logits, args.context_lens, args.topk_indices, tw.cand_vals, tw.cand_idx, tw.counters,
-        ws.logits.stride(0), args.topk_indices.stride(0), lmax, tw.max_chunks, n_topk, n_topk_p,
-        args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
-        args.k_pe, args.q, xq, xs,
-        T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
-        gemm_lo, gemm_hi, max(n_gemm_p, 1),
-        NEXT_N=next_n, CHUNK=tw.chunk, TOPK_K=tw.k, TOPK_BLOCK=tcfg.block, TOPK_LOG2_NB=tcfg.log2_bins, TOPK_CAP=cap,
-        USE_UE8M0=bool(use_ue8m0), HW_CVT=hw_cvt, BLOCK_N=bn, BLOCK_T=block_t, NUM_STAGES=cfg.num_stages,
-        PREQUANT=prequant, num_warps=tcfg.num_warps, num_stages=1,
-    )
-
-
-@register_path("partitioned")
-def run_partitioned(args, ws, config, use_ue8m0):
-    partitioned_region(args, ws, config, use_ue8m0)

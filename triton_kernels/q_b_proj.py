@@ -476,7 +476,7 @@ def q_b_proj_rope(
     Math: ``x_s[t,kb] = max(amax, 1e-10)/448``; ``acc[t,n] = sum_kb (e4m3(x/x_s) . w)_kb *
     x_s[t,kb] * w_s[n//128,kb]``; ``q = bf16(acc)``, then interleaved RoPE on ``q[..., 128:]``
     (see the module docstring for the rounding). No validation, allocation or host sync here
-    (``validate.py`` checks inputs).
+    (``smpart.validate`` checks inputs).
     """
     T = q_c.shape[0]
     prequant = q_c_fp8 is not None or q_c_scale is not None

@@ -32,8 +32,9 @@ import warnings
 import torch
 import triton
 
-from . import cost_model, dims
-from .partitioned import PartitionConfig
+from .triton_kernels import dims
+from . import cost_model
+from .triton_kernels.partitioned import PartitionConfig
 
 SCHEMA = 1
 TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")

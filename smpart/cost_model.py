@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from . import dims
+from .triton_kernels import dims
 
 HBM_BYTES_PER_S = 4.24e12  # H200 copy-kernel bandwidth (DESIGN.md 8; the bench re-measures it)
 SATURATION = 0.35  # fraction of programs that pulls the full bandwidth (from 32 SMs -> 68%)

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from . import dims
+from .triton_kernels import dims
 
 
 def _round_up(x: int, m: int) -> int:
@@ -56,7 +56,7 @@ class RegionWorkspace:
             raise ValueError(f"max_tokens: expected 1..{dims.T_MAX}, got {max_tokens}")
         if not 1 <= max_len <= dims.MAX_MODEL_LEN:
             raise ValueError(f"max_len: expected 1..{dims.MAX_MODEL_LEN}, got {max_len}")
-        from .topk import TOPK_CHUNK, TopkWorkspace
+        from .triton_kernels.topk import TOPK_CHUNK, TopkWorkspace
 
         max_len = _round_up(max_len, dims.CACHE_BLOCK_SIZE)
         topk = TopkWorkspace(max_tokens, max_len, device, chunk=TOPK_CHUNK)
@@ -99,7 +99,7 @@ class RegionWorkspace:
             raise ValueError(f"workspace.counters: {self.counters.numel()} int32, the batch needs {need} "
                              f"(64 + {args.num_tokens} rows x {self.topk.max_chunks} top-k chunks)")
         if self.q_c_fp8 is not None or self.q_c_scale is not None:  # both None: the fused-quant GEMM
-            from .q_b_proj import check_prequant_buffers
+            from .triton_kernels.q_b_proj import check_prequant_buffers
 
             check_prequant_buffers(self.q_c_fp8, self.q_c_scale, args.num_tokens, prefix="workspace.")
             if self.q_c_fp8.device != args.q_c.device:

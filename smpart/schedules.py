@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .fill import fill_topk_indices
-from .indexer_cache import indexer_k_quant_and_cache
-from .mqa_logits import paged_mqa_logits
-from .q_b_proj import q_b_proj_rope
-from .region import register_path
-from .topk import topk_decode
+from .triton_kernels.fill import fill_topk_indices
+from .triton_kernels.indexer_cache import indexer_k_quant_and_cache
+from .triton_kernels.mqa_logits import paged_mqa_logits
+from .triton_kernels.q_b_proj import q_b_proj_rope
+from .triton_kernels.topk import topk_decode
 
 
 def indexer_tail(args, ws, use_ue8m0: bool) -> None:
@@ -48,7 +47,6 @@ def q_side(args, use_ue8m0: bool, ws=None) -> None:
                   args.k_pe, args.q, use_ue8m0=use_ue8m0, q_c_fp8=xq, q_c_scale=xs)
 
 
-@register_path("sequential")
 def run_sequential(args, ws, config, use_ue8m0):
     indexer_tail(args, ws, use_ue8m0)
     q_side(args, use_ue8m0, ws)
@@ -71,7 +69,6 @@ def _two_streams(args, ws, use_ue8m0, idx_stream, aux_stream):
             cur.wait_event(done)
 
 
-@register_path("dual_stream")
 def run_dual_stream(args, ws, config, use_ue8m0):
     if args.q_c.device.type != "cuda":
         run_sequential(args, ws, config, use_ue8m0)  # one stream is all a CPU has
@@ -106,7 +103,6 @@ def green_contexts(ws, indexer_sms: int, gemm_sms: int, device):
     return ws.extra[key]
 
 
-@register_path("green_ctx")
 def run_green_ctx(args, ws, config, use_ue8m0):
     if args.q_c.device.type != "cuda":
         raise RuntimeError("green_ctx: needs a CUDA device")

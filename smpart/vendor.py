@@ -47,9 +47,8 @@ import warnings
 
 import torch
 
-from . import dims
+from .triton_kernels import dims
 from .reference import visible_lens
-from .region import register_path
 
 # vLLM model_executor/layers/indexer_topk.py
 RADIX_TOPK_WORKSPACE_SIZE = 1024 * 1024
@@ -464,7 +463,6 @@ def vllm_indexer_tail(args, vs: VendorWorkspace, use_ue8m0: bool, config=None) -
         raise ValueError(f"config.topk_backend: expected auto/cooperative/persistent/per_row, got {backend!r}")
 
 
-@register_path("vllm_sequential")
 def run_vllm_sequential(args, workspace, config, use_ue8m0):
     """vLLM's order on one stream: indexer tail, then the q side (7 launches + the logits allocation)."""
     vs = _vendor_state(args, workspace, use_ue8m0)
@@ -473,7 +471,6 @@ def run_vllm_sequential(args, workspace, config, use_ue8m0):
     vllm_q_side(args, vs, use_ue8m0)
 
 
-@register_path("vllm_dual_stream")
 def run_vllm_dual_stream(args, workspace, config, use_ue8m0):
     """``maybe_execute_in_parallel(fn0=indexer tail, fn1=q side, event0, event1, aux_stream)``.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dims
+from .triton_kernels import dims
 
 
 def _is_capturing() -> bool:

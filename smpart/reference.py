@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from . import dims
-from .fp8 import FP8_DTYPE, quant_fp8_torch, quant_scale_torch
+from .triton_kernels import dims
+from .triton_kernels.fp8 import FP8_DTYPE, quant_fp8_torch, quant_scale_torch
 
 
 # --------------------------------------------------------------------------------------

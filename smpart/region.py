@@ -11,12 +11,13 @@ CUDA graphs.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from typing import Callable
 
 import torch
 
-from . import dims
+from .triton_kernels import dims
 from .validate import validate_region_args
 
 
@@ -73,26 +74,40 @@ class RegionArgs:
         )
 
 
-PATHS = ("reference", "sequential", "dual_stream", "green_ctx", "partitioned", "vllm_sequential", "vllm_dual_stream")
+PATHS: dict[str, str] = {
+    # name -> "module:function" implementing it; imported on first use (``load_path``), so importing
+    # this module stays cheap and no implementation module imports this one back
+    "reference": "smpart.region:_run_reference",
+    "sequential": "smpart.schedules:run_sequential",
+    "dual_stream": "smpart.schedules:run_dual_stream",
+    "green_ctx": "smpart.schedules:run_green_ctx",
+    "partitioned": "smpart.partitioned:run_partitioned",
+    "vllm_sequential": "smpart.vendor:run_vllm_sequential",
+    "vllm_dual_stream": "smpart.vendor:run_vllm_dual_stream",
+}
+"""The execution paths of the region: name -> ``"module:function"`` of its implementation, a
+callable ``fn(args, workspace, config, use_ue8m0) -> None``. Iterating gives the names in order."""
 
-_IMPLS: dict[str, Callable] = {}
 
+def load_path(name: str) -> Callable:
+    """The implementation of path ``name`` (imports its module on first use).
 
-def register_path(name: str):
-    """Decorator: register ``fn(args, workspace, config)`` as the implementation of ``name``."""
+    Raises
+    ------
+    ValueError : ``name`` is not in :data:`PATHS`.
+    ImportError : its module cannot be imported here (a build or environment problem).
+    """
     if name not in PATHS:
-        raise ValueError(f"name: expected one of {PATHS}, got {name!r}")
-
-    def deco(fn):
-        _IMPLS[name] = fn
-        return fn
-
-    return deco
+        raise ValueError(f"name: expected one of {tuple(PATHS)}, got {name!r}")
+    module, _, attr = PATHS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def _load_impls() -> None:
-    # Import the modules that register paths (kept lazy so importing region is cheap).
-    from . import partitioned, paths, vendor  # noqa: F401
+def _run_reference(args, workspace, config, use_ue8m0) -> None:
+    """The ``reference`` path: the PyTorch reference (``smpart.reference.run_region``)."""
+    from . import reference
+
+    reference.run_region(args, use_ue8m0=use_ue8m0)
 
 
 def _kernels_interpreted() -> bool:
@@ -100,7 +115,7 @@ def _kernels_interpreted() -> bool:
     import time)? Setting the variable later does not change kernels already decorated."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from .fill import _fill_topk_kernel
+    from .triton_kernels.fill import _fill_topk_kernel
 
     return isinstance(_fill_topk_kernel, InterpretedFunction)
 
@@ -112,8 +127,8 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
     Parameters
     ----------
     args : RegionArgs (see its docstring for shapes and dtypes).
-    path : one of ``PATHS``.
-    workspace : :class:`smpart.triton_kernels.workspace.RegionWorkspace` sized for this shape
+    path : one of :data:`PATHS` (its keys).
+    workspace : :class:`smpart.workspace.RegionWorkspace` sized for this shape
         bucket (required by every path but ``reference``; made once, reused across steps).
     config : path-specific launch parameters (e.g. the partitioned split); ``None`` = the tuned or
         default choice.
@@ -127,7 +142,7 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
         tensors without ``TRITON_INTERPRET=1`` set before triton was imported).
     """
     if path not in PATHS:
-        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+        raise ValueError(f"path: expected one of {tuple(PATHS)}, got {path!r}")
     if not isinstance(args, RegionArgs):
         raise TypeError(f"args: expected a RegionArgs, got {type(args).__name__}")
     from .workspace import RegionWorkspace
@@ -137,9 +152,7 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
     max_len = None if workspace is None else workspace.max_len
     validate_region_args(args, max_len=max_len, check_values=check_values)
     if path == "reference":
-        from . import reference
-
-        reference.run_region(args, use_ue8m0=use_ue8m0)
+        _run_reference(args, None, config, use_ue8m0)
         return
     if workspace is None:
         raise ValueError(f"workspace: path {path!r} needs a RegionWorkspace (RegionWorkspace.for_args(args))")
@@ -147,11 +160,7 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
     if args.q_c.device.type == "cpu" and path != "reference" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"path {path!r}: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 "
                            "before importing triton), or move the batch to a CUDA device")
-    _load_impls()
     if args.q_c.device.type == "cpu" and not _kernels_interpreted():
         raise RuntimeError(f"path {path!r}: TRITON_INTERPRET=1 was set after triton's kernels were defined, so "
                            "they are compiled for a GPU; set it before importing triton or smpart")
-    impl = _IMPLS.get(path)
-    if impl is None:
-        raise RuntimeError(f"path {path!r} is not available in this build")
-    impl(args, workspace, config, use_ue8m0)
+    load_path(path)(args, workspace, config, use_ue8m0)

@@ -16,8 +16,9 @@ from typing import Sequence
 
 import torch
 
-from . import dims, reference
-from .fp8 import FP8_DTYPE, ue8m0_ceil_torch
+from .triton_kernels import dims
+from . import reference
+from .triton_kernels.fp8 import FP8_DTYPE, ue8m0_ceil_torch
 from .region import RegionArgs
 
 
