@@ -161,13 +161,18 @@ def _vllm_q_pe_rope_fp32(vk, pos, q_pe, cs):
     return out
 
 
-def test_q_b_proj_epilogue_rope_equals_fused_q_pid0_fp32_cache(vk):
-    """With vLLM's fp32 YaRN table (``use_flashinfer`` on CUDA), our epilogue RoPE (on the bf16 GEMM
-    output) gives vLLM's ``fused_q`` pid-0 bytes, RNE-rounded. Interpreter only: on the GPU vLLM's
-    compiled kernel contracts ``x1 * cos - x2 * sin`` into an FMA, which the q_b_proj epilogue
-    avoids on purpose (``_mul_rn``); the GPU comparison is part of the region's fused_q mode."""
+@pytest.mark.parametrize("mode,cs_dtype", [("generic", torch.float32), ("fused_q", torch.float32),
+                                           ("fused_q", torch.bfloat16)])
+def test_q_b_proj_epilogue_rope_equals_fused_q_pid0(vk, mode, cs_dtype):
+    """Our epilogue RoPE (on the bf16 GEMM output) gives vLLM's ``fused_q`` pid-0 bytes, RNE-rounded:
+    with ``rope_fused_q=True`` for vLLM's fp32 (FlashInfer on CUDA) and bf16 tables, and in the
+    generic mode (``rotary_embedding`` rounding) for the fp32 table only (with a bf16 table that mode
+    rounds each product to bf16, as vLLM's generic path does, and differs). ``rope_k_pe=False``
+    leaves ``k_pe`` untouched. Interpreter only (numpy never fuses a multiply-add); on the GPU vLLM's
+    compiled kernel contracts ``x1 * cos - x2 * sin`` into an FMA, as the fused_q mode's identical
+    expression is expected to (checked on the device by the region's GPU test)."""
     if not INTERPRET:
-        pytest.skip("interpreter comparison (numpy never fuses a multiply-add)")
+        pytest.skip("interpreter comparison")
     from smpart.triton_kernels.q_b_proj import q_b_proj_rope
 
     g = torch.Generator().manual_seed(5)
@@ -177,13 +182,16 @@ def test_q_b_proj_epilogue_rope_equals_fused_q_pid0_fp32_cache(vk):
     w = (torch.randn(N, dims.Q_LORA_RANK, generator=g) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
     ws = 2.0 ** torch.randint(-14, -10, (N // 128, dims.Q_LORA_RANK // 128), generator=g).float()
     pos = torch.tensor([0, 77, 4095], dtype=torch.int64)
-    cs = torch.randn(4096, 64, generator=g)  # fp32
+    cs = torch.randn(4096, 64, generator=g).to(cs_dtype)
     k_pe = torch.randn(T, 1, 64, generator=g).bfloat16()
     plain = torch.empty(T, H, dims.QK_HEAD_DIM, dtype=torch.bfloat16)
     roped = torch.empty_like(plain)
     q_b_proj_rope(q_c, w, ws, pos, cs, k_pe.clone(), plain, apply_rope=False)
-    q_b_proj_rope(q_c, w, ws, pos, cs, k_pe.clone(), roped, apply_rope=True)
+    k_pe_out = k_pe.clone()
+    fq = mode == "fused_q"
+    q_b_proj_rope(q_c, w, ws, pos, cs, k_pe_out, roped, apply_rope=True, rope_fused_q=fq, rope_k_pe=not fq)
     want = _vllm_q_pe_rope_fp32(vk, pos, plain[..., dims.QK_NOPE_HEAD_DIM:], cs).to(torch.bfloat16)
     got = roped[..., dims.QK_NOPE_HEAD_DIM:]
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)), _first_diff(got.float(), want.float())
     assert torch.equal(roped[..., : dims.QK_NOPE_HEAD_DIM], plain[..., : dims.QK_NOPE_HEAD_DIM])
+    assert torch.equal(k_pe_out, k_pe) == fq, "rope_k_pe=False must leave k_pe untouched, True must rope it"

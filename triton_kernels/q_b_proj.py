@@ -201,6 +201,8 @@ def _q_b_proj_item(
     BLOCK_T: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     PREQUANT: tl.constexpr,
+    ROPE_FUSED_Q: tl.constexpr = False,
+    ROPE_K_PE: tl.constexpr = True,
 ):
     """One work item: ``BLOCK_N`` output columns x ``BLOCK_T`` tokens of ``q``, RoPE included.
 
@@ -230,6 +232,13 @@ def _q_b_proj_item(
         the pipeliner turns the loads into async copies, and the quantization is done once per
         token instead of once per (token, output tile): the fused quant is O(T x tiles x K)
         issue slots, which dominates the GEMM at T >= 64 (H200, 2026-11-30: 69 us at T=128, H=128).
+    ROPE_FUSED_Q : q_pe RoPE as vLLM 0.33's production DSV3.2 model computes it (``fused_q`` pid 0,
+        ``vllm/models/deepseek_v32/common/kernels.py``): fp32 math whatever the table's dtype, written
+        as vLLM writes it (``x1 * cos - x2 * sin``, ``x2 * cos + x1 * sin``, so the compiler contracts
+        it as it contracts vLLM's), rounded once to bf16. False: vLLM's ``rotary_embedding`` rounding
+        (the generic model path; see ``_rope_pairs``).
+    ROPE_K_PE : rope ``k_pe`` in the ``n_tile == 0`` items (False for the production model, whose
+        ``fused_norm_rope`` ropes ``k_pe`` and writes the MLA cache).
     """
     K: tl.constexpr = 1536  # dims.Q_LORA_RANK
     G: tl.constexpr = 128  # dims.QUANT_GROUP
@@ -312,13 +321,17 @@ def _q_b_proj_item(
             c = tl.load(cs_row + i[None, :], mask=cs_mask, other=0.0).to(tl.float32)
             s = tl.load(cs_row + HALF + i[None, :], mask=cs_mask, other=0.0).to(tl.float32)
             xe, xo = tl.split(tl.reshape(out.to(tl.float32), (BLOCK_T, BLOCK_N // 2, 2)))
-            re, ro = _rope_pairs(xe, xo, c, s, CS_FP32)
+            if ROPE_FUSED_Q:
+                re = _bf16_rne(xe * c - xo * s)
+                ro = _bf16_rne(xo * c + xe * s)
+            else:
+                re, ro = _rope_pairs(xe, xo, c, s, CS_FP32)
             roped = tl.reshape(tl.join(re, ro), (BLOCK_T, BLOCK_N))
             rope_col = ((offs_n % HEAD) >= NOPE)[None, :]
             tl.store(q_ptrs, tl.where(rope_col, roped, out), mask=st_mask)
         else:
             tl.store(q_ptrs, out, mask=st_mask)
-        if n_tile == 0:
+        if ROPE_K_PE and n_tile == 0:
             # k_pe [T, 1, 64]: the same interleaved rope at the same positions, in place
             offs_i = tl.arange(0, HALF)
             c = tl.load(cs_row + offs_i[None, :], mask=t_mask[:, None], other=0.0).to(tl.float32)
@@ -357,12 +370,14 @@ def _q_b_proj_kernel(
     BLOCK_T: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     PREQUANT: tl.constexpr,
+    ROPE_FUSED_Q: tl.constexpr = False,
+    ROPE_K_PE: tl.constexpr = True,
 ):
     """Standalone kernel: one work item per program (grid = ``q_b_proj_num_items``)."""
     _q_b_proj_item(
         tl.program_id(0), q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr, xq_ptr, xs_ptr,
         T, N, max_pos, stride_qc, stride_q, stride_kpe, stride_cs,
-        USE_UE8M0, APPLY_ROPE, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, PREQUANT,
+        USE_UE8M0, APPLY_ROPE, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, PREQUANT, ROPE_FUSED_Q, ROPE_K_PE,
     )
 
 
@@ -447,6 +462,8 @@ def q_b_proj_rope(
     hw_cvt: bool | None = None,
     q_c_fp8: torch.Tensor | None = None,
     q_c_scale: torch.Tensor | None = None,
+    rope_fused_q: bool = False,
+    rope_k_pe: bool = True,
 ) -> None:
     """``q = rope(q_c @ weight^T)`` (W8A8 block FP8) into ``q``; ``k_pe`` roped in place. One launch.
 
@@ -472,6 +489,9 @@ def q_b_proj_rope(
         :func:`check_prequant_buffers`, which raises ValueError/TypeError): given, the call is two launches,
         the activation quant once per token into them (``_q_c_quant_kernel``) then the GEMM reading
         them (``PREQUANT``; ``num_stages >= 1``); the same ``q`` bytes as the fused quant.
+    rope_fused_q : q_pe RoPE rounded as vLLM 0.33's production DSV3.2 model's ``fused_q`` (pid 0):
+        fp32 math for any table dtype (``_q_b_proj_item``'s ``ROPE_FUSED_Q``). rope_k_pe : False leaves
+        ``k_pe`` untouched (that model ropes it in ``fused_norm_rope``).
 
     Math: ``x_s[t,kb] = max(amax, 1e-10)/448``; ``acc[t,n] = sum_kb (e4m3(x/x_s) . w)_kb *
     x_s[t,kb] * w_s[n//128,kb]``; ``q = bf16(acc)``, then interleaved RoPE on ``q[..., 128:]``
@@ -502,5 +522,6 @@ def q_b_proj_rope(
         T, N, cos_sin_cache.shape[0], q_c.stride(0), q.stride(0), k_pe.stride(0), cos_sin_cache.stride(0),
         USE_UE8M0=bool(use_ue8m0), APPLY_ROPE=bool(apply_rope), HW_CVT=bool(hw_cvt),
         BLOCK_N=block_n, BLOCK_T=block_t, NUM_STAGES=num_stages, PREQUANT=prequant,
+        ROPE_FUSED_Q=bool(rope_fused_q), ROPE_K_PE=bool(rope_k_pe),
         num_warps=num_warps, num_stages=num_stages,
     )
