@@ -15,7 +15,10 @@ may call it more than once (``vllm/plugins/__init__.py::load_general_plugins``).
    they split at vLLM's ``sparse_attn_indexer`` (the op routes per step; see ``ops.py``). There is
    no API for this; it is a logged append to vLLM's class-level default list, made only with the
    flag;
-4. with ``SMPART_DSV32_GENERIC_MODEL=1`` too, maps the ``DeepseekV32ForCausalLM`` architecture to
+4. on an sm_90 GPU, maps vLLM's production CUDA DSV3.2 architectures (``DeepseekV32ForCausalLM``,
+   ``DeepseekV32MTPModel``) to subclasses of vLLM's own CUDA classes whose attention layers run the
+   region on decode-only FULL-graph steps (``integration/v32``; ``ModelRegistry.register_model``);
+5. with ``SMPART_DSV32_GENERIC_MODEL=1`` too (instead of 4), maps the ``DeepseekV32ForCausalLM`` architecture to
    vLLM's generic ``vllm.model_executor.models.deepseek_v2:DeepseekV3ForCausalLM`` through
    ``ModelRegistry.register_model``. On CUDA, vLLM 0.33 serves DeepSeek-V3.2 with its own
    ``vllm/models/deepseek_v32/nvidia`` model (``DeepseekV32Attention``, an ``MLAAttention``
@@ -36,6 +39,11 @@ GENERIC_MODEL_ENV = "SMPART_DSV32_GENERIC_MODEL"
 VLLM_VERSION = "0.33.0"
 LAYER_NAME = "MultiHeadLatentAttentionWrapper"
 GENERIC_MODEL = "vllm.model_executor.models.deepseek_v2:DeepseekV3ForCausalLM"
+ASSUME_SM90_ENV = "SMPART_DSV32_ASSUME_SM90"  # CPU test hook standing in for an sm_90 GPU
+V32_MODEL_CLASSES = {  # vLLM architecture -> smpart subclass of vLLM's CUDA class (lazy strings)
+    "DeepseekV32ForCausalLM": "smpart.integration.v32.model:SmpartDeepseekV32ForCausalLM",
+    "DeepseekV32MTPModel": "smpart.integration.v32.model:SmpartDeepseekV32MTP",
+}
 
 logger = logging.getLogger("vllm.smpart_dsv32")
 
@@ -77,6 +85,8 @@ def register() -> None:
     _add_splitting_op(ops.OP_QUALNAME)
     if os.environ.get(GENERIC_MODEL_ENV, "0").strip() == "1":
         _route_dsv32_to_generic_model()
+    else:
+        _route_dsv32_to_production_subclass()
 
 
 def unregister() -> None:
@@ -98,6 +108,38 @@ def _add_splitting_op(qualname: str) -> None:
         logger.info("smpart: %s added to vLLM's default splitting ops (piecewise graphs split at it "
                     "as at vllm::sparse_attn_indexer); if you set compilation_config.splitting_ops "
                     "yourself, include it there", qualname)
+
+
+def _is_sm90() -> str | None:
+    """None when this machine's GPU is sm_90 (or the CPU test hook ``SMPART_DSV32_ASSUME_SM90=1`` is
+    set), else why not. Reads the capability through vLLM's platform (NVML), which does not
+    initialize CUDA in the process that loads the plugin."""
+    if os.environ.get(ASSUME_SM90_ENV, "0").strip() == "1":
+        return None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return "not a CUDA platform"
+    cap = current_platform.get_device_capability()
+    if cap is None or (cap.major, cap.minor) != (9, 0):
+        return f"GPU capability {cap} is not sm_90"
+    return None
+
+
+def _route_dsv32_to_production_subclass() -> None:
+    """Map vLLM's DSV3.2 architectures (CUDA model and MTP draft) to the smpart subclasses
+    (``integration/v32/model.py``) through ``ModelRegistry.register_model``, on sm_90 only."""
+    why = _is_sm90()
+    if why is not None:
+        logger.info("smpart: %s=1: DSV3.2 production model left to vLLM (%s)", FLAG_ENV, why)
+        return
+    from vllm import ModelRegistry
+
+    for arch, cls in V32_MODEL_CLASSES.items():
+        ModelRegistry.register_model(arch, cls)
+    logger.info("smpart: %s=1: %s served by %s (vLLM's CUDA deepseek_v32 classes whose decode-only "
+                "FULL-graph steps run the smpart region)", FLAG_ENV, ", ".join(V32_MODEL_CLASSES),
+                ", ".join(V32_MODEL_CLASSES.values()))
 
 
 def _route_dsv32_to_generic_model() -> None:
