@@ -30,7 +30,8 @@ import subprocess
 import sys
 import time
 
-VENDOR_PATHS = ("vllm_sequential", "vllm_dual_stream")
+from smpart.bench.common import VENDOR_PATHS, _unavailable, check_path  # noqa: F401 - check_path is used by tests
+
 DEFAULT_PATHS = "sequential,dual_stream,partitioned,vllm_sequential,vllm_dual_stream"
 CPU_PATHS = ("sequential", "partitioned")
 AUTO = "auto"  # the runtime's dispatch (tuning.choose) for each shape
@@ -115,30 +116,6 @@ def _require(pkg: str):
 # --------------------------------------------------------------------------------------
 # correctness check shared by the GPU and CPU modes
 # --------------------------------------------------------------------------------------
-def check_path(path: str, out, want, batch, logits64=None) -> None:
-    """``checks.check_region`` of a path's outputs against the reference's.
-
-    Vendor paths run vLLM's ``_C.rotary_embedding``, which computes in fp32 and rounds once,
-    while the reference mirrors vLLM's DeepSeek rope ``forward_native`` (bf16 at each step): their
-    ``k_pe`` may differ by an ulp, so for them ``k_pe`` is compared by normalized difference
-    (< 1e-5) and every other output by the common rule.
-
-    Raises
-    ------
-    AssertionError : naming the first bad output.
-    """
-    import dataclasses
-
-    from smpart import checks
-
-    if path in VENDOR_PATHS:
-        d = checks.calc_diff(out.k_pe.float(), want.k_pe.float())
-        if not d < 1e-5:
-            raise AssertionError(f"k_pe: normalized difference {d:.3e} >= 1e-05")
-        want = dataclasses.replace(want, k_pe=out.k_pe)
-    checks.check_region(out, want, batch, logits64=logits64)
-
-
 def _reference_logits64(args):
     """float64 reference logits of the (post-write) cache, computed once per shape for every check."""
     import torch
@@ -162,14 +139,6 @@ def _load_paths() -> str | None:
         except Exception as e:  # noqa: BLE001 - a module that cannot load must not stop the bench
             errors.append(f"{name}: {type(e).__name__}: {e}")
     return "; ".join(errors) or None
-
-
-def _unavailable(e: BaseException) -> bool:
-    """A path's "cannot run here" (``RuntimeError`` raised by the path, per ``run_region``'s contract),
-    as opposed to a crash: CUDA errors (also ``RuntimeError`` subclasses) and every other exception."""
-    if not isinstance(e, RuntimeError) or type(e).__name__ == "AcceleratorError":
-        return False
-    return "CUDA error" not in str(e) and "CUDA-capable" not in str(e)
 
 
 def _registered(path: str) -> bool:
@@ -489,13 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``smpart-bench`` (and ``python -m smpart.bench``). Returns the exit status.
 
     ``smpart-bench decode [options]`` runs the continuous-batching decode loop
-    (:mod:`smpart.bench.decode_loop`); anything else is the shape-grid benchmark below.
+    (:mod:`smpart.bench.decode`); anything else is the shape-grid benchmark below.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "decode":
-        from smpart.bench import decode_loop
+        from smpart.bench.decode.cli import main as decode_main
 
-        return decode_loop.main(argv[1:])
+        return decode_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     check_grid_args(parser, args)

@@ -1,10 +1,10 @@
-"""The continuous-batching decode loop (``smpart-bench decode``, ``bench/decode_loop.py``).
+"""The continuous-batching decode loop (``smpart-bench decode``, ``bench/decode/``).
 
 * Two interpreter loops at small dims (H=16, contexts up to ~2-2.5K), 25 + 25 = 50 steps, MTP off
   and on, requests joining and leaving, blocks reused with stale bytes inside live blocks, padded
   batches in one, tie-free inputs (exact top-k index sets) in the other: zero mismatches of
   ``sequential`` and ``partitioned`` against ``reference``. They run as two CLI subprocesses side
-  by side (one through ``smpart-bench decode``, one through ``python -m smpart.bench.decode_loop``),
+  by side (one through ``smpart-bench decode``, one through ``python -m smpart.bench.decode``),
   started together by the first loop test, at the end of the file. To fit the CPU budget (on a
   2-core machine the interpreter costs ~2 s per ``partitioned`` step with 256-row GEMM tiles and
   ~5 s per ``sequential`` step), ``partitioned`` runs every step and ``sequential`` every 10th (its
@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from smpart.bench import decode_loop as dl
-from smpart.bench.decode_loop import BlockAllocator, DecodeLoop, LoopConfig, MismatchError, OutOfBlocksError, RequestMix
+from smpart.bench import decode as dl
+from smpart.bench.decode import BlockAllocator, DecodeLoop, LoopConfig, MismatchError, OutOfBlocksError, RequestMix
 
 # --------------------------------------------------------------------------------------
 # block allocator
@@ -387,7 +387,7 @@ def test_summary_savings_and_output_files(stand_in_paths, tmp_path, monkeypatch)
     pytest.importorskip("matplotlib")
     loop = DecodeLoop(LoopConfig(num_heads=16, steps=4, max_context=512, seed=1, paths=("sequential", "partitioned")))
     loop.run()
-    monkeypatch.setattr(dl, "BASELINES", ("sequential",))  # stands in for the dual-stream baseline
+    monkeypatch.setattr(dl.loop, "BASELINES", ("sequential",))  # stands in for the dual-stream baseline
     for step, row in enumerate(loop.step_rows):
         loop.states["sequential"].times_us.append((step, row["batch"], 30.0))
         loop.states["partitioned"].times_us.append((step, row["batch"], 25.0 + step % 2))
@@ -413,7 +413,7 @@ LOOPS = {
     # name: (entry point, steps, extra options)
     "mtp_off": (["-m", "smpart.bench", "decode"], 25,
                 ["--next-n", "1", "--max-context", "2560", "--pad-batches", "--seed", "1"]),
-    "mtp_on": (["-m", "smpart.bench.decode_loop"], 25,
+    "mtp_on": (["-m", "smpart.bench.decode"], 25,
                ["--next-n", "2", "--max-context", "2048", "--tie-free", "--seed", "2"]),
 }
 
