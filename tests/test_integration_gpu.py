@@ -8,7 +8,7 @@ vLLM's compiled ops) on the same inputs.
 Needs a GPU and an importable vLLM 0.33.0 (its Python modules plus the compiled
 ``_C_stable_libtorch``); skipped with the reason otherwise. The metadata dataclasses are vLLM's,
 filled the way ``DeepseekV32IndexerMetadataBuilder.build`` fills them for plain decode and native
-MTP (the builder itself runs in ``tests/test_integration.py`` on the CPU).
+MTP (the builder itself runs in ``tests/test_integration_forward.py`` on the CPU).
 """
 
 import os
