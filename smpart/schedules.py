@@ -15,21 +15,37 @@ from __future__ import annotations
 
 import torch
 
+from .triton_kernels import dims
 from .triton_kernels.fill import fill_topk_indices
 from .triton_kernels.indexer_cache import indexer_k_quant_and_cache
 from .triton_kernels.mqa_logits import paged_mqa_logits
 from .triton_kernels.q_b_proj import q_b_proj_rope
+from .triton_kernels.radix_topk import radix_topk
 from .triton_kernels.topk import topk_decode
 
 
 def indexer_tail(args, ws, use_ue8m0: bool) -> None:
-    """Key write, fill, logits, top-k: four launches on the current stream."""
+    """Key write, fill, logits, top-k: four launches on the current stream.
+
+    With ``ws.radix`` (the default workspace) the logits kernel also fills the per-row histograms
+    and the radix top-k (``radix_topk.radix_topk(hist_ready=True)``) selects from them and zeroes
+    them; without it, the old chunk/merge ``topk_decode``.
+    """
     T = args.num_tokens
     indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping, use_ue8m0=use_ue8m0)
     fill_topk_indices(args.topk_indices, T)
+    radix = getattr(ws, "radix", None)
     paged_mqa_logits(args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table, args.context_lens,
-                     ws.logits, next_n=args.next_n)
-    topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n, workspace=ws.topk)
+                     ws.logits, next_n=args.next_n, hist=None if radix is None else radix.hist)
+    # each row's length is clamped (in the top-k kernel) to the workspace and to the block table's
+    # capacity: the logits kernel never wrote past the table, whatever context_lens says
+    cap = min(ws.max_len, args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE)
+    if radix is None:
+        topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n, workspace=ws.topk,
+                    max_len=cap)
+    else:
+        radix_topk(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n, workspace=radix,
+                   max_len=cap, hist_ready=True)
 
 
 def q_side(args, use_ue8m0: bool, ws=None) -> None:
@@ -108,5 +124,7 @@ def run_green_ctx(args, ws, config, use_ue8m0):
         raise RuntimeError("green_ctx: needs a CUDA device")
     num_sms = torch.cuda.get_device_properties(args.q_c.device).multi_processor_count
     indexer_sms, gemm_sms = config if config is not None else (num_sms // 4 // 8 * 8, num_sms - num_sms // 4 // 8 * 8)
+    if indexer_sms > num_sms or gemm_sms > num_sms:
+        raise ValueError(f"config: green_ctx SM counts {(indexer_sms, gemm_sms)} exceed the device's {num_sms} SMs")
     _, (idx_stream, gemm_stream) = green_contexts(ws, indexer_sms, gemm_sms, args.q_c.device)
     _two_streams(args, ws, use_ue8m0, idx_stream, gemm_stream)

@@ -28,7 +28,11 @@ class RegionWorkspace:
     max_tokens : rows T the buffers hold (<= 256).
     max_len : logits columns (a multiple of 64); every visible length must be <= max_len.
     logits : fp32 [max_tokens, max_len] (bytes: 4 * max_tokens * max_len).
-    topk : the top-k kernel's workspace (:class:`smpart.triton_kernels.topk.TopkWorkspace`).
+    topk : the top-k kernel's workspace (:class:`smpart.triton_kernels.topk.TopkWorkspace`), used
+        by the partitioned path's fused/tail top-k.
+    radix : the radix top-k's workspace (:class:`smpart.triton_kernels.radix_topk.RadixTopkWorkspace`:
+        per-row histograms the logits kernel fills, counters, candidates; zero between launches),
+        used by the stream paths' top-k; ``None``: those paths use the old ``topk_decode``.
     counters : int32 [64 + max_tokens * max_chunks], zero between launches (partitioned kernel).
     q_c_fp8, q_c_scale : float8_e4m3fn [max_tokens, 1536] and fp32 [max_tokens, 12]: ``q_c``
         quantized once per token for the prequantized GEMM (``q_b_proj._q_c_quant_row``; written by
@@ -42,6 +46,7 @@ class RegionWorkspace:
     counters: torch.Tensor
     q_c_fp8: torch.Tensor = None
     q_c_scale: torch.Tensor = None
+    radix: object = None
     extra: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -56,6 +61,7 @@ class RegionWorkspace:
             raise ValueError(f"max_tokens: expected 1..{dims.T_MAX}, got {max_tokens}")
         if not 1 <= max_len <= dims.MAX_MODEL_LEN:
             raise ValueError(f"max_len: expected 1..{dims.MAX_MODEL_LEN}, got {max_len}")
+        from .triton_kernels.radix_topk import RadixTopkWorkspace
         from .triton_kernels.topk import TOPK_CHUNK, TopkWorkspace
 
         max_len = _round_up(max_len, dims.CACHE_BLOCK_SIZE)
@@ -69,6 +75,7 @@ class RegionWorkspace:
             q_c_fp8=torch.empty(max_tokens, dims.Q_LORA_RANK, dtype=torch.float8_e4m3fn, device=device),
             q_c_scale=torch.empty(max_tokens, dims.Q_LORA_RANK // dims.QUANT_GROUP, dtype=torch.float32,
                                   device=device),
+            radix=RadixTopkWorkspace(max_tokens, device),
         )
 
     @staticmethod
@@ -85,22 +92,136 @@ class RegionWorkspace:
             max_len = min(args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE, dims.MAX_MODEL_LEN)
         return cls.for_shape(args.num_tokens, max_len, args.q_c.device)
 
+    def reset(self) -> None:
+        """Zero every arrival counter (``counters``, ``topk.counters``; ``radix.counters`` and
+        ``radix.hist``), on the current stream.
+
+        Kernels leave the counters zero (the last arriver resets its counter), so a workspace needs
+        this only after a launch that did not complete (an error mid-launch, an interrupted
+        benchmark, a kernel bug). In eager mode ``run_region`` refuses a workspace whose counters
+        are not zero (:meth:`check_clean`) and names this method; a CUDA graph cannot check, so
+        call it before capturing with a workspace of unknown history.
+        """
+        for _, c in self._zero_between_launches():
+            c.zero_()
+
+    def _zero_between_launches(self) -> list:
+        """(name, tensor) of every buffer the kernels leave zero: the arrival counters, and the radix
+        top-k's histograms and counters when the workspace has one."""
+        out = [("workspace.counters", self.counters), ("workspace.topk.counters", self.topk.counters)]
+        for n in ("counters", "hist"):
+            x = getattr(self.radix, n, None)
+            if isinstance(x, torch.Tensor):
+                out.append((f"workspace.radix.{n}", x))
+        return out
+
+    def check_clean(self) -> None:
+        """Raise ``ValueError`` if an arrival counter is not zero (stale state from a launch that
+        did not complete: the next launch would elect the wrong last arriver and write garbage
+        rows). Reads the counters on the host (one sync): eager mode only."""
+        for name, c in self._zero_between_launches():
+            nz = torch.count_nonzero(c).item()
+            if nz:
+                raise ValueError(f"{name}: {nz} arrival counters are not zero (a launch did not complete); "
+                                 f"call workspace.reset() before reusing this workspace")
+
     def check_fits(self, args) -> None:
-        """Raise ``ValueError`` if ``args`` has more rows than the workspace or another device, if
-        ``counters`` is shorter than the top-k workspace's chunking needs, or
-        ``ValueError``/``TypeError`` if its ``q_c_fp8`` / ``q_c_scale`` do not fit the batch
-        (``q_b_proj.check_prequant_buffers``; both ``None`` is allowed: the fused-quant GEMM)."""
+        """Check every buffer of the workspace against the batch ``args`` (RegionArgs), from tensor
+        metadata only (no device read: runs in eager mode and under CUDA-graph capture alike).
+
+        Checked: ``max_tokens``/``max_len`` are ints (``max_len`` a multiple of 64 in
+        ``[64, 163840]``); ``logits`` fp32 ``[>= T, >= max_len]`` contiguous; ``topk`` a
+        :class:`~smpart.triton_kernels.topk.TopkWorkspace` for ``k = 2048``, chunking consistent
+        (``max_chunks = cdiv(topk.max_len, chunk)``, ``topk.max_len >= max_len``, ``cap`` a power of
+        two <= 16384) and its ``cand_vals`` fp32 ``[>= T, max_chunks * 2048]``, ``cand_idx`` int32
+        ``[>= T, max_chunks * 2048 + (max_chunks + 1) * cap]``, ``counters`` int32 ``[>= T]``;
+        ``counters`` int32 ``[>= 64 + T * max_chunks]``; ``q_c_fp8``/``q_c_scale``
+        (``q_b_proj.check_prequant_buffers``; both ``None`` is allowed: the fused-quant GEMM). Every
+        buffer contiguous and on the batch's device.
+
+        Raises
+        ------
+        TypeError : a buffer that is not a tensor, or has the wrong dtype; ``topk`` of another type.
+        ValueError : wrong shape, device, contiguity or chunking (the message names the buffer).
+        """
+        from .triton_kernels.topk import TOPK_K, TopkWorkspace
+
+        T, dev = args.num_tokens, args.q_c.device
+        for name in ("max_tokens", "max_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"workspace.{name}: expected an int, got {v!r}")
         if args.num_tokens > self.max_tokens:
             raise ValueError(f"workspace: holds {self.max_tokens} rows, the batch has {args.num_tokens}")
-        if self.logits.device != args.q_c.device:
-            raise ValueError(f"workspace: on {self.logits.device}, the batch is on {args.q_c.device}")
-        need = self.num_counters(args.num_tokens, self.topk.max_chunks)
-        if self.counters.numel() < need:  # one per (row, chunk) of topk's chunking, past 64 queue slots
-            raise ValueError(f"workspace.counters: {self.counters.numel()} int32, the batch needs {need} "
-                             f"(64 + {args.num_tokens} rows x {self.topk.max_chunks} top-k chunks)")
+        if not (dims.CACHE_BLOCK_SIZE <= self.max_len <= dims.MAX_MODEL_LEN and self.max_len % dims.CACHE_BLOCK_SIZE == 0):
+            raise ValueError(f"workspace.max_len: expected a multiple of 64 in [64, {dims.MAX_MODEL_LEN}], "
+                             f"got {self.max_len}")
+        _check_buffer("workspace.logits", self.logits, torch.float32, dev, (T, self.max_len))
+        tw = self.topk
+        if not isinstance(tw, TopkWorkspace):
+            raise TypeError(f"workspace.topk: expected a TopkWorkspace, got {type(tw).__name__}")
+        for name in ("max_tokens", "max_len", "chunk", "cap", "k", "max_chunks"):
+            v = getattr(tw, name, None)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"workspace.topk.{name}: expected an int, got {v!r}")
+        if tw.k != TOPK_K:
+            raise ValueError(f"workspace.topk.k: expected {TOPK_K} (topk_indices has {TOPK_K} columns), got {tw.k}")
+        if tw.chunk < tw.k or tw.chunk % dims.CACHE_BLOCK_SIZE:
+            raise ValueError(f"workspace.topk.chunk: expected a multiple of 64 >= {tw.k}, got {tw.chunk}")
+        if tw.cap < 1 or tw.cap > 16384 or tw.cap & (tw.cap - 1):
+            raise ValueError(f"workspace.topk.cap: expected a power of two in [1, 16384], got {tw.cap}")
+        if tw.max_len < self.max_len:
+            raise ValueError(f"workspace.topk.max_len: {tw.max_len} < workspace.max_len {self.max_len} (rows "
+                             f"longer than it would lose positions)")
+        mc = max(-(-tw.max_len // tw.chunk), 1)
+        if tw.max_chunks != mc:
+            raise ValueError(f"workspace.topk.max_chunks: expected cdiv(max_len, chunk) = {mc}, got {tw.max_chunks}")
+        if tw.max_tokens < T:
+            raise ValueError(f"workspace.topk.max_tokens: holds {tw.max_tokens} rows, the batch has {T}")
+        _check_buffer("workspace.topk.cand_vals", tw.cand_vals, torch.float32, dev, (T, mc * tw.k), exact_cols=True)
+        _check_buffer("workspace.topk.cand_idx", tw.cand_idx, torch.int32, dev,
+                      (T, mc * tw.k + (mc + 1) * tw.cap), exact_cols=True)
+        _check_buffer("workspace.topk.counters", tw.counters, torch.int32, dev, (T,))
+        _check_buffer("workspace.counters", self.counters, torch.int32, dev, (self.num_counters(T, mc),))
+        if self.radix is not None:  # every tensor of the radix top-k's workspace: one row per decode row
+            if getattr(self.radix, "max_tokens", 0) < T:
+                raise ValueError(f"workspace.radix.max_tokens: holds {getattr(self.radix, 'max_tokens', None)} "
+                                 f"rows, the batch has {T}")
+            for n, x in vars(self.radix).items():
+                if isinstance(x, torch.Tensor):
+                    _check_buffer(f"workspace.radix.{n}", x, x.dtype, dev, (T,) + tuple(x.shape[1:]))
         if self.q_c_fp8 is not None or self.q_c_scale is not None:  # both None: the fused-quant GEMM
             from .triton_kernels.q_b_proj import check_prequant_buffers
 
             check_prequant_buffers(self.q_c_fp8, self.q_c_scale, args.num_tokens, prefix="workspace.")
             if self.q_c_fp8.device != args.q_c.device:
                 raise ValueError(f"workspace.q_c_fp8: on {self.q_c_fp8.device}, the batch is on {args.q_c.device}")
+
+    def buffers(self) -> dict:
+        """Every tensor the kernels write, by name (``workspace.logits``, ...; ``None`` skipped)."""
+        out = {"workspace.logits": self.logits, "workspace.counters": self.counters,
+               "workspace.q_c_fp8": self.q_c_fp8, "workspace.q_c_scale": self.q_c_scale}
+        for n in ("cand_vals", "cand_idx", "counters"):
+            out[f"workspace.topk.{n}"] = getattr(self.topk, n, None)
+        if self.radix is not None:
+            out.update({f"workspace.radix.{n}": x for n, x in vars(self.radix).items() if isinstance(x, torch.Tensor)})
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _check_buffer(name: str, x, dtype: torch.dtype, device, min_shape: tuple, exact_cols: bool = False) -> None:
+    """``x`` must be a contiguous ``dtype`` tensor on ``device`` with ``len(min_shape)`` dims, each at
+    least ``min_shape`` (the last exactly, with ``exact_cols``: a row stride the kernels assume)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {x.dtype}")
+    if x.device != torch.device(device):
+        raise ValueError(f"{name}: on {x.device}, the batch is on {device}")
+    shape = tuple(x.shape)
+    if (len(shape) != len(min_shape) or any(a < b for a, b in zip(shape, min_shape))
+            or (exact_cols and shape[-1] != min_shape[-1])):
+        want = ", ".join(f">= {b}" for b in min_shape[:-1])
+        last = f"{min_shape[-1]}" if exact_cols else f">= {min_shape[-1]}"
+        raise ValueError(f"{name}: expected shape [{want + ', ' if want else ''}{last}] for this batch, got {list(shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")

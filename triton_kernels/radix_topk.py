@@ -309,7 +309,7 @@ def _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, 
                     else:
                         lo = tl.min(tl.where(msk, k, _INT_MAX), 0)
                         hi = tl.max(k, 0)
-                        _resolve_regs(k, offs, msk, lo, hi, L, K, out, 0, scr, CP, RT)
+                        _resolve_regs(k, offs, msk, lo, hi, L, L - L + K, out, 0, scr, CP, RT)
                     tl.store(hrow + tl.arange(0, _NB), tl.zeros([_NB], tl.int32))
                 else:
                     d = _hist_bin(k)
@@ -345,9 +345,9 @@ def _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, 
                 if nch == 1:
                     lo = tl.min(tl.where(msk, k, _INT_MAX), 0)
                     hi = tl.max(k, 0)
-                    _resolve_regs(k, offs, msk, lo, hi, L, K, out, 0, scr, CP, RT)
+                    _resolve_regs(k, offs, msk, lo, hi, L, L - L + K, out, 0, scr, CP, RT)
                 elif c == 0:  # no histogram for a long row: one program streams it (slow, exact)
-                    _stream_select(row, L, False, 0, L, K + 0, out, 0, ck, cpos, scr, CHUNK, CAND, CP, RT)
+                    _stream_select(row, L, False, 0, L, L - L + K, out, L - L, ck, cpos, scr, CHUNK, CAND, CP, RT)
 
 
 # --------------------------------------------------------------------------------------
