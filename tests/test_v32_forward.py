@@ -1,0 +1,332 @@
+"""The swapped ``DeepseekV32Attention`` forward vs vLLM 0.33's own, H=16, on a CPU (interpreter).
+
+Both forwards run on one vLLM-built layer (``DeepseekV32Attention.__init__``, real parameters) with
+the same inputs, caches and vLLM metadata; the oracle is vLLM's ``DeepseekV32Attention.forward``.
+vLLM's own code and the stand-ins are listed in ``tests/test_v32_model.py``'s docstring (the same
+ones, built here): stub sparse-MLA backend, smpart's W8A8 GEMM (RoPE off) for DeepGEMM, the torch
+reference for ``sparse_attn_indexer``, RNE for the interpreter's truncating bf16 cast, seeded
+``W_UK_T``/``W_UV``, 8 compute units. Compared: what the sparse MLA receives (``ql_nope``, roped
+``q_pe``, ``topk_indices``), both caches' bytes, the output.
+"""
+
+import json
+import os
+import tempfile
+import types
+
+import numpy as np
+import pytest
+import torch
+
+try:
+    import vllm  # noqa: F401
+    from vllm.models.deepseek_v32.attention import DeepseekV32Attention
+except Exception as e:  # noqa: BLE001
+    pytest.skip(f"vLLM 0.33.0 is not importable here ({type(e).__name__}: {e})", allow_module_level=True)
+
+from smpart import reference as R  # noqa: E402
+from smpart.batch import make_decode_batch  # noqa: E402
+from smpart.checks import check_topk  # noqa: E402
+from smpart.triton_kernels import dims  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs vLLM's and smpart's Triton kernels on CPU: needs TRITON_INTERPRET=1")]
+HIDDEN = 256
+H = 16
+PREFIX = "model.layers.{}.self_attn"
+
+
+class _StubImpl:
+    """Stand-in for the sparse-MLA impl (no CPU backend): records ``forward_mqa``'s inputs."""
+
+    is_sparse = True
+    supports_dense_mha_prefill = False
+    supports_quant_query_input = False
+    dcp_world_size = 1
+    pcp_world_size = 1
+
+    def __init__(self, **kw):
+        self.topk_indices_buffer = kw.get("topk_indices_buffer")
+        self.calls = []
+        self.topk_ready = 0
+
+    def prepare_for_batch(self, md):
+        pass
+
+    def record_logical_topk_ready(self):
+        self.topk_ready += 1
+
+    def forward_mqa(self, q, kv_cache, attn_metadata, layer):
+        ql_nope, q_pe = q
+        n = ql_nope.shape[0]
+        self.calls.append((ql_nope.clone(), q_pe.clone(), self.topk_indices_buffer[:n].clone()))
+        return torch.zeros(n, ql_nope.shape[1], ql_nope.shape[2], dtype=ql_nope.dtype), None
+
+
+class _StubBackend:
+    @staticmethod
+    def is_mla():
+        return True
+
+    @staticmethod
+    def get_name():
+        return "SMPART_CPU_STUB_MLA_SPARSE"
+
+    @staticmethod
+    def get_impl_cls():
+        return _StubImpl
+
+
+class _GemmStandIn:
+    """Stand-in for DeepGEMM behind ``Fp8LinearMethod``: smpart's W8A8 GEMM (RoPE off) for K=1536."""
+
+    def __init__(self, **kw):
+        pass
+
+    def process_weights_after_loading(self, layer):
+        pass
+
+    def apply_weights(self, layer, x, bias=None):
+        from smpart.triton_kernels.q_b_proj import q_b_proj_rope
+
+        w, s = layer.weight, layer.weight_scale_inv
+        if x.shape[-1] == dims.Q_LORA_RANK and w.shape[0] % 64 == 0:
+            T, N = x.shape[0], w.shape[0]
+            out = torch.empty(T, N, dtype=torch.bfloat16)
+            dummy = torch.zeros(T, 1, 64, dtype=torch.bfloat16)
+            q_b_proj_rope(x.contiguous(), w, s, torch.zeros(T, dtype=torch.int64), torch.zeros(1, 64), dummy,
+                          out, apply_rope=False)
+            return out
+        s = s.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
+        return (x.float() @ (w.float() * s).T).to(x.dtype)
+
+
+def _rne_bf16_convert(orig):
+    """The interpreter's float conversion with fp32 -> bf16 rounded to nearest even (the GPU's cvt.rn)."""
+    import triton.language as tl
+
+    def conv(inp, in_dt, out_dt, mode):
+        if in_dt == tl.float32 and out_dt == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(inp).view(np.float32)).to(torch.bfloat16)
+            return t.view(torch.int16).numpy().view(np.uint16).reshape(inp.shape)
+        return orig(inp, in_dt, out_dt, mode)
+
+    return conv
+
+
+def _indexer_standin(topk_buf_holder):
+    """Stand-in for ``sparse_attn_indexer`` (DeepGEMM + vLLM CUDA top-k): the torch reference."""
+
+    def sparse_attn_indexer(hidden_states, k_cache_prefix, kv_cache, q_fp8, q_scale, k, weights, *a, **kw):
+        from vllm.forward_context import get_forward_context
+
+        md = get_forward_context().attn_metadata[k_cache_prefix]
+        dec = md.decode
+        n = md.num_decode_tokens
+        next_n = dec.seq_lens.shape[1] if dec.seq_lens.dim() == 2 else 1
+        ctx = md.seq_lens[: md.num_decodes]
+        logits = R.paged_mqa_logits(q_fp8[:n], weights[:n], kv_cache, dec.block_table[: md.num_decodes], ctx,
+                                    next_n=next_n, max_len=int(ctx.max()))
+        lens = R.visible_lens(ctx, next_n)
+        topk_buf_holder["buf"][:n] = R.topk_indices(logits, lens)
+        topk_buf_holder["calls"] += 1
+        topk_buf_holder["logits64"] = R.paged_mqa_logits(
+            q_fp8[:n], weights[:n], kv_cache, dec.block_table[: md.num_decodes], ctx, next_n=next_n,
+            max_len=int(ctx.max()), dtype=torch.float64)
+        topk_buf_holder["lens"] = lens
+
+    return sparse_attn_indexer
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
+                                  init_distributed_environment, initialize_model_parallel)
+    import triton.runtime.interpreter as interp
+    import vllm.model_executor.layers.quantization.fp8 as vllm_fp8
+    import vllm.models.deepseek_v32.attention as A
+    import vllm.v1.attention.backends.mla.indexer as vllm_indexer
+
+    from smpart.integration.v32 import vllm_kernels
+
+    model_dir = tmp_path_factory.mktemp("dsv32p")
+    (model_dir / "config.json").write_text(json.dumps({
+        "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "torch_dtype": "bfloat16",
+        "hidden_size": HIDDEN, "intermediate_size": 512, "moe_intermediate_size": 256, "num_hidden_layers": 61,
+        "num_attention_heads": H, "num_key_value_heads": H, "n_routed_experts": 8, "num_experts_per_tok": 2,
+        "n_group": 1, "topk_group": 1, "first_k_dense_replace": 3, "vocab_size": 1024,
+        "q_lora_rank": dims.Q_LORA_RANK, "kv_lora_rank": dims.KV_LORA_RANK, "qk_nope_head_dim": dims.QK_NOPE_HEAD_DIM,
+        "qk_rope_head_dim": dims.QK_ROPE_HEAD_DIM, "v_head_dim": 128, "index_topk": dims.INDEX_TOPK,
+        "index_n_heads": dims.INDEX_N_HEADS, "index_head_dim": dims.INDEX_HEAD_DIM, "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    }))
+    mc = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=4096)
+    cfg = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), cache_config=CacheConfig(block_size=64))
+    with set_current_vllm_config(cfg):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"file://{tempfile.mktemp(prefix='smpart-dist-')}")
+        initialize_model_parallel(1, 1)
+    vk = vllm_kernels.load()
+    holder = {"buf": None, "calls": 0}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vllm_fp8, "init_fp8_linear_kernel", lambda **kw: _GemmStandIn(**kw))
+        mp.setattr(A, "fused_norm_rope", vk.fused_norm_rope)
+        mp.setattr(A, "fused_q", vk.fused_q)
+        mp.setattr(A, "sparse_attn_indexer", _indexer_standin(holder))
+        mp.setattr(interp, "_convert_float", _rne_bf16_convert(interp._convert_float))
+        mp.setattr(vllm_indexer, "num_compute_units", lambda device_id=None: 8)
+        mp.setenv("SMPART_DSV32_ASSUME_SM90", "1")
+        yield types.SimpleNamespace(cfg=cfg, holder=holder, layer_ids=iter(range(100)))
+    destroy_model_parallel()
+    destroy_distributed_environment()
+
+
+def _build_layer(venv):
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+    layer_id = next(venv.layer_ids) + 3
+    hf = venv.cfg.model_config.hf_config
+    venv.cfg.quant_config = Fp8Config(is_checkpoint_fp8_serialized=True, activation_scheme="dynamic",
+                                      weight_block_size=[128, 128])
+    buf = torch.full((64, dims.INDEX_TOPK), -9, dtype=torch.int32)
+    venv.holder["buf"] = buf
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with set_current_vllm_config(venv.cfg):
+            layer = DeepseekV32Attention(venv.cfg, hf, PREFIX.format(layer_id), topk_indices_buffer=buf,
+                                         attn_backend=_StubBackend)
+    finally:
+        torch.set_default_dtype(old)
+    g = torch.Generator().manual_seed(layer_id)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if p.dtype == torch.float8_e4m3fn:
+                val = (torch.randn(p.shape, generator=g) * 64).clamp(-448, 448)
+            elif name.endswith("weight_scale_inv"):
+                val = 2.0 ** torch.randint(-14, -10, p.shape, generator=g).float()
+            elif name.endswith("bias"):
+                val = torch.zeros(p.shape)
+            elif "norm" in name:
+                val = 1 + 0.1 * torch.randn(p.shape, generator=g)
+            else:
+                val = 0.05 * torch.randn(p.shape, generator=g)
+            p.copy_(val.to(p.dtype))
+    layer.W_UK_T = (0.05 * torch.randn(H, dims.QK_NOPE_HEAD_DIM, dims.KV_LORA_RANK, generator=g)).bfloat16()
+    layer.W_UV = (0.05 * torch.randn(H, dims.KV_LORA_RANK, 128, generator=g)).bfloat16()
+    return layer
+
+
+def _metadata(venv, prefix, args, next_n=1):
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.attention.backends.mla.indexer import DeepseekV32IndexerMetadataBuilder
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    B = args.context_lens.shape[0]
+    T = B * next_n
+    with set_current_vllm_config(venv.cfg):
+        spec = MLAAttentionSpec(block_size=64, num_kv_heads=1, head_size=dims.CACHE_BYTES_PER_TOKEN, dtype=torch.uint8)
+        builder = DeepseekV32IndexerMetadataBuilder(spec, [prefix], venv.cfg, torch.device("cpu"),
+                                                    block_table_width=args.block_table.shape[1])
+        qsl = torch.arange(B + 1, dtype=torch.int32) * next_n
+        cm = CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=args.context_lens, num_reqs=B,
+            num_actual_tokens=T, max_query_len=next_n, max_seq_len=int(args.context_lens.max()),
+            block_table_tensor=args.block_table, slot_mapping=args.slot_mapping,
+            seq_lens_cpu_upper_bound=args.context_lens.clone(),
+        )
+        return builder.build(0, cm)
+
+
+def _run(venv, layer, forward, positions, hidden, idx_md, slots, mla_cache, idx_cache, mode):
+    from vllm.config import set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+
+    layer.kv_cache = mla_cache
+    layer.indexer.k_cache.kv_cache = idx_cache
+    layer.impl.calls.clear()
+    mla_md = types.SimpleNamespace(num_actual_tokens=hidden.shape[0], prefill=None)
+    md = {layer.layer_name: mla_md, layer.indexer.k_cache.prefix: idx_md}
+    sm = {layer.layer_name: slots, layer.indexer.k_cache.prefix: slots}
+    with set_current_vllm_config(venv.cfg), set_forward_context(md, venv.cfg, slot_mapping=sm,
+                                                                cudagraph_runtime_mode=mode):
+        out = forward(positions, hidden)
+    return out, layer.impl.calls[-1]
+
+
+@pytest.mark.parametrize("lens", [[70, 5], [300, 64, 1]], ids=["two", "three"])
+def test_swapped_forward_matches_vllm(venv, lens):
+    from vllm.config import CUDAGraphMode
+
+    from smpart.integration import ops
+    from smpart.integration.v32.attention import SmpartDeepseekV32Attention
+
+    layer = _build_layer(venv)
+    b = make_decode_batch(lens, num_heads=H, seed=len(lens) + lens[0])
+    a = b.args
+    T = a.q_c.shape[0]
+    positions = (a.context_lens.long() - 1)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(T, HIDDEN, generator=g).bfloat16()
+    num_blocks = a.kv_cache.shape[0]
+    mla_cache = torch.zeros(num_blocks, 64, dims.KV_LORA_RANK + dims.QK_ROPE_HEAD_DIM, dtype=torch.bfloat16)
+    idx_md = _metadata(venv, layer.indexer.k_cache.prefix, a)
+
+    venv.holder["calls"] = 0
+    out_v, (ql_v, qpe_v, topk_v) = _run(venv, layer, DeepseekV32Attention.forward.__get__(layer), positions, hidden,
+                                        idx_md, a.slot_mapping, mla_cache.clone(), a.kv_cache.clone(),
+                                        CUDAGraphMode.FULL)
+    assert venv.holder["calls"] == 1
+    mla_v, idx_v = layer.kv_cache, layer.indexer.k_cache.kv_cache
+
+    layer.__class__ = SmpartDeepseekV32Attention
+    layer.smpart_setup()
+    assert layer._smpart_off is None, layer._smpart_off
+    ops.stats.clear()
+    try:
+        out_s, (ql_s, qpe_s, topk_s) = _run(venv, layer, layer.forward, positions, hidden, idx_md, a.slot_mapping,
+                                            mla_cache.clone(), a.kv_cache.clone(), CUDAGraphMode.FULL)
+    finally:
+        layer.__class__ = DeepseekV32Attention
+    assert ops.stats["v32 region"] == 1 and venv.holder["calls"] == 1, dict(ops.stats)
+    assert torch.equal(layer.kv_cache, mla_v), "MLA cache bytes differ"
+    assert torch.equal(layer.indexer.k_cache.kv_cache, idx_v), "indexer cache bytes differ"
+    assert torch.equal(qpe_s.contiguous().view(torch.int16), qpe_v.contiguous().view(torch.int16)), "roped q_pe differs"
+    assert torch.equal(ql_s.view(torch.int16), ql_v.view(torch.int16)), "ql_nope differs"
+    # top-k: smpart's Triton logits and the stand-in's torch logits round differently, so the rule of
+    # DESIGN.md 7a: valid indices and padding, each selected logit within fp32 rounding of the 2048th
+    logits64, lens = venv.holder["logits64"], venv.holder["lens"]
+    tol = 1e-5 * logits64.masked_fill(torch.isinf(logits64), 0).abs().amax(dim=1, keepdim=True).expand_as(logits64)
+    check_topk(topk_s, logits64, lens, tol=tol)
+    check_topk(topk_v, logits64, lens, tol=tol)
+    short = lens <= dims.INDEX_TOPK
+    assert torch.equal(topk_s[short].sort(dim=1).values, topk_v[short].sort(dim=1).values)
+    assert torch.equal(out_s, out_v)
+
+
+def test_piecewise_and_prefill_fall_back_to_vllm(venv):
+    from vllm.config import CUDAGraphMode
+
+    from smpart.integration import ops
+    from smpart.integration.v32.attention import SmpartDeepseekV32Attention
+
+    layer = _build_layer(venv)
+    layer.__class__ = SmpartDeepseekV32Attention
+    layer.smpart_setup()
+    b = make_decode_batch([70], num_heads=H, seed=3)
+    a = b.args
+    idx_md = _metadata(venv, layer.indexer.k_cache.prefix, a)
+    hidden = torch.randn(1, HIDDEN).bfloat16()
+    ops.stats.clear()
+    venv.holder["calls"] = 0
+    mla_cache = torch.zeros(a.kv_cache.shape[0], 64, 576, dtype=torch.bfloat16)
+    _run(venv, layer, layer.forward, a.context_lens.long() - 1, hidden, idx_md, a.slot_mapping, mla_cache,
+         a.kv_cache.clone(), CUDAGraphMode.PIECEWISE)
+    assert ops.stats["v32 fallback"] == 1 and venv.holder["calls"] == 1
+    assert any("PIECEWISE" in k for k in ops.stats), dict(ops.stats)
