@@ -27,6 +27,7 @@ import time
 import torch
 
 from smpart import tuning
+from smpart.triton_kernels import dims
 from smpart.triton_kernels.partitioned import PartitionConfig
 
 
@@ -108,25 +109,60 @@ def _name(cfg: PartitionConfig | None, path: str) -> str:
     return f"partitioned:{split}-bn{cfg.block_n}-r{cfg.blocks_per_item}{'-fusedtopk' if cfg.fuse_topk else ''}{tail}"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smpart-autotune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=_ints, default="1,8,32,64,128,256",
+                   help="decode requests B, comma-separated; B * next_n <= 256 (default: 1,8,32,64,128,256)")
+    p.add_argument("--context", type=_ints, default="4096,16384,65536",
+                   help=f"context lengths in tokens, 1..{dims.MAX_MODEL_LEN} (default: 4096,16384,65536)")
+    p.add_argument("--heads", type=_ints, default="128,32,16",
+                   help=f"MLA heads per rank H, from {dims.SUPPORTED_H} (default: 128,32,16)")
+    p.add_argument("--next-n", type=_ints, default="1", help="rows per request, 1 or 2 (default: 1)")
+    p.add_argument("--replays", type=int, default=20, help="timed CUDA-graph replays per candidate (default: 20)")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="device-time budget for the whole grid, seconds (default: 480)")
+    p.add_argument("--out", default=None,
+                   help="cache file (default: smpart/tuned/<gpu>.json in the installed package)")
+    p.add_argument("--dry-run", action="store_true", help="list the candidates of each bucket and exit")
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse bad options with ``parser.error`` (exit 2, naming the flag) before any work."""
+    def bad(flag, values, want):
+        parser.error(f"{flag}: expected {want}, got {values}")
+
+    for flag, vals in (("--batch", a.batch), ("--context", a.context), ("--heads", a.heads), ("--next-n", a.next_n)):
+        if not vals:
+            bad(flag, "nothing", "at least one value")
+    if [h for h in a.heads if h not in dims.SUPPORTED_H]:
+        bad("--heads", [h for h in a.heads if h not in dims.SUPPORTED_H], f"values from {dims.SUPPORTED_H}")
+    if [n for n in a.next_n if n not in dims.SUPPORTED_NEXT_N]:
+        bad("--next-n", [n for n in a.next_n if n not in dims.SUPPORTED_NEXT_N], "1 or 2")
+    if [L for L in a.context if not 1 <= L <= dims.MAX_MODEL_LEN]:
+        bad("--context", [L for L in a.context if not 1 <= L <= dims.MAX_MODEL_LEN], f"1..{dims.MAX_MODEL_LEN}")
+    if [B for B in a.batch if B < 1]:
+        bad("--batch", [B for B in a.batch if B < 1], "requests >= 1")
+    too_big = [B for B in a.batch if B * max(a.next_n) > dims.T_MAX]
+    if too_big:
+        bad("--batch", too_big, f"B * next_n <= {dims.T_MAX} decode rows (next_n up to {max(a.next_n)})")
+    if a.replays < 1:
+        bad("--replays", a.replays, "an int >= 1")
+    if not a.budget_s > 0:
+        bad("--budget-s", a.budget_s, "seconds > 0")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="smpart-autotune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch", type=_ints, default="1,8,32,64,128,256", help="decode rows T (B with next_n=1)")
-    p.add_argument("--context", type=_ints, default="4096,16384,65536", help="context lengths")
-    p.add_argument("--heads", type=_ints, default="128,32,16", help="MLA heads per rank H")
-    p.add_argument("--next-n", type=_ints, default="1", help="rows per request")
-    p.add_argument("--replays", type=int, default=20, help="timed CUDA-graph replays per candidate")
-    p.add_argument("--budget-s", type=float, default=480.0, help="device-time budget for the whole grid (s)")
-    p.add_argument("--out", default=None, help="cache file (default: tuned/<gpu>.json in the package)")
-    p.add_argument("--dry-run", action="store_true", help="list the candidates and exit")
+    p = build_parser()
     a = p.parse_args(argv)
+    check_args(p, a)
     shapes = [(H, n, L, B) for H in a.heads for n in a.next_n for L in a.context for B in a.batch
               if B * n <= 256]
     if a.dry_run or not torch.cuda.is_available():
         if not a.dry_run:
             print("smpart-autotune: tuning needs a CUDA GPU; listing the candidates instead (nothing written)")
         print(f"smpart-autotune --dry-run: {len(shapes)} buckets; splits assume 132 SMs (an H200) at "
-              f"{PartitionConfig().num_warps} warps; a GPU run writes {a.out or 'triton_kernels/tuned/<gpu>.json'}")
+              f"{PartitionConfig().num_warps} warps; a GPU run writes {a.out or 'smpart/tuned/<gpu>.json'}")
         for H, n, L, B in shapes:
             b = tuning.Bucket.of(B * n, H, n, L)
             cands = candidates(b.num_tokens, H, n, b.max_len, 132)

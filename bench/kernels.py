@@ -15,17 +15,58 @@ import argparse
 import torch
 
 
+DEFAULT_SHAPES = "128x1x4096,128x32x8192,128x128x16384,32x1x65536"
+
+
 def _shape(s: str) -> tuple[int, int, int]:
-    h, b, l = (int(x) for x in s.lower().split("x"))
-    return h, b, l
+    """``HxBxL`` -> (H, B, L), checked: H one of the DSV3.2 head counts, 1 <= B <= 256 requests
+    (next_n = 1), 1 <= L <= 163840 tokens. Raises ``argparse.ArgumentTypeError`` naming the part."""
+    from smpart.triton_kernels import dims
+
+    parts = s.lower().strip().split("x")
+    try:
+        h, b, length = (int(x) for x in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxBxL (three integers, e.g. 128x32x8192), got {s!r}") from None
+    if h not in dims.SUPPORTED_H:
+        raise argparse.ArgumentTypeError(f"{s!r}: H={h}, expected one of {dims.SUPPORTED_H}")
+    if not 1 <= b <= dims.T_MAX:
+        raise argparse.ArgumentTypeError(f"{s!r}: B={b}, expected 1..{dims.T_MAX}")
+    if not 1 <= length <= dims.MAX_MODEL_LEN:
+        raise argparse.ArgumentTypeError(f"{s!r}: L={length}, expected 1..{dims.MAX_MODEL_LEN}")
+    return h, b, length
+
+
+def _shapes(s: str) -> list[tuple[int, int, int]]:
+    out = [_shape(x) for x in s.split(",") if x.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one HxBxL")
+    return out
+
+
+def _positive(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m smpart.bench.kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", type=_shapes, default=DEFAULT_SHAPES,
+                   help=f"comma-separated HxBxL: MLA heads per rank, requests (next_n=1), context tokens "
+                        f"(default: {DEFAULT_SHAPES})")
+    p.add_argument("--replays", type=_positive, default=40,
+                   help="timed CUDA-graph replays per kernel, the median is reported (default: 40)")
+    p.add_argument("--out", default=None, help="write the table to this Markdown file too (default: print only)")
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m smpart.bench.kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="128x1x4096,128x32x8192,128x128x16384,32x1x65536",
-                   help="comma-separated HxBxL (heads, batch, context)")
-    p.add_argument("--replays", type=int, default=40)
-    p.add_argument("--out", default=None, help="write the table to this Markdown file too")
+    p = build_parser()
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("smpart.bench.kernels: per-kernel timings need a CUDA GPU")
@@ -45,8 +86,7 @@ def main(argv=None) -> int:
     flush = l2_flush_buffer("cuda")
     ok, why = vendor.vendor_available()
     rows = []
-    for spec in a.shapes.split(","):
-        H, B, L = _shape(spec)
+    for H, B, L in a.shapes:
         batch = make_decode_batch(L, batch_size=B, num_heads=H, seed=0, device="cuda")
         args = batch.args
         ws = RegionWorkspace.for_args(args)

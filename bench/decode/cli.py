@@ -12,7 +12,7 @@ import time
 import torch
 
 from .checking import MismatchError, format_report
-from .common import SUPPORTED_H, VENDOR_PATHS
+from .common import MAX_MODEL_LEN, SUPPORTED_H, VENDOR_PATHS
 from .config import LoopConfig
 from .loop import DecodeLoop
 from .report import _env_info, _format_table, summary_table, write_outputs
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per request (2 = one MTP draft token; default 1)")
     p.add_argument("--max-batch", type=int, default=None, help="requests per step (default: 128 GPU, 4 CPU)")
     p.add_argument("--max-context", type=int, default=None,
-                   help="longest context in tokens (default: 131072 GPU, 3072 CPU)")
+                   help=f"longest context in tokens, next_n+1..{MAX_MODEL_LEN} (default: 131072 GPU, 3072 CPU)")
     p.add_argument("--num-blocks", type=int, default=None,
                    help="cache blocks per path copy (default: max(2*max_context, 16384*max_batch) tokens on a GPU, "
                         "2*max_context on the CPU)")
@@ -125,8 +125,9 @@ def config_from_args(a: argparse.Namespace, cuda: bool) -> LoopConfig:
     ValueError : a bad option.
     """
     max_context = a.max_context if a.max_context is not None else (131072 if cuda else 3072)
-    if not isinstance(max_context, int) or max_context < 3:
-        raise ValueError(f"--max-context: expected an int >= 3, got {max_context!r}")
+    lo = a.next_n + 1  # one prompt token plus the step's new tokens (LoopConfig.resolved's bound)
+    if not isinstance(max_context, int) or not lo <= max_context <= MAX_MODEL_LEN:
+        raise ValueError(f"--max-context: expected {lo}..{MAX_MODEL_LEN} (next_n {a.next_n}), got {max_context!r}")
     base = RequestMix() if cuda else RequestMix.small(max_context)
     mix = dataclasses.replace(
         base,
@@ -183,18 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     want_cuda = a.device != "cpu" and torch.cuda.is_available()
-    if not want_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        print("smpart-bench decode: no CUDA device; re-running under TRITON_INTERPRET=1", flush=True)
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        return subprocess.call([sys.executable, "-m", "smpart.bench.decode", *argv], env=env)
     if want_cuda and os.environ.get("TRITON_INTERPRET") == "1":
         print("smpart-bench decode: TRITON_INTERPRET=1 with a GPU present: running the CPU interpreter loop")
         want_cuda = False
-    try:
+    if not want_cuda and os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules:
+        # no kernel is decorated yet in this process: the interpreter can still be switched on here
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:  # bad options are refused here, before any kernel runs or the command re-runs itself
         cfg = config_from_args(a, want_cuda).resolved()
     except (ValueError, TypeError) as e:  # bad options, or a --partitioned-config value of the wrong type
         print(f"smpart-bench decode: {e}", file=sys.stderr)
         return 2
+    if not want_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        print("smpart-bench decode: no CUDA device; re-running under TRITON_INTERPRET=1", flush=True)
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        return subprocess.call([sys.executable, "-m", "smpart.bench.decode", *argv], env=env)
     if want_cuda:
         for pkg in ("tqdm", "matplotlib"):
             try:
@@ -254,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{st.steps} steps in {time.perf_counter() - t0:.0f} s: batch {st.min_batch_seen}..{st.max_batch_seen}, "
           f"contexts up to {st.max_context_seen}; requests arrived {st.arrived}, finished {st.finished}, "
           f"preempted {st.preempted}; blocks allocated {st.block_allocations}, reused {st.blocks_reused}; stale "
-          f"positions in live blocks {st.stale_positions} over {st.steps_with_stale} steps; "
+          f"positions in live blocks {st.stale_positions} over {st.steps_with_stale} steps (key bytes an earlier "
+          f"owner of a reused block left past a live request's length: no path may let them reach a logit); "
           f"{st.checks} steps checked against the reference")
     if want_cuda:
         print(_format_table(summary_table(summary)))
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         for p, d in summary["paths"].items():
             if "interpreter_s_per_step" in d:
                 print(f"{p}: {d['runs']} steps, {d['interpreter_s_per_step']:.1f} s per step under the interpreter")
-        print("Timings need a CUDA GPU: run smpart-bench decode on the GPU machine.")
+        print("Timings need a CUDA GPU: run smpart-bench decode on the GPU machine (the timing columns of "
+              "summary.md stay empty on a CPU).")
     print("wrote " + ", ".join(files))
     if mismatch:
         print(format_report(mismatch), file=sys.stderr)

@@ -141,6 +141,14 @@ def write_outputs(out_dir: str, loop: DecodeLoop, summary: dict, env: dict, mism
                 f"{summary['baseline'] or 'n/a'}; {st['checks']} steps checked against the reference, "
                 f"{'a MISMATCH' if mismatch else 'zero mismatches'}.\n\n")
         f.write(_format_table(summary_table(summary)) + "\n")
+        if not summary.get("timed"):
+            f.write("\nThe timing columns are empty: this run had no CUDA device and ran the kernels in Triton's "
+                    "interpreter, which checks correctness only (its speed says nothing about a GPU's). Run "
+                    "`smpart-bench decode` on a CUDA GPU for microseconds per step and the savings.\n")
+        f.write(f"\nStale positions in live blocks: {st['stale_positions']} over {st['steps_with_stale']} steps. "
+                "Freed cache blocks are reused without being cleared (as in vLLM), so a reused block can hold key "
+                "bytes of its earlier owner past the new owner's length; every step that saw some tested that no "
+                "path lets them reach a logit.\n")
     files.append(p)
     p = os.path.join(out_dir, "step_time_vs_batch.png")
     if plot_step_times(p, loop):
