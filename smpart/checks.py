@@ -1,4 +1,4 @@
-"""Correctness rules shared by the tests and the benchmark's pre-timing check (DESIGN.md 7a).
+"""Correctness rules shared by the tests and the benchmark's pre-timing check (docs/CORRECTNESS.md).
 
 Each check raises ``AssertionError`` naming the first bad coordinate.
 """
@@ -48,7 +48,7 @@ def logits_tolerance(args, lens: torch.Tensor) -> torch.Tensor:
 
 def check_topk(topk: torch.Tensor, ref_logits: torch.Tensor, lens: torch.Tensor, tol: torch.Tensor | None = None,
                exact_sets: bool = False) -> None:
-    """Top-k rule of DESIGN.md 7a.
+    """Top-k rule of docs/CORRECTNESS.md.
 
     Parameters
     ----------
