@@ -5,7 +5,7 @@
 * ``mla.py``: ``SmpartDSV32MLAWrapper``, the replacement layer.
 * ``ops.py``: ``torch.ops.smpart.dsv32_region``, the fused region as one custom op.
 
-Importing this package does not import vLLM (an optional dependency: ``pip install 'smpart[vllm]'``);
+Importing this package does not import vLLM (an optional dependency; its 0.33.0 release: docs/VLLM.md);
 ``mla`` and ``ops`` do.
 """
 

@@ -63,7 +63,7 @@ def register() -> None:
     version = vllm.__version__.split("+")[0]
     if version != VLLM_VERSION:
         logger.warning("smpart: %s=1 ignored: vLLM %s is installed, the shim mirrors vLLM %s "
-                       "(pip install 'smpart[vllm]')", FLAG_ENV, vllm.__version__, VLLM_VERSION)
+                       "(install vLLM 0.33.0: docs/VLLM.md)", FLAG_ENV, vllm.__version__, VLLM_VERSION)
         return
 
     from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
