@@ -4,7 +4,9 @@ documented there).
 
 ``partitioned_region`` resolves ``config=None`` through the tuning cache (:mod:`smpart.tuning`),
 sizes the static split with the cost model (:mod:`smpart.cost_model`) and launches the fused
-kernel, then either the standalone top-k or the top-k + GEMM tail launch.
+kernel (whose logits role fills the radix top-k's per-row histograms, ``RegionWorkspace.radix``),
+then either the standalone radix top-k (``radix_topk(hist_ready=True)``) or the top-k + GEMM tail
+launch; with ``fuse_topk`` the top-k runs inside the fused launch.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import triton
 from . import cost_model
 from .triton_kernels import dims
 from .triton_kernels.mqa_logits import mqa_logits_runs_per_row
-from .triton_kernels.partitioned import PartitionConfig, _partitioned_kernel, _topk_gemm_tail_kernel
+from .triton_kernels.partitioned import (GRID_X_MAX, PROGRAMS_PER_SM_MAX, PartitionConfig, _partitioned_kernel,
+                                         _topk_gemm_tail_kernel)
 from .triton_kernels.q_b_proj import default_block_t, launch_q_c_quant
-from .triton_kernels.topk import TOPK_BLOCK, TOPK_CAP, TOPK_LOG2_BINS, TopkConfig, resolve_cap, topk_decode
+from .triton_kernels.radix_topk import TOPK_K, RadixTopkConfig, RadixTopkWorkspace, radix_chunk, radix_topk
 
 
 _TAIL_ALIGN = 256  # gemm_in_tail moves output columns in multiples of this (any tile height divides it)
@@ -44,9 +47,14 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     Parameters
     ----------
     args : RegionArgs (validated by the caller, ``run_region``).
-    ws : RegionWorkspace (logits, top-k candidates, zeroed counters).
+    ws : RegionWorkspace (logits, zeroed counters, ``radix``: the radix top-k's histograms,
+        counters and candidates for >= T rows).
     config : PartitionConfig; ``None`` = the tuned configuration of this shape bucket
         (``tuning.choose``), else the defaults with the cost model's split.
+
+    Raises
+    ------
+    ValueError : a workspace without ``radix`` or with too few rows, a split out of bounds.
     """
     T, H, next_n = args.num_tokens, args.num_heads, args.next_n
     dev = args.q_c.device
@@ -60,18 +68,24 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     N = H * dims.QK_HEAD_DIM
     # the schedule does not depend on ``roles`` (a role left out keeps its programs, idle)
     tail_cols = tail_columns(H, cfg.gemm_in_tail)
-    if cfg.topk_config is not None:  # refused before the first launch writes anything
-        resolve_cap(cfg.topk_config.cap, 1, 1, ws.topk)
+    rw = ws.radix
+    if not isinstance(rw, RadixTopkWorkspace):  # refused before the first launch writes anything
+        raise ValueError("workspace.radix: the partitioned path needs the radix top-k's workspace "
+                         "(RegionWorkspace.for_shape makes one)")
+    if T > rw.max_tokens:
+        raise ValueError(f"workspace.radix: holds {rw.max_tokens} rows, the batch has {T}")
     block_t = cfg.block_t or default_block_t(T)
     n_t_tiles = triton.cdiv(T, block_t)
     head_cols = N - tail_cols  # a multiple of 256, so of block_n: whole n-tiles stay in the fused launch
     n_gemm = triton.cdiv(head_cols, cfg.block_n) * n_t_tiles
     max_blocks = args.block_table.shape[1]
     max_len = ws.max_len
+    # columns a row can see: its length clamped (in every kernel) to the block table's capacity and
+    # the workspace, whatever context_lens says (value checks are off under CUDA graphs)
     cols = min(max_len, max_blocks * dims.CACHE_BLOCK_SIZE)
+    # positions per top-k item, in every split (the fused top-k, the tail, the standalone launch)
+    topk_chunk = radix_chunk(cols, cfg.topk_config)
     runs = mqa_logits_runs_per_row(max_len, max_blocks, cfg.blocks_per_item, write_neg_inf=False)
-    tw = ws.topk
-    max_chunks = tw.max_chunks
     num_sms = _num_sms(dev)
     resident = cost_model.resident_programs(num_sms, cfg.num_warps)
     dense = False  # one program per (row, run) logits item, no prefix sums
@@ -100,8 +114,19 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         total = n_idx + n_gemm_p
     if n_idx < 1 or (not cfg.dynamic and n_gemm > 0 and n_gemm_p < 1):
         raise ValueError(f"config: need >= 1 program per role, got indexer={n_idx}, gemm={n_gemm_p}")
-    if T > ws.topk.max_tokens:
-        raise ValueError(f"workspace: top-k candidates hold {ws.topk.max_tokens} rows, the batch has {T}")
+    # no role gets more programs than max(its work items, what the GPU holds at once): beyond that
+    # programs are idle, and 2**31 of them exceed CUDA's grid (the interpreter would run them all)
+    busy = PROGRAMS_PER_SM_MAX * num_sms
+    idx_items = T + T * runs  # key-write rows, then logits items of the bucket
+    if cfg.dynamic:
+        _bound("indexer_programs + gemm_programs" if cfg.indexer_programs is not None else "indexer_programs",
+               total, idx_items + n_gemm, busy)
+    else:
+        name = "first_programs" if n_gemm == 0 and cfg.first_programs is not None else "indexer_programs"
+        _bound(name, n_idx, idx_items, busy)
+        _bound("gemm_programs", n_gemm_p, n_gemm, busy)
+    if total > GRID_X_MAX:
+        raise ValueError(f"config: {total} programs exceed CUDA's grid limit {GRID_X_MAX}")
     hw_cvt = dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     have_q_buf = ws.q_c_fp8 is not None and bool(cfg.roles & 8)
     # the fused launch's GEMM tiles read q_c quantized by a launch of its own before it
@@ -113,6 +138,9 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     roles = cfg.roles if cfg.fuse_topk else cfg.roles & ~4
     if n_gemm == 0:
         roles &= ~8  # the GEMM runs in the top-k launch (or not at all)
+    # the logits role counts every logit in its row's histogram whenever the top-k runs (in this
+    # launch or the next): the top-k zeroes the histograms, so they never outlive a launch pair
+    hist = bool(cfg.roles & 2) and bool(cfg.roles & 4)
     if first_pre:
         launch_q_c_quant(args.q_c, xq, xs, use_ue8m0, hw_cvt)
     extra = {} if cfg.maxnreg is None else dict(maxnreg=cfg.maxnreg)
@@ -121,57 +149,68 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         args.k_pe, args.q, xq, xs,
         T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
         args.index_q_fp8, args.index_weights, args.index_k, args.kv_cache, args.block_table, args.context_lens,
-        args.slot_mapping, ws.logits, args.topk_indices, ws.counters, tw.counters, tw.cand_vals, tw.cand_idx,
+        args.slot_mapping, ws.logits, args.topk_indices, ws.counters, rw.hist, rw.counters, rw.cand_key,
+        rw.cand_pos, rw.scratch,
         args.index_q_fp8.stride(0), args.index_weights.stride(0), args.index_k.stride(0), args.block_table.stride(0),
         ws.logits.stride(0), args.topk_indices.stride(0),
-        args.kv_cache.shape[0], max_blocks, max_len, runs, max_chunks,
+        args.kv_cache.shape[0], max_blocks, max_len, runs,
         n_gemm, n_idx, max(n_gemm_p, 1),
         USE_UE8M0=bool(use_ue8m0), NEXT_N=next_n, BLOCKS_PER_ITEM=cfg.blocks_per_item, NUM_STAGES=cfg.num_stages,
-        CHUNK=tw.chunk, BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
+        BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
         DYNAMIC=bool(cfg.dynamic),
-        QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=hw_cvt,
-        ROLES=roles, QUANT_Q_C=prequant and not first_pre, DENSE=dense, GEMM_PREQUANT=first_pre, GEMM_FIRST=gemm_first, TOPK_K=tw.k, TOPK_BLOCK=TOPK_BLOCK, TOPK_LOG2_NB=TOPK_LOG2_BINS, TOPK_CAP=min(TOPK_CAP, tw.cap),
+        QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=hw_cvt, HIST=hist,
+        TOPK_CHUNK=topk_chunk, TOPK_K=TOPK_K, CAND=rw.cand, CP=rw.cp,
+        ROLES=roles, QUANT_Q_C=prequant and not first_pre, DENSE=dense, GEMM_PREQUANT=first_pre, GEMM_FIRST=gemm_first,
         num_warps=cfg.num_warps, num_stages=1, **extra,
     )
     if cfg.fuse_topk:
         return
     if tail_cols:
         if cfg.roles & 12:
-            _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, num_sms, hw_cvt, prequant,
-                         xq, xs)
+            _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, hw_cvt, prequant, xq, xs,
+                         cols, topk_chunk)
     elif cfg.roles & 4:
-        topk_decode(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=tw,
-                    max_len=max_len, config=cfg.topk_config)
+        radix_topk(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=rw, max_len=cols,
+                   hist_ready=True, config=cfg.topk_config)
+
+
+def _bound(name: str, programs: int, items: int, busy: int) -> None:
+    """Refuse ``programs`` above ``max(items, busy)`` (``busy``: programs the GPU holds at once)."""
+    limit = max(items, busy)
+    if programs > limit:
+        raise ValueError(f"config.{name}: {programs} programs for {items} work items; at most "
+                         f"max(work items, {PROGRAMS_PER_SM_MAX} x SMs) = {limit} (more would only be idle)")
 
 
 def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, block_t: int, n_t_tiles: int,
-                 num_sms: int, hw_cvt: bool, prequant: bool, xq, xs) -> None:
+                 hw_cvt: bool, prequant: bool, xq, xs, cols: int, chunk: int) -> None:
     """The top-k launch with the GEMM tiles of output columns ``[n_cut, N)`` beside it: one
-    program per top-k (row, chunk) item, numbered first, then the GEMM programs. ``xq``/``xs``:
-    the quantized ``q_c`` the first launch wrote (``prequant``), else unused placeholders."""
+    program per radix top-k (row, chunk of ``chunk`` positions) item, numbered first, then the GEMM
+    programs. ``cols``: the rows' length bound (``min(ws.max_len, max_blocks * 64)``, as the
+    logits role clamps them). ``xq``/``xs``: the quantized ``q_c`` the first launch wrote
+    (``prequant``), else unused placeholders."""
     T, next_n = args.num_tokens, args.next_n
     N = args.num_heads * dims.QK_HEAD_DIM
-    tw = ws.topk
-    tcfg = cfg.topk_config or TopkConfig()
-    lmax = max(min(ws.logits.shape[1], tw.max_len, ws.max_len), 0)
-    n_chunks = max(triton.cdiv(lmax, tw.chunk), 1)
+    rw = ws.radix
+    tcfg = cfg.topk_config or RadixTopkConfig()
+    lmax = max(min(ws.logits.shape[1], cols), 0)
+    n_chunks = max(triton.cdiv(lmax, chunk), 1)
     n_topk = T * n_chunks if cfg.roles & 4 else 0
     bn = cfg.tail_block_n
     gemm_lo = (n_cut // bn) * n_t_tiles
     gemm_hi = triton.cdiv(N, bn) * n_t_tiles if cfg.roles & 8 else gemm_lo
     n_gemm_p = min(cfg.tail_gemm_programs or gemm_hi - gemm_lo, gemm_hi - gemm_lo)  # never more than tiles
     n_topk_p = n_topk
-    cap = resolve_cap(tcfg.cap, n_topk, num_sms, tw)  # the standalone top-k's rule
     if n_topk_p + n_gemm_p == 0:
         return
     _topk_gemm_tail_kernel[(n_topk_p + n_gemm_p,)](
-        ws.logits, args.context_lens, args.topk_indices, tw.cand_vals, tw.cand_idx, tw.counters,
-        ws.logits.stride(0), args.topk_indices.stride(0), lmax, tw.max_chunks, n_topk, n_topk_p,
+        ws.logits, args.context_lens, args.topk_indices, rw.hist, rw.counters, rw.cand_key, rw.cand_pos, rw.scratch,
+        ws.logits.stride(0), args.topk_indices.stride(0), lmax, n_topk, n_topk_p,
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
         args.k_pe, args.q, xq, xs,
         T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
         gemm_lo, gemm_hi, max(n_gemm_p, 1),
-        NEXT_N=next_n, CHUNK=tw.chunk, TOPK_K=tw.k, TOPK_BLOCK=tcfg.block, TOPK_LOG2_NB=tcfg.log2_bins, TOPK_CAP=cap,
+        NEXT_N=next_n, CHUNK=chunk, TOPK_K=TOPK_K, CAND=rw.cand, CP=rw.cp,
         USE_UE8M0=bool(use_ue8m0), HW_CVT=hw_cvt, BLOCK_N=bn, BLOCK_T=block_t, NUM_STAGES=cfg.num_stages,
         PREQUANT=prequant, num_warps=tcfg.num_warps, num_stages=1,
     )

@@ -117,7 +117,9 @@ def paged_mqa_logits(
 
     ``logit[t, p] = sum_h weights[t, h] * relu(q[t, h] . k[p]) * k_scale[p]`` for ``p < L_t``,
     ``-inf`` for ``L_t <= p < max_len`` (mirrors DeepGEMM ``fp8_fp4_paged_mqa_logits`` and the
-    reference in DeepGEMM ``tests/test_attention.py``; vLLM ``sparse_attn_indexer.py``).
+    reference in DeepGEMM ``tests/test_attention.py``; vLLM ``sparse_attn_indexer.py``). ``L_t`` is
+    clamped to the block table's capacity ``max_blocks * 64``, as every kernel here clamps it
+    (only reachable with value checks off).
 
     Parameters
     ----------
@@ -132,7 +134,7 @@ def paged_mqa_logits(
     ``dtype`` [T, max_len].
     """
     T = q_fp8.shape[0]
-    lens = visible_lens(context_lens, next_n)
+    lens = visible_lens(context_lens, next_n).clamp(max=block_table.shape[1] * dims.CACHE_BLOCK_SIZE)
     out = torch.full((T, max_len), float("-inf"), dtype=dtype, device=q_fp8.device)
     for t in range(T):
         L = int(lens[t])
@@ -290,13 +292,15 @@ def make_cos_sin_cache(
 def run_region(args, use_ue8m0: bool = True) -> None:
     """Run the whole region in vLLM's order, writing into ``args``' output buffers.
 
-    ``args`` is a :class:`smpart.triton_kernels.region.RegionArgs`. Writes ``kv_cache`` (new keys),
+    ``args`` is a :class:`smpart.region.RegionArgs`. Writes ``kv_cache`` (new keys),
     ``topk_indices`` [T, 2048], ``q`` [T, H, 192] and ``k_pe`` (roped in place).
     """
     T = args.q_c.shape[0]
     indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping, use_ue8m0)
     args.topk_indices[:T] = -1
-    lens = visible_lens(args.context_lens, args.next_n)
+    # visible lengths clamped to the block table's capacity, as the kernels clamp them (a length
+    # past the table is refused by the value checks; with them off every path sees the same rows)
+    lens = visible_lens(args.context_lens, args.next_n).clamp(max=args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE)
     max_len = max(int(lens.max()) if T else 0, 1)
     logits = paged_mqa_logits(
         args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table, args.context_lens,

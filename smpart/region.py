@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .triton_kernels import dims
-from .validate import validate_region_args
+from .validate import _is_capturing, validate_region_args
 
 
 @dataclasses.dataclass
@@ -110,6 +110,49 @@ def _run_reference(args, workspace, config, use_ue8m0) -> None:
     reference.run_region(args, use_ue8m0=use_ue8m0)
 
 
+# which paths take a ``config`` and of what type (the others refuse one: it would be ignored)
+_CONFIG_TYPES = {"partitioned": "PartitionConfig", "green_ctx": "(indexer_sms, gemm_sms)",
+                 "vllm_sequential": "dict", "vllm_dual_stream": "dict"}
+
+
+def _check_config(path: str, config) -> None:
+    """``config`` must be ``None`` or what ``path`` reads (see ``_CONFIG_TYPES``)."""
+    if config is None:
+        return
+    want = _CONFIG_TYPES.get(path)
+    if want is None:
+        raise ValueError(f"config: path {path!r} takes no config (it would be ignored), got {type(config).__name__}")
+    if want == "PartitionConfig":
+        from .triton_kernels.partitioned import PartitionConfig
+
+        if not isinstance(config, PartitionConfig):
+            raise TypeError(f"config: expected a PartitionConfig or None, got {type(config).__name__}")
+    elif want == "dict":
+        if not isinstance(config, dict):
+            raise TypeError(f"config: path {path!r} expects a dict or None, got {type(config).__name__}")
+        unknown = set(config) - {"topk_backend", "max_model_len"}
+        if unknown:
+            raise ValueError(f"config: unknown keys {sorted(unknown)} for path {path!r}")
+    else:
+        ok = (isinstance(config, tuple) and len(config) == 2
+              and all(type(x) is int and x >= 1 for x in config))
+        if not ok:
+            raise TypeError(f"config: path {path!r} expects a tuple of two SM counts >= 1, got {config!r}")
+
+
+def _check_aliasing(args, workspace) -> None:
+    """No output (``kv_cache``, ``topk_indices``, ``q``, ``k_pe``, the workspace's buffers) may overlap
+    itself, another output or an input (:func:`smpart.aliasing.check_no_overlap`)."""
+    from .aliasing import check_no_overlap
+
+    out_names = ("kv_cache", "topk_indices", "q", "k_pe")
+    outputs = {n: getattr(args, n) for n in out_names}
+    if workspace is not None:
+        outputs.update(workspace.buffers())
+    inputs = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name not in out_names}
+    check_no_overlap(outputs, inputs)
+
+
 def _kernels_interpreted() -> bool:
     """Were this package's Triton kernels defined under the interpreter (``TRITON_INTERPRET=1`` at
     import time)? Setting the variable later does not change kernels already decorated."""
@@ -129,34 +172,53 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
     args : RegionArgs (see its docstring for shapes and dtypes).
     path : one of :data:`PATHS` (its keys).
     workspace : :class:`smpart.workspace.RegionWorkspace` sized for this shape
-        bucket (required by every path but ``reference``; made once, reused across steps).
-    config : path-specific launch parameters (e.g. the partitioned split); ``None`` = the tuned or
-        default choice.
-    use_ue8m0 : power-of-two activation/key scales (vLLM 0.33 on Hopper); False = plain fp32 scales.
-    check_values : see :func:`validate_region_args` (default: on unless capturing a CUDA graph).
+        bucket (required by every path but ``reference``, which ignores it; made once, reused across
+        steps). Every buffer is checked against the batch (``RegionWorkspace.check_fits``, metadata
+        only); in eager mode a workspace with non-zero arrival counters is refused
+        (``RegionWorkspace.check_clean``; ``RegionWorkspace.reset()`` clears them).
+    config : path-specific launch parameters, ``None`` = the tuned or default choice:
+        ``partitioned`` a ``PartitionConfig``; ``green_ctx`` a tuple ``(indexer_sms, gemm_sms)``;
+        ``vllm_*`` a dict (``topk_backend``, ``max_model_len``). The other paths take none.
+    use_ue8m0 : bool, power-of-two activation/key scales (vLLM 0.33 on Hopper); False = plain fp32.
+    check_values : bool or None, see :func:`validate_region_args` (default: on unless capturing a
+        CUDA graph).
 
     Raises
     ------
-    ValueError / TypeError : bad inputs (before any kernel runs; nothing is written).
+    ValueError / TypeError : bad inputs (before any kernel runs; nothing is written): a message
+        naming the argument or field. Includes outputs that overlap themselves, each other or an
+        input (``smpart.aliasing``), a ``config`` the path does not take, non-bool flags.
     RuntimeError : the path cannot run here (vendor kernels or green contexts unavailable, or CPU
         tensors without ``TRITON_INTERPRET=1`` set before triton was imported).
     """
-    if path not in PATHS:
+    if not isinstance(path, str) or path not in PATHS:
         raise ValueError(f"path: expected one of {tuple(PATHS)}, got {path!r}")
     if not isinstance(args, RegionArgs):
         raise TypeError(f"args: expected a RegionArgs, got {type(args).__name__}")
+    if not isinstance(use_ue8m0, bool):
+        raise TypeError(f"use_ue8m0: expected a bool, got {use_ue8m0!r}")
+    if check_values is not None and not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool or None, got {check_values!r}")
+    _check_config(path, config)
     from .workspace import RegionWorkspace
 
     if workspace is not None and not isinstance(workspace, RegionWorkspace):
         raise TypeError(f"workspace: expected a RegionWorkspace, got {type(workspace).__name__}")
+    if path == "reference":
+        workspace = None  # the reference allocates its own scratch (a workspace is accepted, unused)
+    elif workspace is None:
+        raise ValueError(f"workspace: path {path!r} needs a RegionWorkspace (RegionWorkspace.for_args(args))")
+    if workspace is not None:
+        validate_region_args(args, check_values=False)  # metadata first: check_fits reads args' shapes
+        workspace.check_fits(args)  # metadata only: before the value checks, which read max_len
     max_len = None if workspace is None else workspace.max_len
     validate_region_args(args, max_len=max_len, check_values=check_values)
+    _check_aliasing(args, workspace)
+    if workspace is not None and (check_values if check_values is not None else not _is_capturing()):
+        workspace.check_clean()  # stale arrival counters (eager mode: reads them)
     if path == "reference":
         _run_reference(args, None, config, use_ue8m0)
         return
-    if workspace is None:
-        raise ValueError(f"workspace: path {path!r} needs a RegionWorkspace (RegionWorkspace.for_args(args))")
-    workspace.check_fits(args)
     if args.q_c.device.type == "cpu" and path != "reference" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"path {path!r}: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 "
                            "before importing triton), or move the batch to a CUDA device")

@@ -54,7 +54,12 @@ def validate_region_args(args, max_len: int | None = None, check_values: bool | 
         raise TypeError(f"next_n: expected an int (1 or 2), got {type(a.next_n).__name__}")
     if a.next_n not in dims.SUPPORTED_NEXT_N:
         raise ValueError(f"next_n: expected one of {dims.SUPPORTED_NEXT_N}, got {a.next_n}")
-    if not isinstance(a.q_c, torch.Tensor) or a.q_c.dim() != 2:
+    if check_values is not None and not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool or None, got {check_values!r}")
+    for name in _TENSOR_FIELDS:
+        if not isinstance(getattr(a, name), torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(getattr(a, name)).__name__}")
+    if a.q_c.dim() != 2:
         raise ValueError("q_c: expected a 2-D torch.Tensor [T, 1536]")
     dev = a.q_c.device
     T = a.q_c.shape[0]
@@ -64,7 +69,7 @@ def validate_region_args(args, max_len: int | None = None, check_values: bool | 
         raise ValueError(f"q_c: T={T} is not a multiple of next_n={a.next_n}")
     B = T // a.next_n
     _check("q_c", a.q_c, torch.bfloat16, (T, dims.Q_LORA_RANK), dev)
-    if not isinstance(a.q_b_proj_weight, torch.Tensor) or a.q_b_proj_weight.dim() != 2:
+    if a.q_b_proj_weight.dim() != 2:
         raise ValueError("q_b_proj_weight: expected a 2-D torch.Tensor [H*192, 1536]")
     N = a.q_b_proj_weight.shape[0]
     if N % dims.QK_HEAD_DIM or N // dims.QK_HEAD_DIM not in dims.SUPPORTED_H:
@@ -117,26 +122,114 @@ def validate_region_args(args, max_len: int | None = None, check_values: bool | 
     if (slots < -1).any() or (slots >= num_blocks * dims.CACHE_BLOCK_SIZE).any():
         bad = slots[(slots < -1) | (slots >= num_blocks * dims.CACHE_BLOCK_SIZE)][0].item()
         raise ValueError(f"slot_mapping: slot {bad} outside [-1, {num_blocks * dims.CACHE_BLOCK_SIZE})")
-    written = slots[slots >= 0]
-    if written.numel() != torch.unique(written).numel():
-        vals, counts = torch.unique(written, return_counts=True)
-        raise ValueError(f"slot_mapping: slot {int(vals[counts > 1][0])} is written by more than one row "
-                         f"(two rows would race on the same cache entry)")
-    # every written slot must be the cache position of the row's new token (vLLM's invariant; the
-    # partitioned kernel relies on it to use the new keys before the cache write lands)
-    table = a.block_table.cpu().long()
-    for t in (slots >= 0).nonzero().flatten().tolist():
-        b, j = divmod(t, a.next_n)
-        p = int(lens[b]) - a.next_n + j
-        if p < 0:
-            raise ValueError(f"slot_mapping: row {t} writes slot {int(slots[t])}, but context_lens[{b}] = "
-                             f"{int(lens[b])} leaves no new token for it (next_n = {a.next_n}); padding rows "
-                             f"need slot -1")
-        want = int(table[b, p // dims.CACHE_BLOCK_SIZE]) * dims.CACHE_BLOCK_SIZE + p % dims.CACHE_BLOCK_SIZE if p >= 0 else None
-        if want != int(slots[t]):
-            raise ValueError(f"slot_mapping: row {t} writes slot {int(slots[t])}, but its new token (position {p}) "
-                             f"lives at slot {want} through block_table")
+    _check_slots(slots, lens, a.block_table.cpu().long(), a.next_n, num_blocks)
     pos = a.positions.cpu()
     if (pos < 0).any() or (pos >= a.cos_sin_cache.shape[0]).any():
         raise ValueError(f"positions: expected values in [0, {a.cos_sin_cache.shape[0]}), "
                          f"got [{pos.min().item()}, {pos.max().item()}]")
+    _check_finite(a)
+
+
+# every tensor field of RegionArgs (a non-tensor is a TypeError naming it, before any other check)
+_TENSOR_FIELDS = ("q_c", "q_b_proj_weight", "q_b_proj_weight_scale", "positions", "cos_sin_cache", "k_pe", "q",
+                  "index_q_fp8", "index_weights", "index_k", "kv_cache", "slot_mapping", "block_table",
+                  "context_lens", "topk_indices")
+
+# floating-point inputs that are not checked for NaN/inf each step: the outputs (``q`` and
+# ``topk_indices`` are overwritten), the indexer cache (bytes, written by the key write), and
+# constants loaded once (weights; ``cos_sin_cache`` is checked at the rows ``positions`` selects)
+_NOT_FINITE_CHECKED = {"q", "topk_indices", "kv_cache", "q_b_proj_weight", "q_b_proj_weight_scale", "cos_sin_cache"}
+
+
+def _check_slots(slots: torch.Tensor, lens: torch.Tensor, table: torch.Tensor, next_n: int, num_blocks: int) -> None:
+    """Value checks on the cache write (host tensors; vectorized, no loop over rows).
+
+    * no two rows write one slot;
+    * a written slot is its row's new-token slot through ``block_table`` (vLLM's invariant; the
+      partitioned kernel uses the new keys before the cache write lands);
+    * no block is listed twice in the visible part of one request's table;
+    * no slot written by one request lies inside another request's visible range (its new key
+      would be read by the other request's logits while it is being written: a race on a GPU,
+      where the reference reads the new key).
+    """
+    C = dims.CACHE_BLOCK_SIZE
+    written_rows = (slots >= 0).nonzero().flatten()
+    written = slots[written_rows]
+    if written.numel() != torch.unique(written).numel():
+        vals, counts = torch.unique(written, return_counts=True)
+        raise ValueError(f"slot_mapping: slot {int(vals[counts > 1][0])} is written by more than one row "
+                         f"(two rows would race on the same cache entry)")
+    own = written_rows // next_n
+    p = lens[own].long() - next_n + written_rows % next_n
+    if (p < 0).any():
+        i = int((p < 0).nonzero()[0])
+        t, b = int(written_rows[i]), int(own[i])
+        raise ValueError(f"slot_mapping: row {t} writes slot {int(written[i])}, but context_lens[{b}] = "
+                         f"{int(lens[b])} leaves no new token for it (next_n = {next_n}); padding rows "
+                         f"need slot -1")
+    want = table[own, p // C] * C + p % C
+    if (want != written).any():
+        i = int((want != written).nonzero()[0])
+        raise ValueError(f"slot_mapping: row {int(written_rows[i])} writes slot {int(written[i])}, but its new "
+                         f"token (position {int(p[i])}) lives at slot {int(want[i])} through block_table")
+    # the visible blocks of every request (a request's longest row sees context_lens[b] positions)
+    max_blocks = table.shape[1]
+    used = torch.arange(max_blocks)[None, :] < ((lens.long()[:, None] + C - 1) // C)
+    bi, ci = used.nonzero(as_tuple=True)
+    blk = table[bi, ci]
+    keys = bi * num_blocks + blk
+    uk, counts = torch.unique(keys, return_counts=True)
+    if (counts > 1).any():
+        k = int(uk[counts > 1][0])
+        b, blk_id = divmod(k, num_blocks)
+        cols = ci[(bi == b) & (blk == blk_id)].tolist()
+        raise ValueError(f"block_table: block {blk_id} is listed twice in request {b}'s visible range "
+                         f"(columns {cols}); a block may appear once per request")
+    if not written.numel():
+        return
+    # for each block holding written slots: the lowest written offset (and its writer), and the
+    # lowest offset written by any other request; another request b' that sees the block at column
+    # c sees offsets < lim = min(64, context_lens[b'] - 64 c) of it
+    wb, wo = written // C, written % C
+    ub, inv = torch.unique(wb, return_inverse=True)
+    m1 = torch.full(ub.shape, C, dtype=torch.int64).scatter_reduce(0, inv, wo, "amin")
+    first = wo == m1[inv]
+    o1 = torch.full(ub.shape, -1, dtype=torch.int64).scatter(0, inv[first], own[first])
+    other = own != o1[inv]
+    m2 = torch.full(ub.shape, C, dtype=torch.int64).scatter_reduce(0, inv[other], wo[other], "amin")
+    hit = torch.isin(blk, ub)
+    bi, ci, blk = bi[hit], ci[hit], blk[hit]
+    k = torch.searchsorted(ub, blk)
+    lim = (lens.long()[bi] - ci * C).clamp(max=C)
+    eff = torch.where(o1[k] == bi, m2[k], m1[k])
+    bad = eff < lim
+    if bad.any():
+        j = int(bad.nonzero()[0])
+        b, c, blk_id, lj = int(bi[j]), int(ci[j]), int(blk[j]), int(lim[j])
+        w = int(((wb == blk_id) & (own != b) & (wo < lj)).nonzero()[0])
+        raise ValueError(f"slot_mapping: row {int(written_rows[w])} writes slot {int(written[w])}, which lies "
+                         f"inside request {b}'s visible range (block_table[{b}, {c}] = block {blk_id}): a "
+                         f"new key must be visible only to its own request")
+
+
+def _check_finite(a) -> None:
+    """NaN/inf in the step's floating-point inputs (``_NOT_FINITE_CHECKED`` excepted; FP8 tensors:
+    the NaN bytes 0x7f/0xff, e4m3fn has no inf) and in the ``cos_sin_cache`` rows at ``positions``.
+    The contract (README, Limitations) is finite inputs: the Triton paths and the reference order
+    and quantize NaN differently."""
+    import dataclasses
+
+    named = [(f.name, getattr(a, f.name)) for f in dataclasses.fields(a) if f.name not in _NOT_FINITE_CHECKED]
+    named.append(("cos_sin_cache", a.cos_sin_cache[a.positions]))
+    for name, x in named:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not x.numel():
+            continue
+        if x.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
+            bad = (x.view(torch.uint8) & 0x7F) == 0x7F if x.dtype == torch.float8_e4m3fn else x.view(torch.uint8) == 0x80
+        else:
+            bad = ~torch.isfinite(x)
+        if bad.any():
+            at = bad.nonzero()[0].tolist()
+            where = "rows at positions" if name == "cos_sin_cache" else "element"
+            raise ValueError(f"{name}: non-finite value at {where} {at}; inputs must be finite "
+                             f"(NaN/inf are outside the contract)")

@@ -1,9 +1,11 @@
 """The SM-partitioned persistent kernel: indexer tail || q_b_proj + RoPE in one launch.
 
-One launch runs the key write, the paged logits and the whole q side; the top-2048 either runs
-inside it (``PartitionConfig(fuse_topk=True)``: the last arriving logits item of a row or chunk)
-or as a second launch right after (the default: on the H200, 2026-11-30, the in-launch top-k ran
-at the kernel's 4 warps and 242 registers and was 3-10x slower at B >= 32; README, Limitations).
+One launch runs the key write, the paged logits and the whole q side; the logits role also fills
+each row's 2048-bin histogram (``_mqa_logits_item(HIST=True)`` into ``RegionWorkspace.radix.hist``)
+and the top-2048 (``radix_topk._radix_topk_item``, histogram-fed) runs either inside it
+(``PartitionConfig(fuse_topk=True)``: the last arriving logits item of a row selects the whole row)
+or as a second launch right after (the default: the first launch runs at 4 warps and its register
+budget, the radix select wants 16 warps and a chunk in registers).
 Where the GEMM tiles run is a launch parameter: beside the logits in the first launch, beside the
 top-k in the second (``gemm_in_tail``), or split between them; with ``first_prequant`` a small
 launch before the first quantizes ``q_c`` once per token for the first launch's tiles, with
@@ -16,24 +18,29 @@ role functions, so nothing is written twice:
 
 ==========  ==================================================================================
 indexer     ``_indexer_k_cache_item`` (new keys -> cache), ``_mqa_logits_item`` over (row, run of
-            blocks) items, balanced over the rows' real lengths; with ``fuse_topk`` the last item
-            of a (row, chunk) runs the top-k chunk stage, the last chunk of a row the merge
-            (``topk.py``), and that program also writes the row's -1 padding.
+            blocks) items, balanced over the rows' real lengths, each logit also counted in its
+            row's histogram; with ``fuse_topk`` the last item of a row runs
+            ``_radix_topk_item`` for every chunk of the row (``radix_topk.py``), which also writes
+            the row's -1 padding and zeroes its histogram.
 GEMM        ``_q_b_proj_item`` tiles (FP8 block-scaled GEMM, fused activation quant, MLA RoPE
             epilogue and ``k_pe`` RoPE).
 ==========  ==================================================================================
 
 Cross-program protocol (no program ever waits for another):
 
-* per (row, chunk) and per row int32 counters in the workspace; an item arrives with a CTA
-  barrier then ``atomic_add(acq_rel, gpu)``; the arriver that completes the count owns the next
-  stage and resets the counter to 0, so every CUDA-graph replay starts from zero (no memset node).
+* per row int32 counters in the workspace (``fuse_topk``: logits items of the row); an item
+  arrives with a CTA barrier then ``atomic_add(acq_rel, gpu)``; the arriver that completes the
+  count owns the top-k and resets the counter to 0, so every CUDA-graph replay starts from zero (no
+  memset node). The radix top-k's own counters and histograms are reset by each row's last
+  program (``radix_topk.py``).
 * the new keys: the cache write (any program, any time) is not ordered before the logits of the
   same rows. The logits item that covers a row's new positions therefore recomputes their logits
   from ``index_k`` directly, with the exact quantization of the cache write
   (``_patch_new_key_logits``), right after its own stores (program order, a CTA barrier between).
   ``smpart.validate`` checks (eager) that ``slot_mapping`` is the new token's cache slot, which makes
-  this identical to write-then-read.
+  this identical to write-then-read. The patch also moves the logit's histogram count from the
+  bin of the value the item wrote to the bin of the patched value, so the histogram counts exactly
+  the final logits.
 * loads of data written by other programs in this launch use ``.cg`` (L2, never a stale L1 line).
 
 Every per-step value (lengths, tables, slots) is read on the device: the grid and all launch
@@ -52,7 +59,13 @@ from .fp8 import quant_fp8_bytes, quant_scale
 from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item
 from .q_b_proj import _q_b_proj_item, _q_c_quant_row
-from .topk import TopkConfig, _topk_chunk_item, _topk_row_len, _topk_stage
+from .radix_topk import (RADIX_RT, RadixTopkConfig, _NB as _HIST_NB, _f32_to_key, _hist_bin, _radix_row_len,
+                         _radix_topk_item)
+
+
+GRID_X_MAX = 2**31 - 1  # CUDA's grid limit in x (65535 in y and z; every launch here is 1-D)
+QUEUE_CHUNK_MAX = 4096  # work items claimed per atomic (the tuned files use 4)
+PROGRAMS_PER_SM_MAX = 32  # resident CTAs per SM on sm_90: programs past this per SM only queue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +82,15 @@ class PartitionConfig:
     block_n, block_t : GEMM tile (weight rows x tokens); ``block_t=None`` = by T.
     blocks_per_item : 64-token cache blocks per logits item (divides 256).
     num_warps, num_stages : shared by both roles.
-    fuse_topk : run the top-k inside the launch (last arriving item of a row / chunk); False runs
-        the fused launch without it (fewer registers, higher occupancy for the GEMM and logits
-        roles), then ``topk.topk_decode`` as a second launch (with ``topk_config``, a
-        ``topk.TopkConfig``; ``None`` = its defaults).
+    fuse_topk : run the top-k inside the launch: the last arriving logits item of a row runs
+        ``radix_topk._radix_topk_item`` for each chunk of the row in turn, at the launch's
+        ``num_warps``; False runs the fused launch without it (fewer registers, higher occupancy for
+        the GEMM and logits roles), then the radix top-k as a second launch
+        (``radix_topk.radix_topk(hist_ready=True)``, or the tail launch with ``gemm_in_tail``).
+    topk_config : ``radix_topk.RadixTopkConfig`` of the top-k (``None`` = its defaults): ``chunk``
+        and ``short_max`` set the positions per top-k item (``radix_topk.radix_chunk``) in every
+        split, ``num_warps`` the warps of the second launch (standalone or tail; the tail's GEMM
+        tiles run at them too); ``hist_warps`` is unused (the logits role fills the histograms).
     roles : bit mask of the work run (1 key write, 2 logits, 4 top-k, 8 GEMM); anything but 15
         gives incomplete outputs: a benchmark knob to time one role inside the fused launch.
     gemm_in_tail : fraction (0..1) of ``q_b_proj``'s output columns (rounded to multiples of 256,
@@ -81,8 +99,7 @@ class PartitionConfig:
         chunk), the logits and the GEMM are bandwidth-bound: 1.0 gives the logits the whole GPU
         in the first launch, then runs the top-k next to the GEMM (``_topk_gemm_tail_kernel``).
     tail_block_n : GEMM tile rows in the tail launch (it runs at the top-k's ``num_warps``,
-        ``topk_config.num_warps``; the tail always merges a row's chunks in-launch, whatever
-        ``topk_config.fused_merge`` says).
+        ``topk_config.num_warps``).
     tail_gemm_programs : programs of the tail launch on GEMM tiles (capped to its tiles, striding
         over them); ``None`` = one per tile. The top-k items get one program each, numbered first,
         so the hardware starts them first and the GEMM tiles fill the SMs they leave free (and
@@ -126,6 +143,11 @@ class PartitionConfig:
     per item and the GEMM code compiled out (96 registers) 85.1, against 84.4 for the standalone
     logits kernel.)
 
+    Bounds: every program count is at most 2**31 - 1 (CUDA's grid limit in x), ``queue_chunk`` at
+    most 4096, ``num_stages`` at most 8 (checked when made); at launch
+    (``smpart.partitioned.partitioned_region``) each role's programs are at most
+    ``max(its work items, 32 * num_sms)``, so that no config launches millions of idle programs.
+
     Which split wins (same machine and day, H=128, us): at T <= 32 the tail split
     (``gemm_in_tail=1``); at T=128 the dense-first split (``first_prequant=True, dense_first=True,
     maxnreg=168 or 128, gemm_programs=2*num_sms, blocks_per_item=8``): 73.3 / 154.1 / 528.3 at
@@ -157,14 +179,14 @@ class PartitionConfig:
     def __post_init__(self):
         """Reject bad values when the config is made (a TypeError/ValueError naming the field),
         so no launch, CUDA-graph capture or tuning-cache load sees one."""
-        def integer(name, lo, none_ok=False):
+        def integer(name, lo, none_ok=False, hi=GRID_X_MAX):
             v = getattr(self, name)
             if v is None and none_ok:
                 return
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"config.{name}: expected an int{' or None' if none_ok else ''}, got {v!r}")
-            if v < lo:
-                raise ValueError(f"config.{name}: expected >= {lo}, got {v}")
+            if v < lo or v > hi:
+                raise ValueError(f"config.{name}: expected {lo}..{hi}, got {v}")
 
         def one_of(name, allowed):
             v = getattr(self, name)
@@ -173,22 +195,20 @@ class PartitionConfig:
 
         integer("indexer_programs", 1, none_ok=True)
         integer("gemm_programs", 0, none_ok=True)
-        integer("queue_chunk", 1)
-        integer("num_stages", 1)
+        integer("queue_chunk", 1, hi=QUEUE_CHUNK_MAX)
+        integer("num_stages", 1, hi=8)
         integer("tail_gemm_programs", 1, none_ok=True)
         integer("first_programs", 1, none_ok=True)
         integer("maxnreg", 96, none_ok=True)  # ptxas: >= 58 (>= 90 with 128-token tiles) to compile
         if self.maxnreg is not None and self.maxnreg > 255:
             raise ValueError(f"config.maxnreg: expected 96..255 registers per thread, got {self.maxnreg}")
-        integer("roles", 0)
+        integer("roles", 0, hi=15)
         one_of("block_n", (64, 128, 256))
         one_of("tail_block_n", (64, 128, 256))
         one_of("blocks_per_item", (1, 2, 4, 8))
         one_of("num_warps", (1, 2, 4, 8, 16))
         if self.block_t is not None:
             one_of("block_t", (16, 32, 64, 128))
-        if self.roles > 15:
-            raise ValueError(f"config.roles: expected a bit mask in 0..15, got {self.roles}")
         for name in ("dynamic", "fuse_topk", "tail_prequant", "first_prequant", "dense_first"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"config.{name}: expected a bool, got {getattr(self, name)!r}")
@@ -203,13 +223,14 @@ class PartitionConfig:
             raise ValueError("config: dense_first needs the static schedule (dynamic=False)")
         if self.dense_first and self.gemm_programs == 0:
             raise ValueError("config.gemm_programs: dense_first needs >= 1 GEMM program, or None (one per tile)")
-        if self.topk_config is not None and not isinstance(self.topk_config, TopkConfig):
-            raise TypeError(f"config.topk_config: expected a TopkConfig or None, got {type(self.topk_config).__name__}")
+        if self.topk_config is not None and not isinstance(self.topk_config, RadixTopkConfig):
+            raise TypeError(f"config.topk_config: expected a radix_topk.RadixTopkConfig or None, "
+                            f"got {type(self.topk_config).__name__}")
 
 
 # RegionWorkspace.counters (int32): [0] queue head, [1] exited programs (dynamic schedule),
-# [_QUEUE_SLOTS + t*max_chunks + c]: logits items of (row t, chunk c) that arrived.
-# TopkWorkspace.counters [t]: chunks of row t that arrived. All zero between launches.
+# [_QUEUE_SLOTS + t]: logits items of row t that arrived (fuse_topk). All zero between launches.
+# RegionWorkspace.radix: per-row histograms and top-k counters, zero between launches.
 _QUEUE_SLOTS = tl.constexpr(64)
 
 
@@ -227,8 +248,8 @@ def _arrive(counter_ptr, expected):
 @triton.jit
 def _patch_new_key_logits(
     t, p_lo, p_hi, q_ptr, weights_ptr, k_ptr, slot_mapping_ptr, context_lens_ptr, logits_ptr,
-    stride_q, stride_w, stride_k, stride_logits, num_slots, L,
-    USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr,
+    stride_q, stride_w, stride_k, stride_logits, num_slots, L, hist_ptr,
+    USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, HIST: tl.constexpr,
 ):
     """Logits of row ``t``'s visible new tokens inside positions ``[p_lo, p_hi)``, from ``index_k``.
 
@@ -237,7 +258,9 @@ def _patch_new_key_logits(
     (``quant_scale`` / ``quant_fp8_bytes``), so the logit equals the one computed from the cache
     after the write. Only rows whose slot is a real one are patched (a padding row's cache, and so
     its logits, stay as they are). Called by the logits item that covers those positions, right
-    after its own stores: program order makes the patch win, whenever the cache write lands.
+    after its own stores: program order makes the patch win, whenever the cache write lands. With
+    ``HIST`` the patched position's count moves from the bin of the value the item stored to the
+    bin of the patched value in ``hist_ptr[t]`` (the two values may differ in the last bits).
     """
     b = t // NEXT_N
     j = t - b * NEXT_N
@@ -260,6 +283,11 @@ def _patch_new_key_logits(
                 q = tl.load(q_ptr + t64 * stride_q + h[:, None] * 128 + d[None, :]).to(tl.float32)  # [16, 128]
                 w = tl.load(weights_ptr + t64 * stride_w + h)
                 acc += tl.sum(tl.maximum(tl.sum(q * kq[None, :], axis=1), 0.0) * w, axis=0)
+            if HIST:
+                old = tl.load(logits_ptr + t64 * stride_logits + p, cache_modifier=".cg")
+                hrow = hist_ptr + t64 * _HIST_NB
+                tl.atomic_add(hrow + _hist_bin(_f32_to_key(old)), -1, sem="relaxed", scope="gpu")
+                tl.atomic_add(hrow + _hist_bin(_f32_to_key(acc * scale)), 1, sem="relaxed", scope="gpu")
             tl.store(logits_ptr + t64 * stride_logits + p, acc * scale)
 
 
@@ -291,24 +319,24 @@ def _indexer_logits_and_topk_item(
     t, run,
     # tensors
     index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr, slot_mapping_ptr,
-    logits_ptr, topk_ptr, chunk_ctr_ptr, row_ctr_ptr, cand_vals_ptr, cand_idx_ptr,
+    logits_ptr, topk_ptr, row_ctr_ptr, hist_ptr, rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr,
     # strides and sizes
     stride_q, stride_w, stride_k, stride_bt, stride_logits, stride_topk,
-    num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
+    num_blocks, max_blocks, max_len, runs_per_row,
     USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, NUM_STAGES: tl.constexpr,
-    CHUNK: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
-    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr, ROLES: tl.constexpr,
+    HIST: tl.constexpr, TOPK_CHUNK: tl.constexpr, TOPK_K: tl.constexpr, CAND: tl.constexpr, CP: tl.constexpr,
+    ROLES: tl.constexpr,
 ):
-    """The logits item ``run`` of row ``t`` (blocks ``[run*BLOCKS_PER_ITEM, ...)``), its new-key
-    patch when it covers a new token, then whatever top-k stage its arrival completes."""
+    """The logits item ``run`` of row ``t`` (blocks ``[run*BLOCKS_PER_ITEM, ...)``; with ``HIST``
+    counted in the row's histogram), its new-key patch when it covers a new token, then (``ROLES &
+    4``, the in-launch top-k) an arrival on the row's counter: the row's last item runs the radix
+    top-k of every chunk of the row (``radix_topk._radix_topk_item``; its histogram is complete)."""
     if ROLES & 2:
         _mqa_logits_item(
             t * runs_per_row + run, index_q_ptr, index_w_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr,
             logits_ptr, stride_q, stride_w, stride_bt, stride_logits, num_blocks, max_blocks, max_len, runs_per_row,
-            NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, False,
+            NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, False, HIST=HIST, hist_ptr=hist_ptr,
         )
-    BPC: tl.constexpr = CHUNK // 64  # cache blocks per top-k chunk
-    tl.static_assert(BPC % BLOCKS_PER_ITEM == 0)
     b = t // NEXT_N
     j = t - b * NEXT_N
     L = tl.load(context_lens_ptr + b) - NEXT_N + 1 + j
@@ -323,25 +351,14 @@ def _indexer_logits_and_topk_item(
             _patch_new_key_logits(
                 t, p_lo, p_lo + BLOCKS_PER_ITEM * 64, index_q_ptr, index_w_ptr, index_k_ptr, slot_mapping_ptr,
                 context_lens_ptr, logits_ptr, stride_q, stride_w, stride_k, stride_logits, num_blocks * 64, L,
-                USE_UE8M0, NEXT_N,
+                hist_ptr, USE_UE8M0, NEXT_N, HIST,
             )
-    c = (run * BLOCKS_PER_ITEM) // BPC
-    n_chunks = tl.maximum(tl.cdiv(L, CHUNK), 1)
-    items_in_chunk = tl.maximum(tl.cdiv(tl.minimum(nblk, (c + 1) * BPC) - c * BPC, BLOCKS_PER_ITEM), 1)
     if ROLES & 4:
-        if _arrive(chunk_ctr_ptr + t * max_chunks + c, items_in_chunk):
-            # stage 1 of chunk c, then (for the row's last chunk to finish) the merge; one inlined
-            # selection for both (topk._topk_stage takes the stage as a runtime flag)
-            merge = c < 0
-            todo = c >= 0
-            while todo:
-                _topk_stage(t, c, L, n_chunks, merge, logits_ptr, stride_logits, topk_ptr, stride_topk,
-                            cand_vals_ptr, cand_idx_ptr, max_chunks, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP)
-                again = c < 0
-                if (n_chunks > 1) & (not merge):
-                    again = _arrive(row_ctr_ptr + t, n_chunks)
-                merge = again
-                todo = again
+        # a row's real items: max(cdiv(blocks, BLOCKS_PER_ITEM), 1) (run 0 always runs)
+        if _arrive(row_ctr_ptr + t, tl.maximum(tl.cdiv(nblk, BLOCKS_PER_ITEM), 1)):
+            for c in range(0, tl.maximum(tl.cdiv(L, TOPK_CHUNK), 1)):
+                _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
+                                 cand_key_ptr, cand_pos_ptr, scratch_ptr, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, RADIX_RT)
 
 
 @triton.jit
@@ -351,24 +368,27 @@ def _partitioned_kernel(
     T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
     # indexer
     index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr, slot_mapping_ptr,
-    logits_ptr, topk_ptr, counters_ptr, row_ctr_ptr, cand_vals_ptr, cand_idx_ptr,
+    logits_ptr, topk_ptr, counters_ptr, hist_ptr, rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr,
     stride_q, stride_w, stride_k, stride_bt, stride_logits, stride_topk,
-    num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
+    num_blocks, max_blocks, max_len, runs_per_row,
     # schedule
     n_gemm_items, num_idx_programs, num_gemm_programs,
     USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, NUM_STAGES: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, T_PAD: tl.constexpr,
-    DYNAMIC: tl.constexpr, QUEUE_CHUNK: tl.constexpr, HW_CVT: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
-    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr, ROLES: tl.constexpr, QUANT_Q_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, T_PAD: tl.constexpr,
+    DYNAMIC: tl.constexpr, QUEUE_CHUNK: tl.constexpr, HW_CVT: tl.constexpr, HIST: tl.constexpr,
+    TOPK_CHUNK: tl.constexpr, TOPK_K: tl.constexpr, CAND: tl.constexpr, CP: tl.constexpr,
+    ROLES: tl.constexpr, QUANT_Q_C: tl.constexpr,
     DENSE: tl.constexpr, GEMM_PREQUANT: tl.constexpr, GEMM_FIRST: tl.constexpr,
 ):
     """Whole region, one launch (module docstring). ``counters_ptr``: [0] queue head, [1] exited
-    programs, [64 + t*max_chunks + c] (row, chunk) arrivals; ``row_ctr_ptr``: [t] chunk arrivals.
+    programs, [64 + t] logits items of row t that arrived (``ROLES & 4``); ``hist_ptr`` int32
+    [T, 2048] row histograms (``HIST``), ``rctr_ptr``/``cand_*``/``scratch_ptr``: the radix top-k's
+    workspace (``radix_topk.RadixTopkWorkspace``).
     ``QUANT_Q_C``: the per-token items also quantize ``q_c`` into ``xq_ptr``/``xs_ptr`` for the
     prequantized GEMM tiles of the tail launch."""
     pid = tl.program_id(0)
     zero = pid * 0  # loop indices + zero are tensors under the interpreter too (role functions call .to)
-    chunk_ctr_ptr = counters_ptr + _QUEUE_SLOTS
+    row_ctr_ptr = counters_ptr + _QUEUE_SLOTS
     if DYNAMIC:
         # one work list: [cache rows T][real logits items][gemm tiles]; claimed QUEUE_CHUNK at a time
         n_items, cum_items = _row_items(context_lens_ptr, T, max_blocks, max_len, NEXT_N, BLOCKS_PER_ITEM, T_PAD)
@@ -388,10 +408,10 @@ def _partitioned_kernel(
                     t, run = _item_row_run(w - T, n_items, cum_items, T_PAD)
                     _indexer_logits_and_topk_item(
                         t, run, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
-                        block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
-                        row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
-                        stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
-                        USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP, ROLES,
+                        block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, row_ctr_ptr,
+                        hist_ptr, rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr, stride_q, stride_w, stride_k,
+                        stride_bt, stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row,
+                        USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, ROLES,
                     )
                 elif ROLES & 8:
                     _q_b_proj_item(
@@ -425,7 +445,7 @@ def _partitioned_kernel(
                     # blocks do nothing (run 0 always runs)
                     t = (zero + i) // runs_per_row
                     run = (zero + i) - t * runs_per_row
-                    L = _topk_row_len(t, context_lens_ptr, NEXT_N, tl.minimum(max_blocks * 64, max_len), False)
+                    L = _radix_row_len(t, context_lens_ptr, NEXT_N, tl.minimum(max_blocks * 64, max_len), False)
                     todo = (run == 0) | (run * BLOCKS_PER_ITEM * 64 < L)
                 else:
                     t, run = _item_row_run(zero + i, n_items, cum_items, T_PAD)
@@ -433,11 +453,10 @@ def _partitioned_kernel(
                 if todo:
                     _indexer_logits_and_topk_item(
                         t, run, index_q_ptr, index_w_ptr, index_k_ptr, kv_cache_ptr,
-                        block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, chunk_ctr_ptr,
-                        row_ctr_ptr, cand_vals_ptr, cand_idx_ptr, stride_q, stride_w, stride_k, stride_bt,
-                        stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row, max_chunks,
-                        USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, CHUNK, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB,
-                        TOPK_CAP, ROLES,
+                        block_table_ptr, context_lens_ptr, slot_mapping_ptr, logits_ptr, topk_ptr, row_ctr_ptr,
+                        hist_ptr, rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr, stride_q, stride_w, stride_k,
+                        stride_bt, stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row,
+                        USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, ROLES,
                     )
         elif ROLES & 8:
             # a constexpr test, so that a launch without GEMM tiles compiles no GEMM code: a loop
@@ -453,28 +472,31 @@ def _partitioned_kernel(
 @triton.jit
 def _topk_gemm_tail_kernel(
     # top-k
-    logits_ptr, context_lens_ptr, topk_ptr, cand_vals_ptr, cand_idx_ptr, topk_ctr_ptr,
-    stride_logits, stride_topk, lmax, max_chunks, n_topk_items, num_topk_programs,
+    logits_ptr, context_lens_ptr, topk_ptr, hist_ptr, rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr,
+    stride_logits, stride_topk, lmax, n_topk_items, num_topk_programs,
     # q side
     q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr, xq_ptr, xs_ptr,
     T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs, gemm_lo, gemm_hi, num_gemm_programs,
-    NEXT_N: tl.constexpr, CHUNK: tl.constexpr, TOPK_K: tl.constexpr, TOPK_BLOCK: tl.constexpr,
-    TOPK_LOG2_NB: tl.constexpr, TOPK_CAP: tl.constexpr,
+    NEXT_N: tl.constexpr, CHUNK: tl.constexpr, TOPK_K: tl.constexpr, CAND: tl.constexpr, CP: tl.constexpr,
     USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     NUM_STAGES: tl.constexpr, PREQUANT: tl.constexpr,
 ):
     """The top-k launch with GEMM tiles beside it (``PartitionConfig.gemm_in_tail``): programs
-    ``[0, num_topk_programs)`` take the top-k items (``item = chunk * T + row``; the last chunk of a
-    row to finish merges, ``topk._topk_chunk_item``), the rest take GEMM items ``[gemm_lo, gemm_hi)``
-    of the ``BLOCK_N`` x ``BLOCK_T`` tiling. The logits it reads are complete: the fused launch
-    before it wrote them (stream order)."""
+    ``[0, num_topk_programs)`` take the radix top-k items (``item = chunk * T + row``,
+    ``radix_topk._radix_topk_item`` from the histograms the first launch filled; the row's last
+    chunk resolves the threshold bin and zeroes the histogram), the rest take GEMM items
+    ``[gemm_lo, gemm_hi)`` of the ``BLOCK_N`` x ``BLOCK_T`` tiling. The logits and histograms it
+    reads are complete: the fused launch before it wrote them (stream order). ``lmax``: the rows'
+    length bound (``min(max_len, max_blocks * 64)``, as the logits role clamps them)."""
     pid = tl.program_id(0)
     zero = pid * 0
     if pid < num_topk_programs:
         for item in range(pid, n_topk_items, num_topk_programs):
-            _topk_chunk_item(zero + item, T, context_lens_ptr, NEXT_N, lmax, logits_ptr, stride_logits, topk_ptr,
-                             stride_topk, cand_vals_ptr, cand_idx_ptr, topk_ctr_ptr, max_chunks,
-                             CHUNK, False, True, TOPK_K, TOPK_BLOCK, TOPK_LOG2_NB, TOPK_CAP)
+            c = (zero + item) // T
+            t = (zero + item) - c * T
+            L = _radix_row_len(t, context_lens_ptr, NEXT_N, lmax, False)
+            _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
+                             cand_key_ptr, cand_pos_ptr, scratch_ptr, True, CHUNK, TOPK_K, CAND, CP, RADIX_RT)
     else:
         for item in range(gemm_lo + pid - num_topk_programs, gemm_hi, num_gemm_programs):
             _q_b_proj_item(
