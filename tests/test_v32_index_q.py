@@ -168,11 +168,13 @@ def test_q_b_proj_epilogue_rope_equals_fused_q_pid0(vk, mode, cs_dtype):
     with ``rope_fused_q=True`` for vLLM's fp32 (FlashInfer on CUDA) and bf16 tables, and in the
     generic mode (``rotary_embedding`` rounding) for the fp32 table only (with a bf16 table that mode
     rounds each product to bf16, as vLLM's generic path does, and differs). ``rope_k_pe=False``
-    leaves ``k_pe`` untouched. Interpreter only (numpy never fuses a multiply-add); on the GPU vLLM's
-    compiled kernel contracts ``x1 * cos - x2 * sin`` into an FMA, as the fused_q mode's identical
-    expression is expected to (checked on the device by the region's GPU test)."""
-    if not INTERPRET:
-        pytest.skip("interpreter comparison")
+    leaves ``k_pe`` untouched. On the GPU (fused_q mode only) vLLM's compiled kernel contracts
+    ``x1 * cos - x2 * sin`` into an FMA (seen in its sm_90 PTX), as the fused_q mode's identical
+    expression is expected to; this case checks that on the device."""
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU) or a CUDA GPU")
+    if not INTERPRET and mode == "generic":
+        pytest.skip("on the GPU vLLM's kernel contracts into FMAs, which the generic mode avoids on purpose")
     from smpart.triton_kernels.q_b_proj import q_b_proj_rope
 
     g = torch.Generator().manual_seed(5)
@@ -184,13 +186,21 @@ def test_q_b_proj_epilogue_rope_equals_fused_q_pid0(vk, mode, cs_dtype):
     pos = torch.tensor([0, 77, 4095], dtype=torch.int64)
     cs = torch.randn(4096, 64, generator=g).to(cs_dtype)
     k_pe = torch.randn(T, 1, 64, generator=g).bfloat16()
-    plain = torch.empty(T, H, dims.QK_HEAD_DIM, dtype=torch.bfloat16)
+    dev = _device()
+    q_c, w, ws, pos, cs, k_pe = (t.to(dev) for t in (q_c, w, ws, pos, cs, k_pe))
+    plain = torch.empty(T, H, dims.QK_HEAD_DIM, dtype=torch.bfloat16, device=dev)
     roped = torch.empty_like(plain)
     q_b_proj_rope(q_c, w, ws, pos, cs, k_pe.clone(), plain, apply_rope=False)
     k_pe_out = k_pe.clone()
     fq = mode == "fused_q"
     q_b_proj_rope(q_c, w, ws, pos, cs, k_pe_out, roped, apply_rope=True, rope_fused_q=fq, rope_k_pe=not fq)
-    want = _vllm_q_pe_rope_fp32(vk, pos, plain[..., dims.QK_NOPE_HEAD_DIM:], cs).to(torch.bfloat16)
+    if INTERPRET:
+        want = _vllm_q_pe_rope_fp32(vk, pos, plain[..., dims.QK_NOPE_HEAD_DIM:], cs).to(torch.bfloat16)
+    else:  # the GPU: vLLM's compiled fused_q with its own bf16 store
+        T_ = plain.shape[0]
+        _, _, want = vk.fused_q(pos, plain[..., dims.QK_NOPE_HEAD_DIM:], cs, None, None,
+                                torch.zeros(T_, H, 512, dtype=torch.bfloat16, device=dev),
+                                torch.ones(1, device=dev), None, 0.0, 0.0, has_indexer=False, quantize_mqa=False)
     got = roped[..., dims.QK_NOPE_HEAD_DIM:]
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)), _first_diff(got.float(), want.float())
     assert torch.equal(roped[..., : dims.QK_NOPE_HEAD_DIM], plain[..., : dims.QK_NOPE_HEAD_DIM])
