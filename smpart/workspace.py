@@ -183,19 +183,42 @@ class RegionWorkspace:
                       (T, mc * tw.k + (mc + 1) * tw.cap), exact_cols=True)
         _check_buffer("workspace.topk.counters", tw.counters, torch.int32, dev, (T,))
         _check_buffer("workspace.counters", self.counters, torch.int32, dev, (self.num_counters(T, mc),))
-        if self.radix is not None:  # every tensor of the radix top-k's workspace: one row per decode row
-            if getattr(self.radix, "max_tokens", 0) < T:
-                raise ValueError(f"workspace.radix.max_tokens: holds {getattr(self.radix, 'max_tokens', None)} "
-                                 f"rows, the batch has {T}")
-            for n, x in vars(self.radix).items():
-                if isinstance(x, torch.Tensor):
-                    _check_buffer(f"workspace.radix.{n}", x, x.dtype, dev, (T,) + tuple(x.shape[1:]))
+        if self.radix is not None:
+            self._check_radix(T, dev)
         if self.q_c_fp8 is not None or self.q_c_scale is not None:  # both None: the fused-quant GEMM
             from .triton_kernels.q_b_proj import check_prequant_buffers
 
             check_prequant_buffers(self.q_c_fp8, self.q_c_scale, args.num_tokens, prefix="workspace.")
             if self.q_c_fp8.device != args.q_c.device:
                 raise ValueError(f"workspace.q_c_fp8: on {self.q_c_fp8.device}, the batch is on {args.q_c.device}")
+
+    def _check_radix(self, T: int, dev) -> None:
+        """The radix top-k's workspace: its geometry (``cand``, ``cp``: ints the kernels take as
+        constexprs, powers of two) and every buffer's dtype, device, shape and contiguity:
+        ``hist`` int32 ``[>= T, 2048]``, ``counters`` int32 ``[>= T, 2]``, ``cand_key``/``cand_pos``
+        int32 ``[>= T, cand]``, ``scratch`` int32 ``[>= T, 2 * cp]``; any other tensor it holds:
+        contiguous, on the batch's device, ``>= T`` rows."""
+        from .triton_kernels.radix_topk import HIST_BINS, RadixTopkWorkspace
+
+        rw = self.radix
+        if not isinstance(rw, RadixTopkWorkspace):
+            raise TypeError(f"workspace.radix: expected a RadixTopkWorkspace or None, got {type(rw).__name__}")
+        for name in ("max_tokens", "cand", "cp"):
+            v = getattr(rw, name, None)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"workspace.radix.{name}: expected an int, got {v!r}")
+        for name in ("cand", "cp"):
+            v = getattr(rw, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"workspace.radix.{name}: expected a power of two, got {v}")
+        if rw.max_tokens < T:
+            raise ValueError(f"workspace.radix.max_tokens: holds {rw.max_tokens} rows, the batch has {T}")
+        want = {"hist": HIST_BINS, "counters": 2, "cand_key": rw.cand, "cand_pos": rw.cand, "scratch": 2 * rw.cp}
+        for n, cols in want.items():
+            _check_buffer(f"workspace.radix.{n}", getattr(rw, n, None), torch.int32, dev, (T, cols), exact_cols=True)
+        for n, x in vars(rw).items():
+            if isinstance(x, torch.Tensor) and n not in want:
+                _check_buffer(f"workspace.radix.{n}", x, x.dtype, dev, (T,) + tuple(x.shape[1:]))
 
     def buffers(self) -> dict:
         """Every tensor the kernels write, by name (``workspace.logits``, ...; ``None`` skipped)."""

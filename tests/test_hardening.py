@@ -57,6 +57,13 @@ def _replace_topk(ws, **attrs):
     return dataclasses.replace(ws, topk=tw)
 
 
+def _replace_radix(ws, **attrs):
+    rw = copy.copy(ws.radix)
+    for k, v in attrs.items():
+        setattr(rw, k, v)
+    return dataclasses.replace(ws, radix=rw)
+
+
 # -- item 1: every workspace buffer is checked (metadata, eager and capture alike) ----------------------
 BAD_WS = [
     ("logits-1-row", lambda ws: dataclasses.replace(ws, logits=ws.logits[:1].clone()), ValueError, "workspace.logits"),
@@ -87,6 +94,14 @@ BAD_WS = [
      "workspace.counters"),
     ("counters-short", lambda ws: dataclasses.replace(ws, counters=ws.counters[:10].clone()), ValueError,
      "workspace.counters"),
+    ("radix-type", lambda ws: dataclasses.replace(ws, radix=ws.topk), TypeError, "workspace.radix"),
+    ("radix-hist-short", lambda ws: _replace_radix(ws, hist=ws.radix.hist[:, :1024].contiguous()), ValueError,
+     "workspace.radix.hist"),
+    ("radix-scratch-rows", lambda ws: _replace_radix(ws, scratch=ws.radix.scratch[:1].clone()), ValueError,
+     "workspace.radix.scratch"),
+    ("radix-cand-dtype", lambda ws: _replace_radix(ws, cand_key=ws.radix.cand_key.float()), TypeError,
+     "workspace.radix.cand_key"),
+    ("radix-cp", lambda ws: _replace_radix(ws, cp=100), ValueError, "workspace.radix.cp"),
     ("max-len", lambda ws: dataclasses.replace(ws, max_len=ws.max_len - 1), ValueError, "workspace.max_len"),
     ("max-len-type", lambda ws: dataclasses.replace(ws, max_len=float(ws.max_len)), TypeError, "workspace.max_len"),
 ]
