@@ -324,6 +324,23 @@ def test_num_items():
     assert q_b_proj_num_items(256, 32, 256, 64) == 24 * 4
 
 
+def test_plain_gemm_any_n():
+    """apply_rope=False with N not a multiple of 192 (the indexer's wq_b has N = 8192 = 42.67 heads) writes
+    every column: the grid once covered only floor(N/192)*192 columns and left the rest as torch.empty garbage.
+    Here N = 320 = 1 head + 128 columns; RoPE on such a weight is refused."""
+    T, N = 3, 320
+    b = make_batch(T, 16, True, torch.bfloat16, seed=7)
+    a = b.args
+    w, ws = a.q_b_proj_weight[:N].contiguous(), a.q_b_proj_weight_scale[: N // 128 + 1].contiguous()
+    out = torch.full((T, N), float("nan"), dtype=torch.bfloat16, device=a.q.device)
+    q_b_proj_rope(a.q_c, w, ws, a.positions, a.cos_sin_cache, a.k_pe.clone(), out, apply_rope=False)
+    assert not out.isnan().any(), f"q not fully written: {_first_bad(out.isnan())}"
+    ref = reference.q_b_proj(a.q_c, w, ws, True)
+    assert_within_one_ulp(out, ref, "GEMM (N=320) vs reference.q_b_proj")
+    with pytest.raises(ValueError, match="weight"):
+        q_b_proj_rope(a.q_c, w, ws, a.positions, a.cos_sin_cache, a.k_pe.clone(), out)
+
+
 # --------------------------------------------------------------------------------------
 # GPU only: full sizes, both tile shapes, num_warps 4 and 8, hardware FP8 conversion
 # --------------------------------------------------------------------------------------

@@ -470,7 +470,8 @@ def q_b_proj_rope(
     Parameters
     ----------
     q_c : bf16 ``[T, 1536]`` (after ``q_a_layernorm``), unit column stride.
-    weight : float8_e4m3fn ``[H*192, 1536]`` (out x in, contiguous).
+    weight : float8_e4m3fn ``[H*192, 1536]`` (out x in, contiguous); with ``apply_rope=False`` any row
+        count N (``q`` is then ``[T, N]``), else ValueError.
     weight_scale : fp32 ``[H*192/128, 12]`` (one scale per 128x128 weight block, contiguous).
     positions : int64 ``[T]`` (token positions; validated ``< max_pos``, clamped in the kernel).
     cos_sin_cache : bf16 (vLLM's) or fp32 ``[max_pos, 64]``, cos in columns 0..31, sin in 32..63.
@@ -505,7 +506,8 @@ def q_b_proj_rope(
     if T == 0:
         return
     N = weight.shape[0]
-    H = N // dims.QK_HEAD_DIM
+    if apply_rope and N % dims.QK_HEAD_DIM:
+        raise ValueError(f"weight: {N} rows is not a whole number of 192-column heads (RoPE needs H*192)")
     if block_t is None:
         block_t = default_block_t(T)
     if hw_cvt is None:
@@ -516,7 +518,9 @@ def q_b_proj_rope(
         launch_q_c_quant(q_c, q_c_fp8, q_c_scale, use_ue8m0, hw_cvt)
     else:
         q_c_fp8, q_c_scale = q_c, q_c  # unused by the fused-quant kernel
-    grid = (q_b_proj_num_items(T, H, block_n, block_t),)
+    # every weight row gets a tile: cdiv(N, block_n), not cdiv(H*192, block_n), so a plain GEMM
+    # (apply_rope=False) with N not a multiple of 192 (e.g. the indexer's wq_b, N = 8192) writes all of q
+    grid = (triton.cdiv(N, block_n) * triton.cdiv(T, block_t),)
     _q_b_proj_kernel[grid](
         q_c, weight, weight_scale, positions, cos_sin_cache, k_pe, q, q_c_fp8, q_c_scale,
         T, N, cos_sin_cache.shape[0], q_c.stride(0), q.stride(0), k_pe.stride(0), cos_sin_cache.stride(0),
