@@ -33,7 +33,7 @@ def launches(monkeypatch):
     monkeypatch.setattr(P, "_partitioned_kernel", rec["first"])
     monkeypatch.setattr(P, "_topk_gemm_tail_kernel", rec["tail"])
     monkeypatch.setattr(P, "launch_q_c_quant", lambda *a: rec["quant"].append(a))
-    monkeypatch.setattr(P, "topk_decode", lambda *a, **k: rec["topk"].append((a, k)))
+    monkeypatch.setattr(P, "radix_topk", lambda *a, **k: rec["topk"].append((a, k)))
     return rec
 
 
@@ -92,3 +92,44 @@ def test_tail_split_has_no_quant_launch(launches):
     assert not launches["quant"]
     (tgrid, targs, tkw), = launches["tail"].calls
     assert tkw["PREQUANT"]
+
+
+@pytest.mark.parametrize("cfg", [
+    PartitionConfig(indexer_programs=2, gemm_programs=2),  # standalone radix top-k after
+    PartitionConfig(gemm_in_tail=1.0),  # the radix items beside the GEMM tiles
+    PartitionConfig(gemm_in_tail=0.5, indexer_programs=2, gemm_programs=2),
+    PartitionConfig(indexer_programs=2, gemm_programs=2, fuse_topk=True),  # in the first launch
+    PartitionConfig(dynamic=True, indexer_programs=3, fuse_topk=True),
+    PartitionConfig(first_prequant=True, dense_first=True, gemm_programs=2),
+], ids=["standalone", "tail", "half-tail", "fused", "fused-dynamic", "dense-first"])
+def test_every_split_feeds_the_radix_topk(cfg, launches):
+    """Every split: the first launch's logits role fills ``ws.radix.hist`` (``HIST``) and the
+    top-k reads it: in the first launch (``fuse_topk``), the tail's radix items, or
+    ``radix_topk(hist_ready=True)`` on the workspace's radix buffers, with the rows' length bound
+    clamped to the block table (``min(max_len, max_blocks * 64)``)."""
+    a, ws = _batch()
+    rw = ws.radix
+    P.partitioned_region(a, ws, cfg)
+    (grid, args, kw), = launches["first"].calls
+    assert kw["HIST"] and any(x is rw.hist for x in args) and any(x is rw.counters for x in args)
+    assert bool(kw["ROLES"] & 4) == cfg.fuse_topk
+    cols = min(ws.max_len, a.block_table.shape[1] * 64)
+    if cfg.fuse_topk:
+        assert not launches["tail"].calls and not launches["topk"]
+    elif cfg.gemm_in_tail:
+        (tgrid, targs, tkw), = launches["tail"].calls
+        assert targs[3] is rw.hist and targs[4] is rw.counters and tkw["CHUNK"] == kw["TOPK_CHUNK"]
+        assert targs[10] == cols and targs[11] == a.num_tokens * -(-cols // tkw["CHUNK"])  # lmax, top-k items
+        assert not launches["topk"]
+    else:
+        (targs, tkw), = launches["topk"]
+        assert tkw["hist_ready"] and tkw["workspace"] is rw and tkw["max_len"] == cols
+        assert not launches["tail"].calls
+
+
+def test_no_topk_role_no_histogram(launches):
+    """Without the top-k role (a benchmark knob) the logits fill no histogram: nothing would zero it."""
+    a, ws = _batch()
+    P.partitioned_region(a, ws, PartitionConfig(indexer_programs=2, gemm_programs=2, roles=11))
+    (grid, args, kw), = launches["first"].calls
+    assert not kw["HIST"] and not launches["topk"]

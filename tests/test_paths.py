@@ -12,11 +12,11 @@ import random
 import pytest
 import torch
 
-from smpart import checks
+from smpart import checks, reference
 from smpart.batch import make_decode_batch
 from smpart.triton_kernels.partitioned import PartitionConfig
 from smpart.region import run_region
-from smpart.triton_kernels.topk import TopkWorkspace
+from smpart.triton_kernels.radix_topk import RadixTopkConfig
 from smpart.workspace import RegionWorkspace
 
 FOUNDATION = [
@@ -26,6 +26,9 @@ FOUNDATION = [
     ([2, 65, 700], 2, 1, False, False),
     ([2049, 3], 2, 0, True, True),
 ]
+# 2048-position top-k items: rows of a few thousand positions take the multi-chunk radix path
+# (one reservation per item, threshold-bin candidates, the row's last arriver resolving)
+SMALL_TOPK = RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4)
 IDS = [f"lens{'-'.join(map(str, c[0]))}-n{c[1]}-pad{c[2]}{'-tiefree' if c[3] else ''}{'' if c[4] else '-fp32'}"
        for c in FOUNDATION]
 
@@ -38,7 +41,13 @@ def _run_and_check(batch, path, device, config=None):
     ws = RegionWorkspace.for_args(out.args)
     run_region(out.args, path=path, workspace=ws, config=config, use_ue8m0=batch.use_ue8m0)
     checks.check_region(out.args, ref.args, batch)
-    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0, "counters not reset"
+    _assert_clean(ws)
+
+
+def _assert_clean(ws):
+    """Every arrival counter and the radix top-k's histograms and counters are back to zero."""
+    for name, x in (("counters", ws.counters), ("radix.counters", ws.radix.counters), ("radix.hist", ws.radix.hist)):
+        assert int(x.abs().sum()) == 0, f"workspace.{name} not reset"
 
 
 def _to(batch, device):
@@ -73,8 +82,8 @@ def test_partitioned_gemm_first_launch_variants(cfg, device):
     """The first launch with GEMM tiles: q_c quantized by a launch of its own (``first_prequant``),
     GEMM programs numbered first and one program per logits item (``dense_first``), a register cap
     (``maxnreg``, ignored by the interpreter); MTP rows, a padding row, a row longer than a top-k
-    chunk (a 4096-position chunking here: two chunks and a merge). The rows of ``q_c_fp8`` past T
-    stay untouched."""
+    chunk (2048-position top-k items here: three chunks, the last arriver resolving). The rows of
+    ``q_c_fp8`` past T stay untouched."""
     b = make_decode_batch([70, 4100, 2], num_heads=16, next_n=2, num_padding=1, seed=11)
     b = b if device == "cpu" else _to(b, device)
     ref = b.clone()
@@ -83,15 +92,76 @@ def test_partitioned_gemm_first_launch_variants(cfg, device):
     dev = out.args.q_c.device
     rows = b.args.num_tokens + 3
     ws = RegionWorkspace.for_shape(rows, 4160, dev)
-    tw = TopkWorkspace(rows, 4160, dev, chunk=4096)
-    ws = dataclasses.replace(ws, topk=tw, counters=torch.zeros(RegionWorkspace.num_counters(rows, tw.max_chunks),
-                                                               dtype=torch.int32, device=dev))
     ws.q_c_fp8.view(torch.uint8).fill_(0x55)
+    cfg = dataclasses.replace(cfg, topk_config=SMALL_TOPK)
     run_region(out.args, path="partitioned", workspace=ws, config=cfg)
     checks.check_region(out.args, ref.args, b)
-    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0, "counters not reset"
+    _assert_clean(ws)
     T = b.args.num_tokens
     assert bool((ws.q_c_fp8[T:].view(torch.uint8) == 0x55).all()), "rows past T written"
+
+
+RADIX_SPLITS = [
+    PartitionConfig(indexer_programs=2, gemm_programs=3),  # the standalone radix top-k after
+    PartitionConfig(gemm_in_tail=1.0, tail_gemm_programs=2),  # radix items beside the GEMM tiles
+    PartitionConfig(indexer_programs=2, gemm_programs=1, gemm_in_tail=0.5, blocks_per_item=8),
+    PartitionConfig(indexer_programs=3, gemm_programs=2, fuse_topk=True, blocks_per_item=1),  # in-launch
+    PartitionConfig(dynamic=True, indexer_programs=4, fuse_topk=True, queue_chunk=2),
+    PartitionConfig(first_prequant=True, dense_first=True, gemm_programs=2),
+]
+
+
+@pytest.mark.parametrize("cfg", RADIX_SPLITS, ids=["standalone", "tail", "half-tail", "fused", "fused-dynamic",
+                                                   "dense-first"])
+def test_partitioned_radix_topk_repeated_calls(cfg, device):
+    """The radix top-k in every split, one workspace over three calls whose lengths change: MTP rows
+    (next_n=2) with a padding request, a row of several 2048-position top-k items, short rows; every
+    call equals ``reference`` and leaves the histograms and counters at zero. The 4100-position row
+    sees 4099/4100 positions, the histogram's new-key counts corrected by the patch."""
+    cfg = dataclasses.replace(cfg, topk_config=SMALL_TOPK)
+    steps = [([4100, 70, 2], 1), ([2, 3000, 4100], 0), ([2049, 2, 2], 1)]
+    ws = None
+    for i, (lens, pad) in enumerate(steps):
+        b = make_decode_batch(lens, num_heads=16, next_n=2, num_padding=pad, tie_free=i == 1, seed=40 + i)
+        b = b if device == "cpu" else _to(b, device)
+        ref = b.clone()
+        run_region(ref.args, path="reference")
+        out = b.clone()
+        if ws is None:
+            ws = RegionWorkspace.for_shape(8, 4160, out.args.q_c.device)
+        run_region(out.args, path="partitioned", workspace=ws, config=cfg)
+        checks.check_region(out.args, ref.args, b)
+        _assert_clean(ws)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["stale-huge", "stale-minus-huge"])
+@pytest.mark.parametrize("cfg", [PartitionConfig(gemm_in_tail=1.0), PartitionConfig(indexer_programs=2, gemm_programs=2,
+                                                                                   fuse_topk=True)],
+                         ids=["tail", "fused"])
+def test_partitioned_patch_moves_histogram_counts(cfg, sign, device):
+    """The new-key patch must move its logit's histogram count: with the key write left out
+    (``roles=14``) the cache's new-token slots hold stale keys whose scale is +-1e30, so the logits
+    items count a +-huge value (an end bin); the patch writes the right logit from ``index_k`` and
+    moves the count, else the row's threshold bin and above-count are off by one and the index set
+    is wrong. Tie-free batch: exact sets against ``reference``."""
+    b = make_decode_batch([4100, 3000, 2500], num_heads=16, next_n=2, tie_free=True, seed=23)
+    b = b if device == "cpu" else _to(b, device)
+    ref = b.clone()
+    run_region(ref.args, path="reference")
+    out = b.clone()
+    a = out.args
+    slots = a.slot_mapping[a.slot_mapping >= 0].long()
+    blocks = a.kv_cache.view(a.kv_cache.shape[0], -1)
+    scale = blocks[:, 64 * 128:].view(torch.float32)  # [num_blocks, 64] fp32 key scales
+    scale[slots // 64, slots % 64] = sign * 1e30
+    ws = RegionWorkspace.for_shape(a.num_tokens, 4160, a.q_c.device)
+    run_region(a, path="partitioned", workspace=ws, config=dataclasses.replace(cfg, roles=14, topk_config=SMALL_TOPK))
+    lens = reference.visible_lens(ref.args.context_lens, ref.args.next_n)
+    logits64 = reference.paged_mqa_logits(ref.args.index_q_fp8, ref.args.index_weights, ref.args.kv_cache,
+                                          ref.args.block_table, ref.args.context_lens, ref.args.next_n,
+                                          int(lens.max()), dtype=torch.float64)
+    checks.check_topk(a.topk_indices, logits64, lens, exact_sets=True)
+    _assert_clean(ws)
 
 
 @pytest.mark.parametrize("roles", [3, 4, 8, 12])
@@ -115,7 +185,7 @@ def test_partitioned_roles_with_gemm_in_tail(roles, device):
     if roles & 8:
         assert torch.equal(a.k_pe.cpu(), ref.args.k_pe)
     assert bool((a.topk_indices != -7).any()) == bool(roles & 4)
-    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0
+    _assert_clean(ws)
 
 
 def _random_case(seed: int):

@@ -295,7 +295,8 @@ def _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, 
             if HAS_HIST:
                 tl.store(hrow + tl.arange(0, _NB), tl.zeros([_NB], tl.int32))
         else:
-            k = tl.where(msk, _f32_to_key(tl.load(row + offs, mask=msk, other=0.0)), _INT_MIN)
+            # .cg: in the partitioned kernel's fused top-k other programs of the launch wrote the row
+            k = tl.where(msk, _f32_to_key(tl.load(row + offs, mask=msk, other=0.0, cache_modifier=".cg")), _INT_MIN)
             if HAS_HIST:
                 h = tl.load(hrow + tl.arange(0, _NB), cache_modifier=".cg")
                 valid = tl.sum(h, 0) == L
