@@ -22,6 +22,7 @@ from .triton_kernels import dims
 HBM_BYTES_PER_S = 4.24e12  # H200 copy-kernel bandwidth (DESIGN.md 8; the bench re-measures it)
 SATURATION = 0.35  # fraction of programs that pulls the full bandwidth (from 32 SMs -> 68%)
 FIXED_US = 3.0  # per role: launch/ramp-up share inside one launch
+_HIST_BINS = 2048  # bins of the radix top-k's per-row histogram (triton_kernels/radix_topk.py HIST_BINS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,14 +50,16 @@ def role_bytes(num_tokens: int, num_heads: int, next_n: int, context_lens: Seque
     Returns
     -------
     RoleBytes: indexer = 132 bytes per visible position per request (the next_n rows of a request
-    share its keys) + the FP8 queries and weights + logits written and read once + top-k out;
+    share its keys) + the FP8 queries and weights + logits written and read once (the radix top-k
+    reads each row once) + each row's 2048-bin int32 histogram (added to by the logits, read and
+    zeroed by the top-k: 3 x 8 KiB) + top-k out;
     gemm = FP8 weights + block scales + ``q_c`` in + ``q`` out + ``k_pe`` read and written.
     """
     T, H = int(num_tokens), int(num_heads)
     keys = sum(max(0, int(L)) for L in context_lens) * dims.CACHE_BYTES_PER_TOKEN
     vis = sum(max(0, int(L)) for L in context_lens) * next_n  # logits per row ~ context
     indexer = (keys + T * dims.INDEX_N_HEADS * (dims.INDEX_HEAD_DIM + 4) + vis * 4 * 2
-               + T * dims.INDEX_TOPK * 4 + T * dims.INDEX_HEAD_DIM * 2)
+               + T * dims.INDEX_TOPK * 4 + T * dims.INDEX_HEAD_DIM * 2 + T * _HIST_BINS * 4 * 3)
     n = H * dims.QK_HEAD_DIM
     gemm = (n * dims.Q_LORA_RANK + (n // dims.QUANT_GROUP) * (dims.Q_LORA_RANK // dims.QUANT_GROUP) * 4
             + T * dims.Q_LORA_RANK * 2 + T * n * 2 + T * dims.QK_ROPE_HEAD_DIM * 2 * 2)

@@ -238,11 +238,10 @@ def test_args_and_config_types(batch):
             TopkConfig(**bad)
     with pytest.raises(TypeError, match="fused_merge"):
         TopkConfig(fused_merge=1)
-    # a top-k capacity the workspace cannot hold is refused before the first launch writes anything
-    for tail in (0.0, 1.0):
-        with pytest.raises(ValueError, match="config.cap"):
-            run_region(a, path="partitioned", workspace=RegionWorkspace.for_args(a),
-                       config=PartitionConfig(gemm_in_tail=tail, topk_config=TopkConfig(cap=8192)))
+    # the partitioned path's top-k is the radix one (radix_topk.RadixTopkConfig): the old top-k's
+    # TopkConfig is refused when the config is made, naming the field
+    with pytest.raises(TypeError, match="topk_config"):
+        PartitionConfig(topk_config=TopkConfig())
     assert torch.equal(a.kv_cache, before)
 
 
