@@ -68,6 +68,12 @@ def _random_config(rng: random.Random, total: int) -> PartitionConfig:
                            **tail)
 
 
+def _assert_clean(ws) -> None:
+    """The arrival counters and the radix top-k's histograms and counters are back to zero."""
+    for name, x in (("counters", ws.counters), ("radix.counters", ws.radix.counters), ("radix.hist", ws.radix.hist)):
+        assert int(x.abs().sum()) == 0, f"workspace.{name} not reset"
+
+
 def _log_uniform_len(rng: random.Random, lo: int, hi: int) -> int:
     return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
 
@@ -98,7 +104,7 @@ def test_random_sweep_gpu(chunk):
         try:
             run_region(out.args, path="partitioned", workspace=ws, config=cfg)
             checks.check_region(out.args, ref.args, b)
-            assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0, "counters not reset"
+            _assert_clean(ws)
         except AssertionError as e:
             failures.append(f"seed {seed} (B={B} lens={lens} next_n={next_n} pad={pad} H={H} {cfg}): {e}")
             print(f"FAILED {failures[-1]}", flush=True)  # visible at once with -s, even if the run is cut short
@@ -147,7 +153,7 @@ def test_graph_replays_1000_gpu(config):
             checks.check_region(live.args, ref.args, live)
         except AssertionError as e:
             raise AssertionError(f"replay {step} (lens {live.args.context_lens.tolist()}): {e}") from None
-    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0
+    _assert_clean(ws)
 
 
 def test_concurrency_stress_gpu():
@@ -195,7 +201,7 @@ def test_concurrency_stress_gpu():
                                first[k].view(torch.uint8) if k != "topk" else first[k]):
                 bad = (got[k] != first[k]).nonzero()[0].tolist()
                 raise AssertionError(f"run {i} ({cfg}): {k} differs from run 0, first at {bad}")
-    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0
+    _assert_clean(ws)
 
 
 _MEMCHECK_CHILD = textwrap.dedent("""
