@@ -17,6 +17,7 @@ import torch
 import triton
 
 from . import cost_model
+from .prep import index_q_side
 from .triton_kernels import dims
 from .triton_kernels.mqa_logits import mqa_logits_runs_per_row
 from .triton_kernels.partitioned import (GRID_X_MAX, PROGRAMS_PER_SM_MAX, PartitionConfig, _partitioned_kernel,
@@ -136,11 +137,14 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     prequant = bool(tail_cols) and have_q_buf and (cfg.tail_prequant or first_pre)
     xq, xs = (ws.q_c_fp8, ws.q_c_scale) if prequant or first_pre else (args.q_c, args.q_c)
     roles = cfg.roles if cfg.fuse_topk else cfg.roles & ~4
+    if not args.write_keys:
+        roles &= ~1  # the caller wrote the new keys (RegionArgs.write_keys; the logits read them, no patch)
     if n_gemm == 0:
         roles &= ~8  # the GEMM runs in the top-k launch (or not at all)
     # the logits role counts every logit in its row's histogram whenever the top-k runs (in this
     # launch or the next): the top-k zeroes the histograms, so they never outlive a launch pair
     hist = bool(cfg.roles & 2) and bool(cfg.roles & 4)
+    index_q_side(args)  # RegionArgs.index_q given: the index-q prep as a prologue launch (smpart.prep)
     if first_pre:
         launch_q_c_quant(args.q_c, xq, xs, use_ue8m0, hw_cvt)
     extra = {} if cfg.maxnreg is None else dict(maxnreg=cfg.maxnreg)
@@ -161,6 +165,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=hw_cvt, HIST=hist,
         TOPK_CHUNK=topk_chunk, TOPK_K=TOPK_K, CAND=rw.cand, CP=rw.cp,
         ROLES=roles, QUANT_Q_C=prequant and not first_pre, DENSE=dense, GEMM_PREQUANT=first_pre, GEMM_FIRST=gemm_first,
+        PATCH=bool(args.write_keys), ROPE_FUSED_Q=bool(args.rope_fused_q), ROPE_K_PE=bool(args.rope_k_pe),
         num_warps=cfg.num_warps, num_stages=1, **extra,
     )
     if cfg.fuse_topk:
@@ -212,7 +217,8 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
         gemm_lo, gemm_hi, max(n_gemm_p, 1),
         NEXT_N=next_n, CHUNK=chunk, TOPK_K=TOPK_K, CAND=rw.cand, CP=rw.cp,
         USE_UE8M0=bool(use_ue8m0), HW_CVT=hw_cvt, BLOCK_N=bn, BLOCK_T=block_t, NUM_STAGES=cfg.num_stages,
-        PREQUANT=prequant, num_warps=tcfg.num_warps, num_stages=1,
+        PREQUANT=prequant, ROPE_FUSED_Q=bool(args.rope_fused_q), ROPE_K_PE=bool(args.rope_k_pe),
+        num_warps=tcfg.num_warps, num_stages=1,
     )
 
 

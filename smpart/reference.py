@@ -293,11 +293,19 @@ def run_region(args, use_ue8m0: bool = True) -> None:
     """Run the whole region in vLLM's order, writing into ``args``' output buffers.
 
     ``args`` is a :class:`smpart.region.RegionArgs`. Writes ``kv_cache`` (new keys),
-    ``topk_indices`` [T, 2048], ``q`` [T, H, 192] and ``k_pe`` (roped in place).
+    ``topk_indices`` [T, 2048], ``q`` [T, H, 192] and ``k_pe`` (roped in place); honours the
+    production-model options (``smpart.prep``: index-q prep, ``write_keys``, ``fill``,
+    ``rope_k_pe``, ``rope_fused_q``).
     """
     T = args.q_c.shape[0]
-    indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping, use_ue8m0)
-    args.topk_indices[:T] = -1
+    if getattr(args, "index_q", None) is not None:  # production model: index-q prep first (smpart.prep)
+        from .prep import index_q_side_torch
+
+        index_q_side_torch(args)
+    if getattr(args, "write_keys", True):
+        indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping, use_ue8m0)
+    if getattr(args, "fill", True):
+        args.topk_indices[:T] = -1
     # visible lengths clamped to the block table's capacity, as the kernels clamp them (a length
     # past the table is refused by the value checks; with them off every path sees the same rows)
     lens = visible_lens(args.context_lens, args.next_n).clamp(max=args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE)
@@ -311,4 +319,24 @@ def run_region(args, use_ue8m0: bool = True) -> None:
     args.q.view(T, H * dims.QK_HEAD_DIM).copy_(
         q_b_proj(args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, use_ue8m0)
     )
-    mla_rope_(args.q, args.k_pe, args.positions, args.cos_sin_cache)
+    if getattr(args, "rope_fused_q", False):
+        # vLLM 0.33 fused_q pid 0: fp32 math whatever the table's dtype, one rounding to bf16
+        cs = args.cos_sin_cache[args.positions.long()].float()
+        half = dims.QK_ROPE_HEAD_DIM // 2
+        q_pe = args.q[..., dims.QK_NOPE_HEAD_DIM:]
+        q_pe.copy_(rope_interleaved(q_pe, cs[:, None, :half], cs[:, None, half:]))
+        if getattr(args, "rope_k_pe", True):
+            args.k_pe.copy_(rope_interleaved(args.k_pe, *_cs_split(args.cos_sin_cache, args.positions)))
+    elif getattr(args, "rope_k_pe", True):
+        mla_rope_(args.q, args.k_pe, args.positions, args.cos_sin_cache)
+    else:
+        cos, sin = _cs_split(args.cos_sin_cache, args.positions)
+        q_pe = args.q[..., dims.QK_NOPE_HEAD_DIM:]
+        q_pe.copy_(rope_interleaved(q_pe, cos, sin))
+
+
+def _cs_split(cos_sin_cache: torch.Tensor, positions: torch.Tensor):
+    """(cos, sin) [T, 1, 32] rows of ``cos_sin_cache`` at ``positions`` (as :func:`mla_rope_` takes them)."""
+    cs = cos_sin_cache[positions.long()]
+    half = dims.QK_ROPE_HEAD_DIM // 2
+    return cs[:, None, :half], cs[:, None, half:]

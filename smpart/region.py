@@ -39,6 +39,20 @@ class RegionArgs:
     --------------------------
     kv_cache : uint8 [num_blocks, 64, 132] (the new keys are written); k_pe : bf16 [T, 1, 64]
     (roped in place; last dim unit-stride); q : bf16 [T, H, 192]; topk_indices : int32 [T, 2048].
+
+    Production-model options (``smpart.prep``; defaults = the generic model's region)
+    --------------------------------------------------------------------------------
+    index_q : bf16 [T, 64, 128] or None; index_weights_raw : bf16/fp32 [T, 64] or None;
+    index_cos_sin_cache : fp32/bf16 [max_pos, 64] or None (the indexer RoPE's table, rows at
+    ``positions``); index_rope_interleave : bool. With ``index_q`` every path first runs the index-q
+    prep (vLLM 0.33 ``fused_q`` pid 1, byte-exact) into ``index_q_fp8`` / ``index_weights``, which
+    are then outputs (their input values are ignored).
+    write_keys : bool, write the new keys into ``kv_cache`` (False: the caller did, e.g. vLLM's
+    ``fused_norm_rope``; the partitioned kernel then reads them from the cache, no new-key patch).
+    fill : bool, the -1 fill of ``topk_indices`` past each row's length (False: the caller filled it;
+    the partitioned path's top-k writes each row's padding either way).
+    rope_k_pe : bool, rope ``k_pe`` in place (False: untouched). rope_fused_q : bool, q_pe RoPE
+    rounded as vLLM 0.33's production ``fused_q`` pid 0 (fp32 math, one rounding).
     """
 
     q_c: torch.Tensor
@@ -57,6 +71,14 @@ class RegionArgs:
     context_lens: torch.Tensor
     topk_indices: torch.Tensor
     next_n: int = 1
+    index_q: torch.Tensor | None = None
+    index_weights_raw: torch.Tensor | None = None
+    index_cos_sin_cache: torch.Tensor | None = None
+    index_rope_interleave: bool = False
+    write_keys: bool = True
+    fill: bool = True
+    rope_k_pe: bool = True
+    rope_fused_q: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -146,10 +168,13 @@ def _check_aliasing(args, workspace) -> None:
     from .aliasing import check_no_overlap
 
     out_names = ("kv_cache", "topk_indices", "q", "k_pe")
+    if getattr(args, "index_q", None) is not None:  # the index-q prep writes them
+        out_names += ("index_q_fp8", "index_weights")
     outputs = {n: getattr(args, n) for n in out_names}
     if workspace is not None:
         outputs.update(workspace.buffers())
-    inputs = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name not in out_names}
+    inputs = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
+              if f.name not in out_names and isinstance(getattr(args, f.name), torch.Tensor)}
     check_no_overlap(outputs, inputs)
 
 
@@ -213,6 +238,9 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
         workspace.check_fits(args)  # metadata only: before the value checks, which read max_len
     max_len = None if workspace is None else workspace.max_len
     validate_region_args(args, max_len=max_len, check_values=check_values)
+    from .prep import check_prep_args
+
+    check_prep_args(args, check_values=check_values if check_values is not None else not _is_capturing())
     _check_aliasing(args, workspace)
     if workspace is not None and (check_values if check_values is not None else not _is_capturing()):
         workspace.check_clean()  # stale arrival counters (eager mode: reads them)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .prep import index_q_side
 from .triton_kernels import dims
 from .triton_kernels.fill import fill_topk_indices
 from .triton_kernels.indexer_cache import indexer_k_quant_and_cache
@@ -25,15 +26,19 @@ from .triton_kernels.topk import topk_decode
 
 
 def indexer_tail(args, ws, use_ue8m0: bool) -> None:
-    """Key write, fill, logits, top-k: four launches on the current stream.
+    """[Index-q prep,] key write, fill, logits, top-k on the current stream (``RegionArgs``'s
+    ``index_q`` / ``write_keys`` / ``fill`` switch the optional launches; ``smpart.prep``).
 
     With ``ws.radix`` (the default workspace) the logits kernel also fills the per-row histograms
     and the radix top-k (``radix_topk.radix_topk(hist_ready=True)``) selects from them and zeroes
     them; without it, the old chunk/merge ``topk_decode``.
     """
     T = args.num_tokens
-    indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping, use_ue8m0=use_ue8m0)
-    fill_topk_indices(args.topk_indices, T)
+    index_q_side(args)  # index-q prep first when RegionArgs.index_q is given (smpart.prep)
+    if args.write_keys:
+        indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping, use_ue8m0=use_ue8m0)
+    if args.fill:
+        fill_topk_indices(args.topk_indices, T)
     radix = getattr(ws, "radix", None)
     paged_mqa_logits(args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table, args.context_lens,
                      ws.logits, next_n=args.next_n, hist=None if radix is None else radix.hist)
@@ -49,7 +54,8 @@ def indexer_tail(args, ws, use_ue8m0: bool) -> None:
 
 
 def q_side(args, use_ue8m0: bool, ws=None) -> None:
-    """q_b_proj with activation quant and RoPE epilogue, plus k_pe RoPE.
+    """q_b_proj with activation quant and RoPE epilogue, plus k_pe RoPE (``args.rope_k_pe``; the q_pe
+    RoPE rounded as vLLM's ``fused_q`` with ``args.rope_fused_q``).
 
     With a workspace (``ws.q_c_fp8``): two launches, ``q_c`` quantized once per token, then the
     GEMM on the FP8 activations (``q_b_proj_rope(q_c_fp8=...)``); else one launch that quantizes in
@@ -60,7 +66,8 @@ def q_side(args, use_ue8m0: bool, ws=None) -> None:
     xq = getattr(ws, "q_c_fp8", None)
     xs = getattr(ws, "q_c_scale", None)
     q_b_proj_rope(args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
-                  args.k_pe, args.q, use_ue8m0=use_ue8m0, q_c_fp8=xq, q_c_scale=xs)
+                  args.k_pe, args.q, use_ue8m0=use_ue8m0, q_c_fp8=xq, q_c_scale=xs,
+                  rope_fused_q=args.rope_fused_q, rope_k_pe=args.rope_k_pe)
 
 
 def run_sequential(args, ws, config, use_ue8m0):

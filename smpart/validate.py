@@ -219,7 +219,10 @@ def _check_finite(a) -> None:
     and quantize NaN differently."""
     import dataclasses
 
-    named = [(f.name, getattr(a, f.name)) for f in dataclasses.fields(a) if f.name not in _NOT_FINITE_CHECKED]
+    skip = set(_NOT_FINITE_CHECKED) | {"index_cos_sin_cache"}  # its rows at positions: smpart.prep
+    if getattr(a, "index_q", None) is not None:
+        skip |= {"index_q_fp8", "index_weights"}  # outputs of the index-q prep (smpart.prep)
+    named = [(f.name, getattr(a, f.name)) for f in dataclasses.fields(a) if f.name not in skip]
     named.append(("cos_sin_cache", a.cos_sin_cache[a.positions]))
     for name, x in named:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not x.numel():

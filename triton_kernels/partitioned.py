@@ -325,12 +325,14 @@ def _indexer_logits_and_topk_item(
     num_blocks, max_blocks, max_len, runs_per_row,
     USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, NUM_STAGES: tl.constexpr,
     HIST: tl.constexpr, TOPK_CHUNK: tl.constexpr, TOPK_K: tl.constexpr, CAND: tl.constexpr, CP: tl.constexpr,
-    ROLES: tl.constexpr,
+    ROLES: tl.constexpr, PATCH: tl.constexpr = True,
 ):
     """The logits item ``run`` of row ``t`` (blocks ``[run*BLOCKS_PER_ITEM, ...)``; with ``HIST``
     counted in the row's histogram), its new-key patch when it covers a new token, then (``ROLES &
     4``, the in-launch top-k) an arrival on the row's counter: the row's last item runs the radix
-    top-k of every chunk of the row (``radix_topk._radix_topk_item``; its histogram is complete)."""
+    top-k of every chunk of the row (``radix_topk._radix_topk_item``; its histogram is complete).
+    ``PATCH`` False: no new-key patch (the caller wrote the new keys before the launch, e.g. vLLM's
+    ``fused_norm_rope``; ``index_k`` is then not the cached key and must not be read)."""
     if ROLES & 2:
         _mqa_logits_item(
             t * runs_per_row + run, index_q_ptr, index_w_ptr, kv_cache_ptr, block_table_ptr, context_lens_ptr,
@@ -345,7 +347,7 @@ def _indexer_logits_and_topk_item(
     p_lo = run * BLOCKS_PER_ITEM * 64
     # the new tokens of row (b, j) sit at positions [L - 1 - j, L - 1]: only the item(s) covering
     # them patch (the others skip the patch's loads)
-    if ROLES & 2:
+    if (ROLES & 2) and PATCH:
         if (p_lo + BLOCKS_PER_ITEM * 64 > L - 1 - j) & (p_lo < L):
             tl.debug_barrier()  # this item's logits stores (all threads) precede the patch's stores
             _patch_new_key_logits(
@@ -379,9 +381,13 @@ def _partitioned_kernel(
     TOPK_CHUNK: tl.constexpr, TOPK_K: tl.constexpr, CAND: tl.constexpr, CP: tl.constexpr,
     ROLES: tl.constexpr, QUANT_Q_C: tl.constexpr,
     DENSE: tl.constexpr, GEMM_PREQUANT: tl.constexpr, GEMM_FIRST: tl.constexpr,
+    PATCH: tl.constexpr = True, ROPE_FUSED_Q: tl.constexpr = False, ROPE_K_PE: tl.constexpr = True,
 ):
-    """Whole region, one launch (module docstring). ``counters_ptr``: [0] queue head, [1] exited
-    programs, [64 + t] logits items of row t that arrived (``ROLES & 4``); ``hist_ptr`` int32
+    """Whole region, one launch (module docstring). ``PATCH``: the logits items patch the new keys
+    from ``index_k`` (off when the caller wrote the keys; ``RegionArgs.write_keys``); ``ROPE_FUSED_Q``
+    / ``ROPE_K_PE``: the GEMM tiles' RoPE switches (``q_b_proj._q_b_proj_item``).
+    ``counters_ptr``: [0] queue head, [1] exited programs, [64 + t] logits items of row t that
+    arrived (``ROLES & 4``); ``hist_ptr`` int32
     [T, 2048] row histograms (``HIST``), ``rctr_ptr``/``cand_*``/``scratch_ptr``: the radix top-k's
     workspace (``radix_topk.RadixTopkWorkspace``).
     ``QUANT_Q_C``: the per-token items also quantize ``q_c`` into ``xq_ptr``/``xs_ptr`` for the
@@ -412,12 +418,13 @@ def _partitioned_kernel(
                         hist_ptr, rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr, stride_q, stride_w, stride_k,
                         stride_bt, stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row,
                         USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, ROLES,
+                        PATCH,
                     )
                 elif ROLES & 8:
                     _q_b_proj_item(
                         w - T - n_logit, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
                         xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
-                        USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, GEMM_PREQUANT,
+                        USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, GEMM_PREQUANT, ROPE_FUSED_Q, ROPE_K_PE,
                     )
             start = tl.atomic_add(counters_ptr, QUEUE_CHUNK, sem="relaxed", scope="gpu")
         # the last program out resets the queue head for the next replay
@@ -457,6 +464,7 @@ def _partitioned_kernel(
                         hist_ptr, rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr, stride_q, stride_w, stride_k,
                         stride_bt, stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row,
                         USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, ROLES,
+                        PATCH,
                     )
         elif ROLES & 8:
             # a constexpr test, so that a launch without GEMM tiles compiles no GEMM code: a loop
@@ -465,7 +473,7 @@ def _partitioned_kernel(
                 _q_b_proj_item(
                     zero + item, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
                     xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
-                    USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, GEMM_PREQUANT,
+                    USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, GEMM_PREQUANT, ROPE_FUSED_Q, ROPE_K_PE,
                 )
 
 
@@ -480,6 +488,7 @@ def _topk_gemm_tail_kernel(
     NEXT_N: tl.constexpr, CHUNK: tl.constexpr, TOPK_K: tl.constexpr, CAND: tl.constexpr, CP: tl.constexpr,
     USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     NUM_STAGES: tl.constexpr, PREQUANT: tl.constexpr,
+    ROPE_FUSED_Q: tl.constexpr = False, ROPE_K_PE: tl.constexpr = True,
 ):
     """The top-k launch with GEMM tiles beside it (``PartitionConfig.gemm_in_tail``): programs
     ``[0, num_topk_programs)`` take the radix top-k items (``item = chunk * T + row``,
@@ -502,5 +511,5 @@ def _topk_gemm_tail_kernel(
             _q_b_proj_item(
                 zero + item, q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr,
                 xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
-                USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, PREQUANT,
+                USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, PREQUANT, ROPE_FUSED_Q, ROPE_K_PE,
             )
