@@ -122,6 +122,9 @@ def make_decode_batch(
     ------
     ValueError, TypeError : on bad arguments (named).
     """
+    for name, flag in (("tie_free", tie_free), ("use_ue8m0", use_ue8m0)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {flag!r}")
     if isinstance(context_lens, int):
         if batch_size is None:
             raise ValueError("batch_size: required when context_lens is an int")

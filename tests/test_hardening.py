@@ -249,6 +249,12 @@ def test_flags_must_be_bools(batch, kw, name, path):
         validate_region_args(a, check_values="yes")
 
 
+@pytest.mark.parametrize("kw", [dict(tie_free="no"), dict(use_ue8m0=1)])
+def test_batch_factory_flags_must_be_bools(kw):
+    with pytest.raises(TypeError, match=next(iter(kw))):
+        make_decode_batch([70], num_heads=16, **kw)
+
+
 @pytest.mark.parametrize("field", _TENSOR_FIELDS)
 def test_non_tensor_argument_is_a_type_error(batch, field):
     a = batch.clone().args
