@@ -22,6 +22,7 @@ timings need a GPU, and exits 0 (1 if a path gives wrong results).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import datetime
 import itertools
@@ -34,6 +35,7 @@ from smpart.bench.common import VENDOR_PATHS, _unavailable, check_path  # noqa: 
 
 DEFAULT_PATHS = "sequential,dual_stream,partitioned,vllm_sequential,vllm_dual_stream"
 CPU_PATHS = ("sequential", "partitioned")
+V32_PATHS = ("vllm_v32", "vllm_v32_dual_stream")  # vLLM's production DSV3.2 model (smpart.vendor_v32)
 AUTO = "auto"  # the runtime's dispatch (tuning.choose) for each shape
 CPU_SHAPE = dict(num_heads=16, batch_size=2, context=300, next_n=1)
 
@@ -302,10 +304,19 @@ def gpu_main(args) -> int:
             bar.update(len(args.paths))
             continue
         ws = RegionWorkspace.for_args(batch.args)
-        ref = batch.clone()
-        if not args.no_check:
-            region.run_region(ref.args, "reference", use_ue8m0=batch.use_ue8m0)
-            logits64 = _reference_logits64(ref.args)
+        # with a vllm_v32* path selected, every path but vLLM's generic baselines runs the production
+        # model's region (smpart.prep: index-q prep from bf16 index_q, keys and fill already done)
+        modes = {"generic": batch}
+        if any(p in V32_PATHS for p in args.paths):
+            from smpart.prep import to_production
+
+            modes["v32"] = dataclasses.replace(batch, args=to_production(batch.args, batch.use_ue8m0, args.seed))
+        refs = {}
+        for mode, mb in modes.items():
+            r = mb.clone()
+            if not args.no_check:
+                region.run_region(r.args, "reference", use_ue8m0=batch.use_ue8m0)
+            refs[mode] = (r, None if args.no_check else _reference_logits64(r.args))
         fb = floor_bytes(batch.args)
         floor_us = fb / bw * 1e6
         results = {}
@@ -320,10 +331,15 @@ def gpu_main(args) -> int:
                 choice = tuning.choose(B * next_n, H, next_n, ws.max_len, dev)
                 run_path, cfg = choice.path, choice.config
                 row["note"] = f"dispatched: {run_path} ({choice.source})"
+            mode = "v32" if "v32" in modes and run_path not in VENDOR_PATHS else "generic"
+            mb = modes[mode]
+            ref, logits64 = refs[mode]
+            if mode == "v32":
+                row["note"] = (row["note"] + "; " if row["note"] else "") + "production-model region (smpart.prep)"
             if not _registered(run_path):
                 row.update(status="skipped", note=f"not registered{'; ' + err if err else ''}")
             else:
-                out = batch.clone()
+                out = mb.clone()
                 try:
                     region.run_region(out.args, run_path, workspace=ws, config=cfg, use_ue8m0=batch.use_ue8m0)
                     torch.cuda.synchronize()
@@ -336,12 +352,12 @@ def gpu_main(args) -> int:
                 else:
                     if not args.no_check:
                         try:
-                            check_path(run_path, out.args, ref.args, batch, logits64)
+                            check_path(run_path, out.args, ref.args, mb, logits64)
                         except AssertionError as e:
                             row.update(status="FAILED", note=str(e))
                             tqdm.write(f"FAILED {path} H={H} B={B} L={ctx} next_n={next_n}: {e}")
                     if row["status"] == "ok":
-                        work = batch.clone()
+                        work = mb.clone()
 
                         def fn(a=work.args, p=run_path, c=cfg):
                             region.run_region(a, p, workspace=ws, config=c, use_ue8m0=batch.use_ue8m0,
@@ -364,14 +380,14 @@ def gpu_main(args) -> int:
                 skipped.setdefault(path, row["note"])
             rows.append(row)
             bar.update(1)
-        base = "vllm_dual_stream" if "vllm_dual_stream" in results else ("dual_stream" if "dual_stream" in results
-                                                                          else None)
+        # the baseline: vLLM's production model's own kernels when timed, else the generic ones
+        base = next((p for p in ("vllm_v32", "vllm_dual_stream", "dual_stream") if p in results), None)
         for row in rows[-len(args.paths):]:
             if base and row.get("median_us") is not None:
                 row["baseline_path"] = base
                 row["ratio_to_baseline"] = row["median_us"] / results[base]
         _write_csv(os.path.join(args.out, "results.csv"), rows[-len(args.paths):])  # per shape: a killed run keeps them
-        del batch, ref, ws
+        del batch, ws, modes, refs
         torch.cuda.empty_cache()
     bar.close()
 

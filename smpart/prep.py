@@ -96,17 +96,42 @@ def index_q_side(args) -> None:
                  args.index_q_fp8, args.index_weights, rope_interleave=args.index_rope_interleave)
 
 
-def index_q_side_torch(args) -> None:
-    """The reference's index-q prep (torch twin ``index_q_prep_torch``), into the same buffers."""
-    if not has_prep(args):
-        return
-    from .triton_kernels.index_q import index_q_prep_torch
+def to_production(args, use_ue8m0: bool = True, seed: int = 0):
+    """A copy of a generic ``RegionArgs`` set up as the production model hands the region over.
 
-    q8, w, _ = index_q_prep_torch(args.positions, args.index_q, args.index_cos_sin_cache, args.index_weights_raw,
-                               rope_interleave=args.index_rope_interleave)
-    args.index_q_fp8.copy_(q8)
-    args.index_weights.copy_(w)
+    The new keys are written into a copy of ``kv_cache`` first (as vLLM's ``fused_norm_rope`` does),
+    ``topk_indices`` is a -1-filled copy, ``index_q`` / ``index_weights_raw`` are seeded bf16 randoms,
+    ``index_cos_sin_cache`` is DSV3.2's YaRN table in fp32, the prep's outputs ``index_q_fp8`` /
+    ``index_weights`` are fresh buffers, and the switches are :func:`production_defaults`. For
+    benchmarks and tests (allocates; not for the decode step).
+    """
+    import dataclasses
+
+    from . import reference
+
+    T, dev = args.num_tokens, args.q_c.device
+    g = torch.Generator().manual_seed(seed)
+    kv = args.kv_cache.clone()
+    reference.indexer_k_quant_and_cache(args.index_k, kv, args.slot_mapping, use_ue8m0)
+    H_I, D_I = args.index_q_fp8.shape[1], args.index_q_fp8.shape[2]
+    return dataclasses.replace(
+        args, kv_cache=kv, topk_indices=torch.full_like(args.topk_indices, -1), k_pe=args.k_pe.clone(),
+        q=args.q.clone(), index_q_fp8=torch.zeros_like(args.index_q_fp8),
+        index_weights=torch.zeros_like(args.index_weights),
+        index_q=torch.randn(T, H_I, D_I, generator=g).to(torch.bfloat16).to(dev),
+        index_weights_raw=torch.randn(T, H_I, generator=g).to(torch.bfloat16).to(dev),
+        index_cos_sin_cache=reference.make_cos_sin_cache(args.cos_sin_cache.shape[0], dtype=torch.float32,
+                                                         device=dev),
+        index_rope_interleave=False, **production_defaults(),
+    )
+
+
+def is_generic(args) -> bool:
+    """No production option in use (the generic model's region: what ``vllm_sequential`` /
+    ``vllm_dual_stream`` run)."""
+    return (not has_prep(args) and args.write_keys and args.fill and args.rope_k_pe and not args.rope_fused_q
+            and not args.index_rope_interleave)
 
 
 __all__ = ["SWITCHES", "PREP_TENSORS", "production_defaults", "has_prep", "check_prep_args", "index_q_side",
-           "index_q_side_torch"]
+           "to_production", "is_generic"]

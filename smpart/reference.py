@@ -299,9 +299,12 @@ def run_region(args, use_ue8m0: bool = True) -> None:
     """
     T = args.q_c.shape[0]
     if getattr(args, "index_q", None) is not None:  # production model: index-q prep first (smpart.prep)
-        from .prep import index_q_side_torch
+        from .triton_kernels.index_q import index_q_prep_torch
 
-        index_q_side_torch(args)
+        q8, w, _ = index_q_prep_torch(args.positions, args.index_q, args.index_cos_sin_cache, args.index_weights_raw,
+                                      rope_interleave=args.index_rope_interleave)
+        args.index_q_fp8.copy_(q8)
+        args.index_weights.copy_(w)
     if getattr(args, "write_keys", True):
         indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping, use_ue8m0)
     if getattr(args, "fill", True):

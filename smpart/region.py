@@ -106,6 +106,8 @@ PATHS: dict[str, str] = {
     "partitioned": "smpart.partitioned:run_partitioned",
     "vllm_sequential": "smpart.vendor:run_vllm_sequential",
     "vllm_dual_stream": "smpart.vendor:run_vllm_dual_stream",
+    "vllm_v32": "smpart.vendor_v32:run_vllm_v32",
+    "vllm_v32_dual_stream": "smpart.vendor_v32:run_vllm_v32_dual_stream",
 }
 """The execution paths of the region: name -> ``"module:function"`` of its implementation, a
 callable ``fn(args, workspace, config, use_ue8m0) -> None``. Iterating gives the names in order."""
@@ -134,7 +136,12 @@ def _run_reference(args, workspace, config, use_ue8m0) -> None:
 
 # which paths take a ``config`` and of what type (the others refuse one: it would be ignored)
 _CONFIG_TYPES = {"partitioned": "PartitionConfig", "green_ctx": "(indexer_sms, gemm_sms)",
-                 "vllm_sequential": "dict", "vllm_dual_stream": "dict"}
+                 "vllm_sequential": "dict", "vllm_dual_stream": "dict", "vllm_v32": "dict",
+                 "vllm_v32_dual_stream": "dict"}
+# vLLM's generic-model baselines run the generic region only (their key write, fill and RoPE launches);
+# vllm_v32* need the production model's inputs (smpart.prep)
+_GENERIC_ONLY = ("vllm_sequential", "vllm_dual_stream")
+_PRODUCTION_ONLY = ("vllm_v32", "vllm_v32_dual_stream")
 
 
 def _check_config(path: str, config) -> None:
@@ -241,6 +248,15 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
     from .prep import check_prep_args
 
     check_prep_args(args, check_values=check_values if check_values is not None else not _is_capturing())
+    from .prep import has_prep, is_generic
+
+    if path in _GENERIC_ONLY and not is_generic(args):
+        raise ValueError(f"path: {path!r} runs the generic model's region; with the production options "
+                         f"(index_q / write_keys / fill / rope_k_pe / rope_fused_q) use 'vllm_v32' or "
+                         f"'vllm_v32_dual_stream'")
+    if path in _PRODUCTION_ONLY and not has_prep(args):
+        raise ValueError(f"path: {path!r} runs vLLM's fused_q index-q prep: give RegionArgs.index_q, "
+                         f"index_weights_raw and index_cos_sin_cache (smpart.prep.to_production)")
     _check_aliasing(args, workspace)
     if workspace is not None and (check_values if check_values is not None else not _is_capturing()):
         workspace.check_clean()  # stale arrival counters (eager mode: reads them)

@@ -124,3 +124,54 @@ def test_production_fields_validated():
     with pytest.raises(ValueError, match="index_q_fp8|index_q"):
         run_region(_bad(p, index_q_fp8=p.index_q.view(torch.float8_e4m3fn)[..., :dims.INDEX_HEAD_DIM]),
                    path="sequential", workspace=ws)
+
+
+def test_vendor_paths_need_matching_args():
+    """vLLM's generic baselines refuse the production options and vllm_v32* refuse generic args (ValueError
+    naming ``path``, before any launch); on a CPU vllm_v32* are unavailable (RuntimeError, run_region's
+    contract for vendor paths)."""
+    b = make_decode_batch([70, 5], num_heads=H, seed=2)
+    p = _production(b, seed=1)
+    ws = RegionWorkspace.for_args(p)
+    for path in ("vllm_sequential", "vllm_dual_stream"):
+        with pytest.raises(ValueError, match="path"):
+            run_region(p, path=path, workspace=ws)
+    for path in ("vllm_v32", "vllm_v32_dual_stream"):
+        with pytest.raises(ValueError, match="path"):
+            run_region(b.args, path=path, workspace=ws)
+        if not torch.cuda.is_available():
+            with pytest.raises(RuntimeError):
+                run_region(p, path=path, workspace=ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with DeepGEMM and vLLM's ops")
+@pytest.mark.parametrize("path", ["vllm_v32", "vllm_v32_dual_stream"])
+def test_vllm_v32_paths_gpu(path):
+    """vLLM's own kernels on the production region agree with the reference (q by normalized difference,
+    top-k by the rule of docs/CORRECTNESS.md), and with smpart's partitioned path's index-q bytes."""
+    from smpart.vendor import vendor_available
+
+    ok, why = vendor_available()
+    if not ok:
+        pytest.skip(f"vendor kernels unavailable: {why}")
+    try:
+        from smpart.vendor_v32 import load_fused_q
+
+        load_fused_q()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    b = make_decode_batch([4000, 70, 3000, 1], num_heads=H, seed=4, device="cuda")
+    p = _production(b, seed=3)
+    ref = _clone(p)
+    run_region(ref, path="reference")
+    out = _clone(p)
+    ws = RegionWorkspace.for_args(out)
+    run_region(out, path=path, workspace=ws)
+    torch.cuda.synchronize()
+    assert torch.equal(out.kv_cache, p.kv_cache) and torch.equal(out.k_pe, p.k_pe)
+    assert checks.calc_diff(out.q.float(), ref.q.float()) < 1e-5
+    lens = reference.visible_lens(p.context_lens, p.next_n)
+    logits64 = reference.paged_mqa_logits(ref.index_q_fp8, ref.index_weights, p.kv_cache, p.block_table,
+                                          p.context_lens, p.next_n, int(lens.max()), dtype=torch.float64)
+    checks.check_topk(out.topk_indices, logits64, lens, checks.logits_tolerance(ref, lens))

@@ -50,41 +50,69 @@ def assume_sm90() -> bool:
     return os.environ.get(ASSUME_SM90_ENV, "0").strip() == "1"
 
 
+def _step_buffers(ws, T: int, device) -> dict:
+    """Buffers the region needs but this model does not hand over, made once per workspace (``ws.extra``):
+    the prep's outputs ``index_q_fp8`` [rows, 64, 128] / ``index_weights`` [rows, 64], and inert
+    ``k_pe`` / ``index_k`` / ``slot_mapping`` (-1: write nothing) for the switched-off key write and
+    ``k_pe`` RoPE."""
+    key = ("v32", str(device))
+    bufs = ws.extra.get(key)
+    rows = ws.max_tokens
+    if bufs is None:
+        bufs = ws.extra[key] = dict(
+            index_q_fp8=torch.zeros(rows, dims.INDEX_N_HEADS, dims.INDEX_HEAD_DIM, dtype=torch.float8_e4m3fn,
+                                    device=device),
+            index_weights=torch.zeros(rows, dims.INDEX_N_HEADS, dtype=torch.float32, device=device),
+            k_pe=torch.zeros(rows, 1, dims.QK_ROPE_HEAD_DIM, dtype=torch.bfloat16, device=device),
+            index_k=torch.zeros(rows, dims.INDEX_HEAD_DIM, dtype=torch.bfloat16, device=device),
+            slot_mapping=torch.full((rows,), -1, dtype=torch.int64, device=device),
+        )
+    return {n: t[:T] for n, t in bufs.items()}
+
+
+# the generic model's vendor baselines read index_q_fp8 as an input; this model's are the vllm_v32 ones
+_V32_PATH = {"vllm_sequential": "vllm_v32", "vllm_dual_stream": "vllm_v32_dual_stream"}
+
+
 def run_v32_region(layer, positions, q_c, index_q, index_weights, q, topk_indices, plan, workspace) -> None:
-    """The region as vLLM 0.33's production model needs it: writes ``q`` and ``topk_indices[:T]``.
+    """The region as vLLM 0.33's production model needs it: writes ``q[:T]`` and ``topk_indices[:T]``.
 
     Parameters
     ----------
-    layer : the attention layer (weights, RoPE tables, ``_index_rope_interleave``).
+    layer : the attention layer (weights, RoPE tables, ``_index_rope_interleave``, the indexer cache).
     positions : int64 [T]. q_c : bf16 [T, 1536] (``fused_norm_rope``'s output).
     index_q : bf16 [T, 64, 128] (``indexer.wq_b(q_c)``). index_weights : bf16 [T, 64], raw.
-    q : bf16 [T, H, 192], written (``q_b_proj`` + q_pe RoPE as ``fused_q`` pid 0; ``k_pe`` untouched).
-    topk_indices : int32 [T, 2048], written (-1 padded). plan : ``ops.RegionPlan``.
-    workspace : ``smpart.workspace.RegionWorkspace`` (logits, top-k).
+    q : bf16 [T, H, 192], written (``q_b_proj`` + q_pe RoPE as ``fused_q`` pid 0).
+    topk_indices : int32 [T, 2048], written (the -1 padding is ``fused_norm_rope``'s fill).
+    plan : ``ops.RegionPlan``. workspace : ``smpart.workspace.RegionWorkspace``.
 
-    Launches, in this order on the current stream: index-q prep (``triton_kernels.index_q``), paged
-    logits, top-k, ``q_b_proj`` (prequantized when the workspace has the buffers). The key write and
-    the fill are ``fused_norm_rope``'s.
+    One call of :func:`smpart.region.run_region` with the production options (``smpart.prep``):
+    index-q prep from ``index_q``, key write / fill / ``k_pe`` RoPE off (``fused_norm_rope`` did
+    them), q_pe RoPE rounded as ``fused_q``. The path is the tuning dispatch's
+    (``ops.choose_path``: ``$SMPART_DSV32_PATH``, else the tuned bucket, else ``partitioned``); a
+    bucket tuned to vLLM's generic baselines runs this model's (``vllm_v32`` / ``vllm_v32_dual_stream``).
+    Value checks are off (no host sync; capturable), as in the generic shim.
     """
-    from smpart.triton_kernels.index_q import index_q_prep
-    from smpart.triton_kernels.mqa_logits import paged_mqa_logits
-    from smpart.triton_kernels.q_b_proj import q_b_proj_rope
-    from smpart.triton_kernels.topk import topk_decode
+    from smpart.prep import production_defaults
+    from smpart.region import RegionArgs, run_region
 
     T = plan.num_tokens
-    index_q_fp8 = torch.empty(index_q.shape, dtype=torch.float8_e4m3fn, device=index_q.device)
-    index_w = torch.empty(index_q.shape[:2], dtype=torch.float32, device=index_q.device)
-    index_q_prep(positions[:T], index_q[:T], layer.indexer_rope_emb.cos_sin_cache, index_weights[:T],
-                 index_q_fp8[:T], index_w[:T], rope_interleave=layer._index_rope_interleave,
-                 softmax_scale=layer.indexer.softmax_scale, head_scale=layer.indexer.n_head ** -0.5)
-    paged_mqa_logits(index_q_fp8[:T], index_w[:T], layer.indexer.k_cache.kv_cache, plan.block_table,
-                     plan.context_lens, workspace.logits, next_n=plan.next_n)
-    topk_decode(workspace.logits, plan.context_lens, topk_indices[:T], next_n=plan.next_n, workspace=workspace.topk)
     qb = layer.q_b_proj
-    q_b_proj_rope(q_c[:T], qb.weight, qb.weight_scale_inv, positions[:T], layer.rotary_emb.cos_sin_cache,
-                  q[:T].view(T, -1, dims.QK_HEAD_DIM)[:, :1, : dims.QK_ROPE_HEAD_DIM],  # k_pe: unused (rope_k_pe off)
-                  q[:T], rope_fused_q=True, rope_k_pe=False,
-                  q_c_fp8=getattr(workspace, "q_c_fp8", None), q_c_scale=getattr(workspace, "q_c_scale", None))
+    bufs = _step_buffers(workspace, T, q_c.device)
+    args = RegionArgs(
+        q_c=q_c[:T], q_b_proj_weight=qb.weight, q_b_proj_weight_scale=qb.weight_scale_inv,
+        positions=positions[:T], cos_sin_cache=layer.rotary_emb.cos_sin_cache, k_pe=bufs["k_pe"], q=q[:T],
+        index_q_fp8=bufs["index_q_fp8"], index_weights=bufs["index_weights"], index_k=bufs["index_k"],
+        kv_cache=layer.indexer.k_cache.kv_cache, slot_mapping=bufs["slot_mapping"], block_table=plan.block_table,
+        context_lens=plan.context_lens, topk_indices=topk_indices[:T], next_n=plan.next_n,
+        index_q=index_q[:T], index_weights_raw=index_weights[:T],
+        index_cos_sin_cache=layer.indexer_rope_emb.cos_sin_cache,
+        index_rope_interleave=bool(layer._index_rope_interleave), **production_defaults(),
+    )
+    path = ops.choose_path(T, args.num_heads, plan.next_n, workspace.max_len, q_c.device)
+    path = _V32_PATH.get(path, path)
+    run_region(args, path=path, workspace=workspace, use_ue8m0=True, check_values=False)
+    ops.stats[f"v32 region: {path}"] += 1
     if q.shape[0] > T:  # padding rows of an eager step: defined values
         q[T:].zero_()
 
