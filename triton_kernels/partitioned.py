@@ -232,6 +232,7 @@ class PartitionConfig:
 # [_QUEUE_SLOTS + t]: logits items of row t that arrived (fuse_topk). All zero between launches.
 # RegionWorkspace.radix: per-row histograms and top-k counters, zero between launches.
 _QUEUE_SLOTS = tl.constexpr(64)
+_RT = tl.constexpr(RADIX_RT)  # rows of the radix top-k's pairwise rank tile
 
 
 @triton.jit
@@ -360,7 +361,7 @@ def _indexer_logits_and_topk_item(
         if _arrive(row_ctr_ptr + t, tl.maximum(tl.cdiv(nblk, BLOCKS_PER_ITEM), 1)):
             for c in range(0, tl.maximum(tl.cdiv(L, TOPK_CHUNK), 1)):
                 _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
-                                 cand_key_ptr, cand_pos_ptr, scratch_ptr, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, RADIX_RT)
+                                 cand_key_ptr, cand_pos_ptr, scratch_ptr, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, _RT)
 
 
 @triton.jit
@@ -505,7 +506,7 @@ def _topk_gemm_tail_kernel(
             t = (zero + item) - c * T
             L = _radix_row_len(t, context_lens_ptr, NEXT_N, lmax, False)
             _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
-                             cand_key_ptr, cand_pos_ptr, scratch_ptr, True, CHUNK, TOPK_K, CAND, CP, RADIX_RT)
+                             cand_key_ptr, cand_pos_ptr, scratch_ptr, True, CHUNK, TOPK_K, CAND, CP, _RT)
     else:
         for item in range(gemm_lo + pid - num_topk_programs, gemm_hi, num_gemm_programs):
             _q_b_proj_item(
