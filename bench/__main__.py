@@ -262,6 +262,20 @@ def _env_info() -> dict:
     }
 
 
+def auto_dispatch(choice, production: bool) -> tuple[str, object]:
+    """``(path, config)`` for ``run_region`` of the ``auto`` path's tuning choice (``smpart.tuning.Choice``).
+
+    The file keeps each bucket's best partitioned config whatever path won, so the config is passed
+    only to ``partitioned`` (:attr:`Choice.run_config`); ``green_ctx`` (whose config is an SM-count
+    tuple) and every other path get ``None``, their default. A pick of vLLM's own computation runs
+    the region's vendor path (``tuning.path_for_region``: ``vllm_v32*`` when ``production``, the
+    generic ``vllm_sequential`` / ``vllm_dual_stream`` otherwise)."""
+    from smpart import tuning
+
+    path = tuning.path_for_region(choice.path, production) if choice.path in tuning.VENDOR_PATHS else choice.path
+    return path, choice.run_config
+
+
 def _fmt(x, nd=1):
     return "" if x is None else f"{x:.{nd}f}"
 
@@ -329,7 +343,7 @@ def gpu_main(args) -> int:
                 from smpart import tuning
 
                 choice = tuning.choose(B * next_n, H, next_n, ws.max_len, dev)
-                run_path, cfg = choice.path, choice.config
+                run_path, cfg = auto_dispatch(choice, production="v32" in modes)
                 row["note"] = f"dispatched: {run_path} ({choice.source})"
             mode = "v32" if "v32" in modes and run_path not in VENDOR_PATHS else "generic"
             mb = modes[mode]

@@ -8,9 +8,12 @@ median with a cold L2 (``harness.time_graph``). Candidates: the cost model's spl
 it) moved to the top-k launch (``gemm_in_tail``, tile height 128 or 256; the GEMM-less first launch
 with one program per logits item or 4 per SM), ``block_n`` 64/128,
 ``blocks_per_item`` 2/4/8, the top-k fused or as a second launch, and the dynamic schedule; plus the
-``sequential`` and ``dual_stream`` paths. The fastest of all is recorded per bucket with every
-candidate's time in the tuning cache (``smpart.tuning``; written atomically), so the
-runtime dispatches to it and the shipped op never loses to streams on a tuned bucket.
+``sequential`` and ``dual_stream`` paths, and vLLM's own computation where it loads (``--region``:
+the production model's ``vllm_v32`` / ``vllm_v32_dual_stream`` on its region, ``smpart.prep``, or the
+generic model's ``vllm_sequential`` / ``vllm_dual_stream``). The fastest of all is recorded per bucket
+with every candidate's time in the tuning cache (``smpart.tuning``; written atomically), so the
+runtime dispatches to it (vLLM's own kernels included) and a tuned bucket never runs slower than the
+streams or vLLM.
 
 ``--budget-s`` caps the device time: candidates are tried in the model's order of promise and the
 search of a bucket stops when its share of the budget is spent. Without CUDA (or with ``--dry-run``)
@@ -88,6 +91,45 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[
     return out
 
 
+def vendor_candidates(production: bool, available=None) -> tuple[list[str], str]:
+    """vLLM's own computation of the region to time beside ours, when it can run here.
+
+    Parameters
+    ----------
+    production : bool, tuning the production model's region (``smpart.prep``): ``vllm_v32`` and
+        ``vllm_v32_dual_stream``; else the generic region's ``vllm_sequential`` / ``vllm_dual_stream``.
+    available : callable ``() -> (ok, reason)`` or None (default: ``smpart.bench.common.v32_available``
+        for the production region, ``smpart.vendor.vendor_available`` for the generic one).
+
+    Returns
+    -------
+    (paths, reason) : the vendor path names to try (empty when unavailable) and why not / where from.
+    """
+    from smpart.bench.common import V32_PATHS, VENDOR_PATHS
+
+    if available is None:
+        if production:
+            from smpart.bench.common import v32_available as available
+        else:
+            from smpart.vendor import vendor_available as available
+    ok, why = available()
+    return (list(V32_PATHS if production else VENDOR_PATHS) if ok else []), why
+
+
+def trials(model: PartitionConfig, half: PartitionConfig, cands: list, vendor: list[str]) -> tuple[list, int]:
+    """The bucket's trials in order, as ``[(path, config or None)]``, and how many of them always run
+    (the budget may stop the search only after these): the stream paths, vLLM's (``vendor``), the
+    cost model's split and the 50/50 split, then the rest of ``cands``. Every path is one of
+    ``tuning.TUNABLE_PATHS``."""
+    first = [("sequential", None), ("dual_stream", None)] + [(p, None) for p in vendor]
+    first += [("partitioned", model), ("partitioned", half)]
+    rest = [("partitioned", c) for c in cands if c not in (model, half)]
+    for path, _ in first:
+        if path not in tuning.TUNABLE_PATHS:
+            raise ValueError(f"vendor: {path!r} is not a tunable path {tuning.TUNABLE_PATHS}")
+    return first + rest, len(first)
+
+
 def _name(cfg: PartitionConfig | None, path: str) -> str:
     if cfg is None:
         return path
@@ -123,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device-time budget for the whole grid, seconds (default: 480)")
     p.add_argument("--out", default=None,
                    help="cache file (default: smpart/tuned/<gpu>.json in the installed package)")
+    p.add_argument("--region", choices=("auto", "production", "generic"), default="auto",
+                   help="the region tuned: production = vLLM 0.33's DSV3.2 model (smpart.prep; vLLM's candidates "
+                        "vllm_v32, vllm_v32_dual_stream), generic = the generic model (vllm_sequential, "
+                        "vllm_dual_stream); auto = production when vllm_v32 can run here (default: auto)")
     p.add_argument("--dry-run", action="store_true", help="list the candidates of each bucket and exit")
     return p
 
@@ -168,13 +214,17 @@ def main(argv=None) -> int:
             cands = candidates(b.num_tokens, H, n, b.max_len, 132)
             print(f"{b.key}: {len(cands) + 2} candidates: " + ", ".join(_name(c, "") for c in cands)
                   + ", sequential, dual_stream")
+        vend = {"production": "vllm_v32, vllm_v32_dual_stream", "generic": "vllm_sequential, vllm_dual_stream"}
+        print("plus vLLM's own computation where it loads: " + (vend.get(a.region) or
+              f"{vend['production']} (production region), else {vend['generic']}"))
         return 0
 
     from tabulate import tabulate
     from tqdm import tqdm
 
     from smpart.bench.harness import l2_flush_buffer, time_graph
-    from smpart import checks, region
+    from smpart import region
+    from smpart.bench.common import check_path
     from smpart.batch import make_decode_batch
     from smpart.workspace import RegionWorkspace
 
@@ -185,6 +235,18 @@ def main(argv=None) -> int:
     if cache is None:
         cache = tuning.TuningCache(meta=dict(meta, date=datetime.date.today().isoformat(),
                                              source="smpart-autotune"))
+    production = a.region == "production"
+    vendor, why = vendor_candidates(production)
+    if a.region == "auto":
+        production = bool(vendor)
+        if not production:
+            vendor, why_generic = vendor_candidates(False)
+            print(f"smpart-autotune: vllm_v32 unavailable ({why}); tuning the generic region"
+                  + ("" if vendor else f" without vLLM's candidates ({why_generic})"))
+    elif not vendor:
+        print(f"smpart-autotune: vLLM's candidates unavailable ({why}); tuning without them")
+    print(f"smpart-autotune: {'production-model' if production else 'generic'} region; vLLM candidates: "
+          f"{', '.join(vendor) or 'none'}", flush=True)
     flush = l2_flush_buffer(dev)
     num_sms = meta["num_sms"]
     per_bucket = a.budget_s / max(len(shapes), 1)
@@ -192,32 +254,35 @@ def main(argv=None) -> int:
     for H, n, L, B in tqdm(shapes, desc="smpart-autotune", unit="bucket"):
         t0 = time.monotonic()
         batch = make_decode_batch(L, B, num_heads=H, next_n=n, seed=0, device=dev)
+        if production:  # the region as vLLM 0.33's production model hands it over
+            from smpart.prep import to_production
+
+            batch = dataclasses.replace(batch, args=to_production(batch.args, batch.use_ue8m0))
         bucket = tuning.Bucket.of(B * n, H, n, L)
         ws = RegionWorkspace.for_args(batch.args)
         ref = batch.clone()
-        region.run_region(ref.args, "reference")
+        region.run_region(ref.args, "reference", use_ue8m0=batch.use_ue8m0)
         model = tuning.model_config(B * n, H, n, ws.max_len, num_sms)
         half = dataclasses.replace(model, indexer_programs=(model.indexer_programs + model.gemm_programs) // 2,
                                    gemm_programs=(model.indexer_programs + model.gemm_programs + 1) // 2)
-        # the cost model's split and 50/50 first (the closing comparison needs both), then the rest
-        trials = [("sequential", None), ("dual_stream", None), ("partitioned", model), ("partitioned", half)]
-        trials += [("partitioned", c) for c in candidates(B * n, H, n, ws.max_len, num_sms) if c not in (model, half)]
+        # streams, vLLM's own, the cost model's split and 50/50 first (always timed), then the rest
+        order, n_first = trials(model, half, candidates(B * n, H, n, ws.max_len, num_sms), vendor)
         times, configs = {}, {}
-        for path, cfg in trials:
-            if time.monotonic() - t0 > per_bucket and len(times) >= 4:
+        for i, (path, cfg) in enumerate(order):
+            if time.monotonic() - t0 > per_bucket and i >= n_first:
                 break
             name = _name(cfg, path)
             trial = batch.clone()
             try:
-                region.run_region(trial.args, path, workspace=ws, config=cfg)
+                region.run_region(trial.args, path, workspace=ws, config=cfg, use_ue8m0=batch.use_ue8m0)
                 torch.cuda.synchronize()
-                checks.check_region(trial.args, ref.args, batch)
-            except Exception as e:  # a wrong answer, or a config that does not compile / fit here
+                check_path(path, trial.args, ref.args, batch)
+            except Exception as e:  # a wrong answer, a config that does not compile / fit, vLLM unavailable
                 tqdm.write(f"{bucket.key} {name}: dropped ({type(e).__name__}: {str(e)[:120]})")
                 continue
             work = batch.clone()
             times[name] = time_graph(lambda: region.run_region(work.args, path, workspace=ws, config=cfg,
-                                                               check_values=False),
+                                                               use_ue8m0=batch.use_ue8m0, check_values=False),
                                      flush, replays=a.replays)["median_us"]
             configs[name] = (path, cfg)
         best = min(times, key=times.get)
@@ -230,10 +295,12 @@ def main(argv=None) -> int:
         summary.append([bucket.key, path if cfg is None else best, round(times[best], 1),
                         round(times.get(_name(model, "partitioned"), float("nan")), 1),
                         round(times.get(_name(half, "partitioned"), float("nan")), 1),
-                        round(times.get("dual_stream", float("nan")), 1)])
+                        round(times.get("dual_stream", float("nan")), 1),
+                        round(min([times[p] for p in vendor if p in times] or [float("nan")]), 1)])
         del batch, ref, ws
         torch.cuda.empty_cache()
-    print(tabulate(summary, headers=["bucket", "chosen", "us", "model split us", "50/50 us", "dual_stream us"],
+    print(tabulate(summary, headers=["bucket", "chosen", "us", "model split us", "50/50 us", "dual_stream us",
+                                    "best vLLM us"],
                    tablefmt="github"))
     print(f"wrote {out}")
     return 0

@@ -1,9 +1,23 @@
-"""What the grid benchmark (``smpart.bench.__main__``) and the decode loop (``smpart.bench.decode``)
-share: the vendor path names, the per-path correctness check and the "cannot run here" test."""
+"""What the grid benchmark (``smpart.bench.__main__``), the decode loop (``smpart.bench.decode``) and
+the autotuner share: the vendor path names and availability, the per-path correctness check and the
+"cannot run here" test."""
 
 from __future__ import annotations
 
-VENDOR_PATHS = ("vllm_sequential", "vllm_dual_stream")
+VENDOR_PATHS = ("vllm_sequential", "vllm_dual_stream")  # vLLM's generic-model baselines
+V32_PATHS = ("vllm_v32", "vllm_v32_dual_stream")  # vLLM's production DSV3.2 model (smpart.vendor_v32)
+
+
+def v32_available() -> tuple[bool, str]:
+    """Whether ``vllm_v32`` / ``vllm_v32_dual_stream`` can run here (``smpart.vendor_v32.v32_available``).
+
+    Returns
+    -------
+    (ok, reason).
+    """
+    from smpart.vendor_v32 import v32_available as available
+
+    return available()
 
 
 def check_path(path: str, out, want, batch, logits64=None) -> None:

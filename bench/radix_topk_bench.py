@@ -3,7 +3,8 @@ vLLM 0.33's ``cooperative_topk`` (<= 64 rows) / ``persistent_topk``, one process
 
 ``python -m smpart.bench.radix_topk_bench [--vllm-so PATH] [--out DIR]`` (GPU). Per shape (B x L; the
 top-k does not depend on H) and logits source (``real``: our logits kernel over a random cache;
-``gauss``: N(0, 1)): CUDA-graph median of cold-L2 replays (a read sweep of 2x L2 before each), us.
+``gauss``: N(0, 1)): CUDA-graph median of cold-L2 replays, us (``smpart.bench.harness.time_graph`` with
+``l2_flush_buffer``: a read sweep of 2x L2 before each).
 Columns: logits without / with the producer histogram; old top-k; radix standalone (histogram
 pass where a row spans several chunks); radix fed by the producer (``logits+hist+select`` minus
 ``logits``); vLLM. Also checks every top-k's output (value multiset vs ``torch.topk``) and vLLM's on
@@ -14,41 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 
+from smpart.bench.harness import l2_flush_buffer, time_graph
+
 SHAPES = [(1, 4096), (32, 8192), (128, 16384), (1, 65536), (128, 65536), (1, 163840)]
-
-
-def _flush_buf():
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return torch.ones(max(2 * l2 // 4, 1 << 20), dtype=torch.float32, device="cuda")
-
-
-def time_graph(fn, flush_buf, replays=30):
-    """Median us of ``fn`` captured in a CUDA graph, L2 swept (read-only) before each replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    sink = torch.empty((), device="cuda")
-    ts = []
-    for _ in range(replays):
-        sink.copy_(flush_buf.max())
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1000)
-    return statistics.median(ts)
 
 
 def check_values(out, logits, lens, what):
@@ -90,7 +62,7 @@ def main(argv=None):
         torch.ops.load_library(a.vllm_so)
         ops = torch.ops._C
     vws = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
-    flush = _flush_buf()
+    flush = l2_flush_buffer(torch.device("cuda"))
     gpu = torch.cuda.get_device_name()
     shapes = SHAPES if a.shapes is None else [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     variants = {"radix": rt.RadixTopkConfig(), "radix_s4k": rt.RadixTopkConfig(short_max=4096),
@@ -116,7 +88,7 @@ def main(argv=None):
             else:
                 logits.copy_(torch.randn(T, L, device="cuda"))
             r = {"gpu": gpu, "B": B, "L": L, "src": src}
-            t = lambda fn: round(time_graph(fn, flush, a.replays), 2)  # noqa: E731
+            t = lambda fn: round(time_graph(fn, flush, replays=a.replays)["median_us"], 2)  # noqa: E731
             if src == "real":
                 r["logits"] = t(lambda: logits_fn())
                 r["logits_hist"] = t(lambda: logits_fn(rws.hist))

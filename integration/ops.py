@@ -20,7 +20,9 @@ What one call does
   RoPE), ``k_pe`` (roped in place), the new indexer keys into ``kv_cache`` and the top-2048 into
   ``topk_indices_buffer[:T]``. The path is ``$SMPART_DSV32_PATH`` when set, else the tuning
   cache's choice for the shape bucket (``smpart.tuning.choose``: the partitioned
-  kernel unless a tuned entry says otherwise); nothing is tuned in the forward.
+  kernel unless a tuned entry says otherwise); nothing is tuned in the forward. A bucket tuned to
+  vLLM's own computation (``vllm_*``, ``smpart.tuning.VENDOR_PATHS``) runs the fallback below: vLLM's
+  own modules, with vLLM's per-step metadata (``runs_vllm``).
 * **Fallback** (prefill or mixed batches, profile/dummy runs, DCP, non-uniform decode lengths,
   ...): exactly the computation of vLLM's ``MultiHeadLatentAttentionWrapper.forward`` for this
   region, with vLLM's own modules of the layer: ``q = q_b_proj(q_c)``, ``rotary_emb`` on
@@ -139,23 +141,44 @@ def workspace_for(num_tokens: int, max_len: int, device) -> RegionWorkspace:
     return ws
 
 
-def choose_path(num_tokens: int, num_heads: int, next_n: int, max_len: int, device) -> str:
-    """``$SMPART_DSV32_PATH`` when set (and not ``auto``), else the tuning cache's path for the
-    bucket (``smpart.tuning.choose``), else ``"partitioned"``."""
+def choose_path(num_tokens: int, num_heads: int, next_n: int, max_len: int, device, production: bool = False) -> str:
+    """The path of one step: ``$SMPART_DSV32_PATH`` when set (and not ``auto``), else the tuning
+    cache's path for the bucket (``smpart.tuning.choose``), else ``"partitioned"``.
+
+    A pick of vLLM's own computation (``smpart.tuning.VENDOR_PATHS``) is returned as the calling
+    region's vendor path (``tuning.path_for_region``: ``vllm_sequential`` / ``vllm_dual_stream`` on the
+    generic region, ``vllm_v32`` / ``vllm_v32_dual_stream`` when ``production``); the callers then run
+    vLLM's own code for the step (:func:`runs_vllm`).
+
+    Parameters
+    ----------
+    num_tokens, num_heads, next_n, max_len : the step's T, H, rows per request and the workspace's
+        length. device : the CUDA device. production : bool, the production model's region (``smpart.prep``).
+    """
+    from smpart import tuning
+
     env = os.environ.get(PATH_ENV, "").strip()
     if env and env != "auto":
         if env in PATHS:
-            return env
+            return tuning.path_for_region(env, production) if env in tuning.VENDOR_PATHS else env
         log_off_once(f"{PATH_ENV}={env!r} is not one of {PATHS}; using 'partitioned'")
         return "partitioned"
     try:
-        from smpart import tuning
-    except ImportError:
-        return "partitioned"
-    try:
-        return tuning.choose(num_tokens, num_heads, next_n, max_len, device).path
+        path = tuning.choose(num_tokens, num_heads, next_n, max_len, device).path
     except ValueError:
         return "partitioned"
+    return tuning.path_for_region(path, production) if path in tuning.VENDOR_PATHS else path
+
+
+def runs_vllm(path: str) -> bool:
+    """Is ``path`` vLLM's own computation (``smpart.tuning.VENDOR_PATHS``)? Inside vLLM such a pick runs
+    vLLM's own code for the step (the generic op's fallback, the production layer's own ``forward``):
+    that is the computation the vendor paths time, with vLLM's per-step metadata. The vendor paths of
+    ``run_region`` build their DeepGEMM schedule eagerly, which a FULL CUDA graph would freeze at
+    capture."""
+    from smpart import tuning
+
+    return path in tuning.VENDOR_PATHS
 
 
 def check_weights(weight: torch.Tensor, scale: torch.Tensor) -> str | None:
@@ -378,6 +401,12 @@ def dsv32_region(
     )
     ws = workspace_for(n, max_model_len, q_c.device)
     path = choose_path(n, args.num_heads, plan.next_n, ws.max_len, q_c.device)
+    if runs_vllm(path):  # the bucket is tuned to vLLM's own computation: run it
+        stats["vllm dispatched"] += 1
+        stats[f"vllm dispatched: {path}"] += 1
+        log_off_once(f"the tuned dispatch picked vLLM's own computation ({path}) for a bucket")
+        _fallback(layer_name, hidden_states, q_c, positions, index_q_fp8, index_k, index_weights, q, k_pe)
+        return
     try:
         run_region(args, path=path, workspace=ws, use_ue8m0=True, check_values=False)
     except (TypeError, ValueError) as e:  # input validation, raised before any kernel writes
@@ -450,4 +479,4 @@ def register_op() -> None:
 
 
 __all__ = ["OP_QUALNAME", "PATH_ENV", "register_op", "register_layer", "plan_region", "RegionPlan",
-           "workspace_for", "choose_path", "check_weights", "dsv32_region", "stats", "log_off_once"]
+           "workspace_for", "choose_path", "runs_vllm", "check_weights", "dsv32_region", "stats", "log_off_once"]

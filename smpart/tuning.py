@@ -13,6 +13,10 @@ File format (JSON, schema 1)::
                                        "times_us": {"sequential": 52.5, "partitioned": 57.8, ...},
                                        "model_config": {...}}}}
 
+``path`` is one of :data:`TUNABLE_PATHS`: this package's paths or vLLM's own computation
+(``vllm_sequential`` / ``vllm_dual_stream`` / ``vllm_v32`` / ``vllm_v32_dual_stream``, measured by the
+autotuner when loadable), which callers map to their region with :func:`path_for_region`; ``config``
+is the bucket's best partitioned config whatever won (:attr:`Choice.run_config` gives ``run_region``'s).
 A file is trusted only when its GPU name, SM count and torch/triton major.minor versions match the
 running process; otherwise (or when it is corrupt) it is ignored with a warning, never used.
 Writes are atomic (temporary file + ``os.replace``). Shipped results live in
@@ -38,7 +42,30 @@ from .triton_kernels.partitioned import PartitionConfig
 
 SCHEMA = 1
 TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
-SMPART_PATHS = ("sequential", "dual_stream", "partitioned")  # what the dispatcher may choose
+SMPART_PATHS = ("sequential", "dual_stream", "partitioned")  # this package's own paths
+# vLLM's own computation of the region (smpart.vendor / smpart.vendor_v32): the tuner may record that
+# it won a bucket, so that the dispatch never runs something slower than vLLM there
+VENDOR_PATHS = ("vllm_sequential", "vllm_dual_stream", "vllm_v32", "vllm_v32_dual_stream")
+TUNABLE_PATHS = SMPART_PATHS + VENDOR_PATHS  # what a tuning file may hold and the dispatcher may choose
+# the generic model's vendor baselines and the production model's (vllm_v32*) are the same choice
+# ("vLLM's own kernels, one stream / two streams") for the two regions
+_PRODUCTION_TWIN = {"vllm_sequential": "vllm_v32", "vllm_dual_stream": "vllm_v32_dual_stream"}
+_GENERIC_TWIN = {v: k for k, v in _PRODUCTION_TWIN.items()}
+
+
+def path_for_region(path: str, production: bool) -> str:
+    """The path to run for a dispatched ``path`` on the generic (``production=False``) or the
+    production model's region (``smpart.prep``): vLLM's vendor picks map to that region's own
+    vendor path (``vllm_sequential`` <-> ``vllm_v32``, ``vllm_dual_stream`` <->
+    ``vllm_v32_dual_stream``); every other path is returned unchanged.
+
+    Raises
+    ------
+    ValueError : ``path`` is not in :data:`TUNABLE_PATHS`.
+    """
+    if path not in TUNABLE_PATHS:
+        raise ValueError(f"path: expected one of {TUNABLE_PATHS}, got {path!r}")
+    return _PRODUCTION_TWIN.get(path, path) if production else _GENERIC_TWIN.get(path, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +106,13 @@ class Choice:
     path: str
     config: PartitionConfig
     source: str
+
+    @property
+    def run_config(self) -> PartitionConfig | None:
+        """The ``config`` argument of ``run_region`` for this choice: the partitioned config when the
+        path is ``partitioned``, else ``None`` (the file keeps the bucket's best partitioned config
+        even when another path won; no other path takes a ``PartitionConfig``)."""
+        return self.config if self.path == "partitioned" else None
 
 
 def device_meta(device=None) -> dict:
@@ -158,8 +192,8 @@ class TuningCache:
 
     def put(self, bucket: Bucket, path: str, config: PartitionConfig, times_us: dict, model_config=None) -> None:
         """Record a bucket's choice and every candidate's time (us)."""
-        if path not in SMPART_PATHS:
-            raise ValueError(f"path: expected one of {SMPART_PATHS}, got {path!r}")
+        if path not in TUNABLE_PATHS:
+            raise ValueError(f"path: expected one of {TUNABLE_PATHS}, got {path!r}")
         self._resolved.clear()
         self.entries[bucket.key] = {
             "path": path, "config": config_to_dict(config), "times_us": dict(times_us),
@@ -200,7 +234,7 @@ def load_cache(path: str, want_meta: dict) -> TuningCache | None:
         if not isinstance(meta, dict) or not isinstance(entries, dict):
             raise ValueError("meta/entries are not objects")
         for k, e in entries.items():
-            if e.get("path") not in SMPART_PATHS:
+            if not isinstance(e, dict) or e.get("path") not in TUNABLE_PATHS:
                 raise ValueError(f"entry {k}: path {e.get('path')!r}")
             config_from_dict(e.get("config", {}))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -50,6 +50,27 @@ def load_fused_q():
                            f"set {vllm_kernels.ENV} (python -m smpart.integration.v32.vllm_kernels .vllm_v32)") from e
 
 
+def v32_available() -> tuple[bool, str]:
+    """Whether ``vllm_v32`` / ``vllm_v32_dual_stream`` can run here: CUDA sm_90+, DeepGEMM and vLLM's
+    compiled ops (``smpart.vendor.vendor_available``) and vLLM's ``fused_q`` kernels file
+    (:func:`load_fused_q`).
+
+    Returns
+    -------
+    (ok, reason): ``reason`` says what is missing (or where DeepGEMM and the ops came from).
+    """
+    from .vendor import vendor_available
+
+    ok, why = vendor_available()
+    if not ok:
+        return False, why
+    try:
+        load_fused_q()
+    except RuntimeError as e:
+        return False, str(e)
+    return True, why
+
+
 def _gemm(args, vs, use_ue8m0: bool) -> None:
     T, N = args.num_tokens, args.q_b_proj_weight.shape[0]
     x_q, x_s = vs.x_q[:T], vs.act_scales(T)
@@ -146,4 +167,4 @@ def run_vllm_v32_dual_stream(args, workspace, config, use_ue8m0):
     vs.event1.wait()
 
 
-__all__ = ["load_fused_q", "run_vllm_v32", "run_vllm_v32_dual_stream"]
+__all__ = ["load_fused_q", "v32_available", "run_vllm_v32", "run_vllm_v32_dual_stream"]

@@ -24,7 +24,8 @@ with an indexer computing its own top-k; no PCP/DCP; no hisparse cache; bf16 spa
 with UE8M0 scales; the indexer cache in the plain layout; an sm_90 GPU; and per step a decode-only
 batch (``ops.plan_region``: no prefill rows, T <= 256, a layout vLLM produces for plain decode or
 MTP) that is not being captured into a PIECEWISE graph (FULL graphs are replayed only for uniform
-decode batches; eager steps decide each time). ``SMPART_DSV32_ASSUME_SM90=1`` is a test hook that
+decode batches; eager steps decide each time). A step whose bucket the tuning dispatch gives to vLLM's
+own computation (``vllm_v32*``, ``ops.runs_vllm``) runs vLLM's ``forward`` too. ``SMPART_DSV32_ASSUME_SM90=1`` is a test hook that
 stands in for the sm_90 check and lets CPU tensors through (kernels then need ``TRITON_INTERPRET=1``).
 """
 
@@ -70,10 +71,6 @@ def _step_buffers(ws, T: int, device) -> dict:
     return {n: t[:T] for n, t in bufs.items()}
 
 
-# the generic model's vendor baselines read index_q_fp8 as an input; this model's are the vllm_v32 ones
-_V32_PATH = {"vllm_sequential": "vllm_v32", "vllm_dual_stream": "vllm_v32_dual_stream"}
-
-
 def run_v32_region(layer, positions, q_c, index_q, index_weights, q, topk_indices, plan, workspace) -> None:
     """The region as vLLM 0.33's production model needs it: writes ``q[:T]`` and ``topk_indices[:T]``.
 
@@ -89,8 +86,10 @@ def run_v32_region(layer, positions, q_c, index_q, index_weights, q, topk_indice
     One call of :func:`smpart.region.run_region` with the production options (``smpart.prep``):
     index-q prep from ``index_q``, key write / fill / ``k_pe`` RoPE off (``fused_norm_rope`` did
     them), q_pe RoPE rounded as ``fused_q``. The path is the tuning dispatch's
-    (``ops.choose_path``: ``$SMPART_DSV32_PATH``, else the tuned bucket, else ``partitioned``); a
-    bucket tuned to vLLM's generic baselines runs this model's (``vllm_v32`` / ``vllm_v32_dual_stream``).
+    (``ops.choose_path(..., production=True)``: ``$SMPART_DSV32_PATH``, else the tuned bucket, else
+    ``partitioned``); vLLM's generic baselines map to this model's (``vllm_v32`` / ``vllm_v32_dual_stream``).
+    (The layer's ``forward`` runs vLLM's own ``forward`` for a bucket dispatched to vLLM's computation
+    before it gets here: ``ops.runs_vllm``.)
     Value checks are off (no host sync; capturable), as in the generic shim.
     """
     from smpart.prep import production_defaults
@@ -109,8 +108,7 @@ def run_v32_region(layer, positions, q_c, index_q, index_weights, q, topk_indice
         index_cos_sin_cache=layer.indexer_rope_emb.cos_sin_cache,
         index_rope_interleave=bool(layer._index_rope_interleave), **production_defaults(),
     )
-    path = ops.choose_path(T, args.num_heads, plan.next_n, workspace.max_len, q_c.device)
-    path = _V32_PATH.get(path, path)
+    path = ops.choose_path(T, args.num_heads, plan.next_n, workspace.max_len, q_c.device, production=True)
     run_region(args, path=path, workspace=workspace, use_ue8m0=True, check_values=False)
     ops.stats[f"v32 region: {path}"] += 1
     if q.shape[0] > T:  # padding rows of an eager step: defined values
@@ -195,6 +193,14 @@ class SmpartDeepseekV32Attention(DeepseekV32Attention):
             ops.stats["v32 fallback"] += 1
             ops.stats[f"v32 fallback: {plan}"] += 1
             ops.log_off_once(plan)
+            return super().forward(positions, hidden_states)
+        ws = ops.workspace_for(plan.num_tokens, self.indexer.max_model_len, hidden_states.device)
+        path = ops.choose_path(plan.num_tokens, self.num_local_heads, plan.next_n, ws.max_len, hidden_states.device,
+                               production=True)
+        if ops.runs_vllm(path):  # the bucket is tuned to vLLM's own computation: run it
+            ops.stats["v32 vllm dispatched"] += 1
+            ops.stats[f"v32 vllm dispatched: {path}"] += 1
+            ops.log_off_once(f"the tuned dispatch picked vLLM's own computation ({path}) for a bucket")
             return super().forward(positions, hidden_states)
         ops.stats["v32 region"] += 1
         return self._smpart_forward(positions, hidden_states, plan)
