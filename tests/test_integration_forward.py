@@ -249,3 +249,32 @@ def test_swapped_layer_traces_as_one_graph(venv, flag, monkeypatch):
     assert ops.stats["fused"] == 2 and ops.stats["fallback"] == 0, dict(ops.stats)
     for name, e, c in zip(("q", "k_pe", "kv_cache", "topk"), *results):
         assert torch.equal(e, c), f"{name}: compiled forward differs from eager"
+
+
+def test_bucket_tuned_to_vllm_runs_vllms_own_path(venv, flag, monkeypatch):
+    """A decode step whose bucket the tuning file gives to vLLM's own computation (here a production
+    pick, ``vllm_v32``, which the generic op maps to ``vllm_sequential``) runs vLLM's modules in the
+    op, never ``run_region``: the same ``mla_attn`` inputs and output as vLLM's original forward."""
+    from vllm.model_executor.layers.mla import MultiHeadLatentAttentionWrapper
+
+    from smpart import tuning
+    from smpart.integration import ops
+    from smpart.triton_kernels.partitioned import PartitionConfig
+
+    monkeypatch.delenv(ops.PATH_ENV, raising=False)
+    monkeypatch.setattr(tuning, "choose", lambda *a, **k: tuning.Choice("vllm_v32", PartitionConfig(), "tuned"))
+    plugin.register()
+    layer = _build_layer(venv)
+    a, hs = _layer_inputs(layer, [70, 130], seed=4)
+    prefix = layer.indexer.k_cache.prefix
+    md = _decode_metadata(venv, prefix, a)
+    _record_indexer_op(layer, monkeypatch)
+    monkeypatch.setattr(ops, "run_region", lambda *a, **k: pytest.fail("run_region on a bucket tuned to vLLM"))
+    ops.stats.clear()
+    with _forward_ctx(venv, {prefix: md}):
+        out = layer(a.positions, hs)
+        want = MultiHeadLatentAttentionWrapper.forward(layer, a.positions, hs)
+    assert ops.stats["vllm dispatched: vllm_sequential"] == 1 and ops.stats["fused"] == 0, dict(ops.stats)
+    assert torch.equal(out, want)
+    for got, ref in zip(layer.mla_attn.calls[0], layer.mla_attn.calls[-1]):
+        assert torch.equal(got, ref)

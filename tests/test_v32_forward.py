@@ -334,3 +334,32 @@ def test_piecewise_and_prefill_fall_back_to_vllm(venv):
          a.kv_cache.clone(), CUDAGraphMode.PIECEWISE)
     assert ops.stats["v32 fallback"] == 1 and venv.holder["calls"] == 1
     assert any("PIECEWISE" in k for k in ops.stats), dict(ops.stats)
+
+
+def test_bucket_tuned_to_vllm_runs_vllms_forward(venv, monkeypatch):
+    """A FULL-graph decode step whose bucket the tuning file gives to vLLM's own computation (a generic
+    pick, ``vllm_dual_stream``, mapped to ``vllm_v32_dual_stream``) runs vLLM's own ``forward``."""
+    from vllm.config import CUDAGraphMode
+
+    from smpart import tuning
+    from smpart.integration import ops
+    from smpart.integration.v32.attention import SmpartDeepseekV32Attention
+    from smpart.triton_kernels.partitioned import PartitionConfig
+
+    monkeypatch.delenv(ops.PATH_ENV, raising=False)
+    monkeypatch.setattr(tuning, "choose", lambda *a, **k: tuning.Choice("vllm_dual_stream", PartitionConfig(), "tuned"))
+    layer = _build_layer(venv)
+    layer.__class__ = SmpartDeepseekV32Attention
+    layer.smpart_setup()
+    monkeypatch.setattr(SmpartDeepseekV32Attention, "_smpart_forward",
+                        lambda *a, **k: pytest.fail("the region ran on a bucket tuned to vLLM"))
+    a = make_decode_batch([70], num_heads=H, seed=3).args
+    idx_md = _metadata(venv, layer.indexer.k_cache.prefix, a)
+    hidden = torch.randn(1, HIDDEN).bfloat16()
+    ops.stats.clear()
+    venv.holder["calls"] = 0
+    mla_cache = torch.zeros(a.kv_cache.shape[0], 64, 576, dtype=torch.bfloat16)
+    _run(venv, layer, layer.forward, a.context_lens.long() - 1, hidden, idx_md, a.slot_mapping, mla_cache,
+         a.kv_cache.clone(), CUDAGraphMode.FULL)
+    assert ops.stats["v32 vllm dispatched: vllm_v32_dual_stream"] == 1 and venv.holder["calls"] == 1, dict(ops.stats)
+    assert ops.stats["v32 region"] == 0
