@@ -365,7 +365,7 @@ def test_graph_mode_bookkeeping_emulated_on_cpu(stand_in_paths, monkeypatch):
 
     def capture(st, bucket):
         static = loop.static_args(st, bucket)
-        run_region(static, st.name, workspace=st.workspace, config=st.config)  # the warm-up
+        run_region(static, st.name, workspace=st.workspace, config=st.config, check_values=False)  # the warm-up
         st.graphs[bucket] = (ReplayGraph(lambda: run_region(static, st.name, workspace=st.workspace,
                                                             config=st.config, check_values=False)), static)
 
@@ -402,6 +402,119 @@ def test_summary_savings_and_output_files(stand_in_paths, tmp_path, monkeypatch)
     md = (tmp_path / "summary.md").read_text()
     assert "zero mismatches" in md and "partitioned" in md and "274.5" in md
     assert json.loads((tmp_path / "summary.json").read_text())["paths"]["partitioned"]["saving_per_layer_us"] == 4.5
+
+
+# --------------------------------------------------------------------------------------
+# the production model's region (vllm_v32 baseline)
+# --------------------------------------------------------------------------------------
+def test_production_loop_hands_every_path_the_production_region(stand_in_paths):
+    """``production=True``: every path (and the reference) gets bf16 ``index_q`` with the production
+    switches, a -1-filled ``topk_indices`` and a cache already holding the step's new keys (the
+    loop's stand-in for ``fused_norm_rope``); the prep's outputs are compared byte for byte."""
+    seen = []
+
+    def spy(call, args):
+        seen.append((args.index_q is not None, args.write_keys, args.fill, args.rope_k_pe, args.rope_fused_q))
+
+    stand_in_paths["partitioned"] = spy
+    cfg = LoopConfig(num_heads=16, next_n=2, steps=12, production=True, strides={"sequential": 3}, pad_batches=True,
+                     seed=5, **{k: v for k, v in SCENARIOS["churn"].items() if k != "steps"})
+    loop = DecodeLoop(cfg)
+    for step in range(cfg.steps):
+        loop.step(step)
+        _allocator_invariants(loop)
+    assert loop.stats.checks == 12 and seen and set(seen) == {(True, False, False, False, True)}
+    assert loop.summary()["region"] == "production"
+    # the keys come from the loop, not the paths: a path that skips the write still matches
+    ref = loop.states["reference"].kv_cache
+    assert all(torch.equal(loop.states[p].kv_cache, ref) for p in loop.path_names)
+
+
+def test_production_loop_catches_a_wrong_index_q_prep(stand_in_paths):
+    def corrupt(call, args):
+        if call == 1:
+            args.index_weights[0, 3] += 1.0
+
+    stand_in_paths["partitioned"] = corrupt
+    loop = DecodeLoop(LoopConfig(num_heads=16, steps=4, max_context=512, seed=1, paths=("partitioned",),
+                                 production=True))
+    with pytest.raises(MismatchError, match="index_weights"):
+        loop.run()
+
+
+def test_production_graph_mode_emulated_on_cpu(stand_in_paths, monkeypatch):
+    """Graph mode's captured buffers carry the production inputs (index_q, raw weights) and are
+    refilled each step; outputs checked every step."""
+    from smpart.region import run_region
+
+    cfg = LoopConfig(num_heads=16, next_n=1, steps=10, max_batch=4, max_context=1024, seed=7, production=True,
+                     mix=RequestMix(prompt_median=200, prompt_max=1000, output_median=8, output_max=40))
+    loop = DecodeLoop(cfg)
+    loop.cfg.graphs = True
+
+    class ReplayGraph:
+        def __init__(self, fn):
+            self.replay = fn
+
+    def capture(st, bucket):
+        static = loop.static_args(st, bucket)
+        assert static.index_q is not None and not static.write_keys and bool((static.topk_indices == -1).all())
+        st.graphs[bucket] = (ReplayGraph(lambda: run_region(static, st.name, workspace=st.workspace,
+                                                            config=st.config, check_values=False)), static)
+
+    monkeypatch.setattr(loop, "_capture", capture)
+    loop.capture_all()
+    loop.run()
+    assert loop.stats.checks == 10 and not loop.failed
+
+
+def test_production_options_are_checked_and_vllm_v32_skipped_without_cuda():
+    with pytest.raises(ValueError, match="generic model's region"):
+        LoopConfig(production=True, paths=("partitioned", "vllm_dual_stream")).resolved()
+    with pytest.raises(ValueError, match="tie_free"):
+        LoopConfig(production=True, tie_free=True).resolved()
+    with pytest.raises(TypeError, match="production"):
+        LoopConfig(production=1).resolved()
+    loop = DecodeLoop(LoopConfig(num_heads=16, steps=1, max_context=512, paths=("partitioned", "vllm_v32"),
+                                 production=True))
+    assert "CUDA" in loop.skipped["vllm_v32"] and loop.path_names == ["partitioned"]
+    loop = DecodeLoop(LoopConfig(num_heads=16, steps=1, max_context=512, paths=("partitioned", "vllm_v32")))
+    assert "production" in loop.skipped["vllm_v32"]
+
+
+def test_cli_default_baseline_is_vllm_v32_with_a_generic_fallback(stand_in_paths, tmp_path, capsys):
+    from smpart.bench.decode import cli
+
+    a = cli.build_parser().parse_args([])
+    cfg = cli.config_from_args(a, cuda=True, v32=(True, "here"))
+    assert cfg.production and cfg.paths[-2:] == ("vllm_v32", "vllm_v32_dual_stream")
+    assert "vllm_sequential" not in cfg.paths and "vllm_dual_stream" not in cfg.paths
+    cfg = cli.config_from_args(a, cuda=False, v32=(False, "no CUDA device"))
+    assert not cfg.production and cfg.paths == ("sequential", "partitioned")
+    a = cli.build_parser().parse_args(["--paths", "partitioned,vllm_v32"])
+    assert cli.config_from_args(a, cuda=True, v32=(True, "here")).production
+    assert not cli.config_from_args(a, cuda=True, v32=(False, "no DeepGEMM")).production
+    # the CPU run says in one line that it falls back (the stand-ins keep it fast)
+    rc = cli.main(["--steps", "2", "--max-context", "512", "--max-batch", "2", "--device", "cpu", "--no-progress",
+                   "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("baseline vllm_v32 unavailable (no CUDA device)") == 1, out
+    assert "region=generic" in out
+
+
+def test_production_interpreter_loop_real_kernels():
+    """The real sequential and partitioned paths on the production region under the interpreter: a few
+    steps, index-q prep bytes, q, top-k and cache equal to the reference's."""
+    import dataclasses as dc
+
+    cfg = LoopConfig(num_heads=16, next_n=1, steps=3, max_batch=2, max_context=640, seed=9, production=True,
+                     configs={"partitioned": dc.replace(__import__("smpart.triton_kernels.partitioned",
+                                                                   fromlist=["PartitionConfig"]).PartitionConfig(),
+                                                        block_n=256)},
+                     mix=RequestMix(prompt_median=300, prompt_max=600, output_median=4, output_max=8))
+    loop = DecodeLoop(cfg)
+    loop.run()
+    assert loop.stats.checks == 3 and loop.stats.path_runs == {"sequential": 3, "partitioned": 3}
 
 
 # --------------------------------------------------------------------------------------

@@ -50,12 +50,19 @@ The loop (one simulated decoder layer, decode steps only)
   eagerly before each replay, as vLLM's metadata builder does outside the forward; their host-side
   ``max_seq_len`` is frozen in the graph at ``--max-context`` (captured with every row at that
   length).
+* **Production model** (``LoopConfig.production``; the default on a GPU where ``vllm_v32`` loads, and
+  whenever ``--paths`` names a ``vllm_v32*`` path): every path runs the region as vLLM 0.33's
+  production DSV3.2 model hands it over (``smpart.prep``: bf16 ``index_q`` and raw weights, the
+  index-q prep inside the region), the loop writing the new keys into every cache copy and
+  -1-filling ``topk_indices`` outside the timing (vLLM's ``fused_norm_rope``); the baseline is
+  ``vllm_v32``. Where it cannot run (CPU, no DeepGEMM / vLLM ops / fused_q) the CLI says so in one
+  line and runs the generic region as before.
 * **CPU economy** (``--stride PATH=N``): a path may run only every N-th step; in between, its
   cache copy receives the reference's new bytes, so it keeps reading its own earlier writes.
 
 Outputs (``--out``): ``steps.csv`` (one row per step: batch, tokens, contexts, allocator counters,
 per-path us), ``summary.json``, ``summary.md`` (per-path median / p90 us per step and the per-layer
-saving against ``vllm_dual_stream``, else ``dual_stream``, extrapolated to DSV3.2's 61 layers: per
+saving against ``vllm_v32``, else ``vllm_dual_stream``, else ``dual_stream``, extrapolated to DSV3.2's 61 layers: per
 model step and per generated token) and ``step_time_vs_batch.png``. Without CUDA the loop runs a
 short, small-dims correctness loop under ``TRITON_INTERPRET=1`` (re-running itself with it set if
 needed) and says that timings need a GPU.

@@ -12,7 +12,7 @@ import time
 import torch
 
 from .checking import MismatchError, format_report
-from .common import MAX_MODEL_LEN, SUPPORTED_H, VENDOR_PATHS
+from .common import MAX_MODEL_LEN, SUPPORTED_H, V32_PATHS, VENDOR_PATHS
 from .config import LoopConfig
 from .loop import DecodeLoop
 from .report import _env_info, _format_table, summary_table, write_outputs
@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache blocks per path copy (default: max(2*max_context, 16384*max_batch) tokens on a GPU, "
                         "2*max_context on the CPU)")
     p.add_argument("--paths", type=_str_list, default=None,
-                   help="paths besides reference (default: sequential,dual_stream,partitioned + vllm_* where DeepGEMM "
-                        "and vLLM's ops load; CPU: sequential,partitioned)")
+                   help="paths besides reference (default: sequential,dual_stream,partitioned,vllm_v32,"
+                        "vllm_v32_dual_stream on the production model's region, baseline vllm_v32, where DeepGEMM, "
+                        "vLLM's ops and its fused_q load; else the generic region with vllm_sequential,"
+                        "vllm_dual_stream where they load; CPU: sequential,partitioned)")
     p.add_argument("--stride", type=_kv_int, action="append", default=[], metavar="PATH=N",
                    help="run PATH only every N-th step (its cache copy gets the reference's new bytes otherwise); "
                         "repeatable")
@@ -117,8 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(a: argparse.Namespace, cuda: bool) -> LoopConfig:
+def v32_baseline(cuda: bool) -> tuple[bool, str]:
+    """Can the default baseline ``vllm_v32`` run (``smpart.vendor_v32.v32_available``)? ``(ok, reason)``."""
+    if not cuda:
+        return False, "no CUDA device"
+    from smpart.vendor_v32 import v32_available
+
+    return v32_available()
+
+
+def config_from_args(a: argparse.Namespace, cuda: bool, v32: tuple[bool, str] | None = None) -> LoopConfig:
     """LoopConfig from parsed CLI options (device-dependent defaults filled in).
+
+    The default baseline is ``vllm_v32`` (vLLM 0.33's production DSV3.2 kernels): with it available
+    (``v32``: :func:`v32_baseline`'s answer, computed when None) the default paths are ours plus
+    ``vllm_v32*`` and the loop runs the production model's region (``LoopConfig.production``), as it
+    does whenever ``--paths`` names a ``vllm_v32*`` path; otherwise the generic region, as before.
 
     Raises
     ------
@@ -135,12 +151,16 @@ def config_from_args(a: argparse.Namespace, cuda: bool) -> LoopConfig:
         **{k: v for k, v in (("prompt_median", a.prompt_median), ("prompt_sigma", a.prompt_sigma),
                              ("output_median", a.output_median), ("output_sigma", a.output_sigma),
                              ("output_max", a.output_max)) if v is not None})
+    v32_ok = (v32 if v32 is not None else v32_baseline(cuda))[0]
     if cuda:
         paths = ["sequential", "dual_stream", "partitioned"]
-        from smpart.vendor import vendor_available
+        if v32_ok:
+            paths += list(V32_PATHS)
+        else:
+            from smpart.vendor import vendor_available
 
-        if vendor_available()[0]:
-            paths += list(VENDOR_PATHS)
+            if vendor_available()[0]:
+                paths += list(VENDOR_PATHS)
     else:
         paths = ["sequential", "partitioned"]  # dual_stream is sequential on one CPU stream
     if a.paths is not None:
@@ -170,6 +190,7 @@ def config_from_args(a: argparse.Namespace, cuda: bool) -> LoopConfig:
         graphs=cuda if a.graphs is None else a.graphs, cold_l2=cuda if a.cold_l2 is None else a.cold_l2,
         check=a.check or ("fast" if cuda else "full"), check_every=a.check_every,
         use_ue8m0=not a.fp32_scales, seed=a.seed, device="cuda" if cuda else "cpu",
+        production=v32_ok and any(p in V32_PATHS for p in paths),
     )
 
 
@@ -190,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     if not want_cuda and os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules:
         # no kernel is decorated yet in this process: the interpreter can still be switched on here
         os.environ["TRITON_INTERPRET"] = "1"
+    v32 = v32_baseline(want_cuda)
     try:  # bad options are refused here, before any kernel runs or the command re-runs itself
-        cfg = config_from_args(a, want_cuda).resolved()
+        cfg = config_from_args(a, want_cuda, v32).resolved()
     except (ValueError, TypeError) as e:  # bad options, or a --partitioned-config value of the wrong type
         print(f"smpart-bench decode: {e}", file=sys.stderr)
         return 2
@@ -207,11 +229,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"smpart-bench decode: the '{pkg}' package is missing; pip install -e '.[bench]'",
                       file=sys.stderr)
                 return 2
+    if not cfg.production and (a.paths is None or any(p in V32_PATHS for p in a.paths)):
+        print(f"smpart-bench decode: baseline vllm_v32 unavailable ({v32[1]}); falling back to the generic "
+              f"region (baseline vllm_dual_stream, else dual_stream)", flush=True)
     env = _env_info(cfg.device)
     mode = ("CUDA graphs" if cfg.graphs else "eager") if want_cuda else "CPU, Triton interpreter"
     print(f"smpart-bench decode ({mode}): H={cfg.num_heads} next_n={cfg.next_n} steps={cfg.steps} "
           f"max_batch={cfg.max_batch} max_context={cfg.max_context} num_blocks={cfg.num_blocks} "
-          f"paths={','.join(('reference',) + tuple(cfg.paths))} check={cfg.check}; {env['gpu']}, torch {env['torch']}, "
+          f"paths={','.join(('reference',) + tuple(cfg.paths))} region={'production' if cfg.production else 'generic'} "
+          f"check={cfg.check}; {env['gpu']}, torch {env['torch']}, "
           f"triton {env['triton']}", flush=True)
 
     bar = None
@@ -264,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if want_cuda:
         print(_format_table(summary_table(summary)))
         if summary["baseline"] is None:
-            print("no baseline (dual_stream / vllm_dual_stream) was timed: savings not computed")
+            print("no baseline (vllm_v32 / vllm_dual_stream / dual_stream) was timed: savings not computed")
     else:
         for p, d in summary["paths"].items():
             if "interpreter_s_per_step" in d:

@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from smpart.bench.common import VENDOR_PATHS  # noqa: F401 - one definition, re-exported here
+from smpart.bench.common import V32_PATHS, VENDOR_PATHS  # noqa: F401 - one definition, re-exported here
 
 # Kernel modules (``smpart.triton_kernels.*``) are imported lazily: Triton reads TRITON_INTERPRET when
 # a kernel is decorated, so the CPU mode must set it (re-exec) before any of them is imported.
@@ -17,7 +17,7 @@ BLOCK_SIZE = 64  # indexer cache tokens per block (dims.CACHE_BLOCK_SIZE)
 T_MAX = 256  # decode rows the region accepts (dims.T_MAX)
 MAX_MODEL_LEN = 163840  # dims.MAX_MODEL_LEN
 SUPPORTED_H = (128, 64, 32, 16)
-BASELINES = ("vllm_dual_stream", "dual_stream")
+BASELINES = ("vllm_v32", "vllm_dual_stream", "dual_stream")  # the first one timed is the baseline
 _TIE_FREE_DIGITS = 5  # base-16 digits per key code (batch._DIGITS): 16**5 = 2**20 > 163840
 _CODE_MOD = 16**_TIE_FREE_DIGITS
 

@@ -39,6 +39,11 @@ class LoopConfig:
     check : ``"full"`` (``checks.check_region``) or ``"fast"`` (:func:`fast_check_region`).
     check_every : compare with the reference every n-th step (1 = every step).
     use_ue8m0 : power-of-two scales (vLLM 0.33 on Hopper). seed : RNG seed. device : torch device.
+    production : run the production model's region (``smpart.prep``, what ``vllm_v32*`` need): every
+        path gets bf16 ``index_q`` + raw weights (the index-q prep runs in the region) and
+        ``production_defaults()``; the new keys are written into every cache copy and ``topk_indices``
+        is -1-filled by the loop outside the timing, as vLLM's ``fused_norm_rope`` does. Refuses the
+        generic-model vendor paths and ``tie_free``.
     """
 
     num_heads: int = 16
@@ -63,6 +68,7 @@ class LoopConfig:
     use_ue8m0: bool = True
     seed: int = 0
     device: str = "cpu"
+    production: bool = False
 
     def resolved(self) -> "LoopConfig":
         """A validated copy with every ``None`` default filled in.
@@ -103,6 +109,18 @@ class LoopConfig:
                 raise ValueError(f"strides: path {p!r} is not among the paths {list(paths)}")
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"strides: expected an int >= 1 for {p!r}, got {n!r}")
+        if not isinstance(c.production, bool):
+            raise TypeError(f"production: expected a bool, got {c.production!r}")
+        from .common import V32_PATHS, VENDOR_PATHS
+
+        if c.production:
+            generic = [p for p in paths if p in VENDOR_PATHS]
+            if generic:
+                raise ValueError(f"paths: {generic} run the generic model's region; the production-model loop "
+                                 f"compares with {list(V32_PATHS)}")
+            if c.tie_free:
+                raise ValueError("tie_free: the production region quantizes index_q itself (smpart.prep); "
+                                 "tie-free indexer inputs need the generic region")
         for p in c.configs:
             if p not in paths:
                 raise ValueError(f"configs: path {p!r} is not among the paths {list(paths)}")

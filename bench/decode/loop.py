@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .checking import CheckMixin
-from .common import BASELINES, BLOCK_SIZE, NUM_LAYERS, VENDOR_PATHS, _PathState
+from .common import BASELINES, BLOCK_SIZE, NUM_LAYERS, V32_PATHS, VENDOR_PATHS, _PathState
 from .config import LoopConfig
 from .scheduler import BlockAllocator, LoopStats, Request, SchedulerMixin, batch_buckets
 from .steps import StepsMixin
@@ -65,6 +65,9 @@ class DecodeLoop(SchedulerMixin, StepsMixin, CheckMixin):
         self.weight = w.q_b_proj_weight.to(self.dev)
         self.weight_scale = w.q_b_proj_weight_scale.to(self.dev)
         self.cos_sin_cache = reference.make_cos_sin_cache(self.max_len, torch.bfloat16, device=self.dev)
+        # the production model's indexer RoPE table (fp32, as smpart.prep.to_production builds it)
+        self.index_cos_sin_cache = (reference.make_cos_sin_cache(self.max_len, torch.float32, device=self.dev)
+                                    if cfg.production else None)
         self._dims = dims
 
         # one cache copy per path (reference first), zero-filled as vLLM allocates KV caches
@@ -101,6 +104,14 @@ class DecodeLoop(SchedulerMixin, StepsMixin, CheckMixin):
                 from smpart.vendor import vendor_available
 
                 ok, why = vendor_available()
+                if not ok:
+                    self.skipped[p] = why
+                    continue
+            if p in V32_PATHS:
+                from smpart.vendor_v32 import v32_available
+
+                ok, why = (v32_available() if cfg.production
+                           else (False, "runs the production model's region only (LoopConfig.production)"))
                 if not ok:
                     self.skipped[p] = why
                     continue
@@ -147,6 +158,8 @@ class DecodeLoop(SchedulerMixin, StepsMixin, CheckMixin):
             raise RuntimeError(f"step {step}: no request could be scheduled (num_blocks {cfg.num_blocks} too small?)")
         sb = self._build_step(step)
         stale = self._stale_positions(sb)
+        if cfg.production:  # vLLM's fused_norm_rope: the new keys into every cache copy, before the region
+            self._write_keys(sb)
         ref_args = self._args(sb, self.states["reference"].kv_cache, padded=False)
         run_region(ref_args, "reference", use_ue8m0=cfg.use_ue8m0)
         outs = self._run_paths(sb, ref_args)
@@ -203,7 +216,7 @@ class DecodeLoop(SchedulerMixin, StepsMixin, CheckMixin):
     # results
     # ---------------------------------------------------------------------------------
     def baseline(self) -> str | None:
-        """``vllm_dual_stream`` if it was timed, else ``dual_stream``, else None."""
+        """The first of ``vllm_v32``, ``vllm_dual_stream``, ``dual_stream`` that was timed, else None."""
         for b in BASELINES:
             if b in self.states and self.states[b].times_us:
                 return b
@@ -247,5 +260,6 @@ class DecodeLoop(SchedulerMixin, StepsMixin, CheckMixin):
         cfg["mix"] = dataclasses.asdict(self.cfg.mix)
         return {"config": cfg, "stats": dataclasses.asdict(self.stats), "paths": self.path_summary(),
                 "baseline": self.baseline(), "skipped": dict(self.skipped), "failed": dict(self.failed),
+                "region": "production" if self.cfg.production else "generic",
                 "buckets": self.buckets,
                 "timed": bool(self.is_cuda), "graphs": bool(self.cfg.graphs)}

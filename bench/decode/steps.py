@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .checking import MismatchError
-from .common import _CODE_MOD, BLOCK_SIZE, VENDOR_PATHS, StepBatch, _PathState
+from .common import _CODE_MOD, BLOCK_SIZE, V32_PATHS, VENDOR_PATHS, StepBatch, _PathState
 from .scheduler import bucket_for, copy_slots, tie_free_keys, tie_free_query
 
 
@@ -62,6 +62,11 @@ class StepsMixin:
             w[:T] = torch.randn(T, 64, generator=g, device=dev) * (64**-0.5 * 128**-0.5)
             t["index_k"][:T] = torch.randn(T, 128, generator=g, device=dev).to(torch.bfloat16)
         t["index_q_fp8"], t["index_weights"] = q, w.float()
+        if cfg.production:  # what the production model hands the region: bf16 index_q, raw weights
+            t["index_q"] = torch.zeros(Tp, 64, 128, dtype=torch.bfloat16, device=dev)
+            t["index_q"][:T] = torch.randn(T, 64, 128, generator=g, device=dev).to(torch.bfloat16)
+            t["index_weights_raw"] = torch.zeros(Tp, 64, dtype=torch.bfloat16, device=dev)
+            t["index_weights_raw"][:T] = torch.randn(T, 64, generator=g, device=dev).to(torch.bfloat16)
         return StepBatch(step=step, requests=reqs, B=B, Bp=Bp, T=T, Tp=Tp, tensors=t,
                          live_slots=torch.from_numpy(slots[:T]).to(dev))
 
@@ -72,7 +77,7 @@ class StepsMixin:
 
         t = sb.tensors
         T, B = (sb.Tp, sb.Bp) if padded else (sb.T, sb.B)
-        return RegionArgs(
+        args = RegionArgs(
             q_c=t["q_c"][:T], q_b_proj_weight=self.weight, q_b_proj_weight_scale=self.weight_scale,
             positions=t["positions"][:T], cos_sin_cache=self.cos_sin_cache, k_pe=t["k_pe"][:T].clone(),
             q=torch.full((T, self.cfg.num_heads, 192), float("nan"), dtype=torch.bfloat16, device=self.dev),
@@ -81,6 +86,36 @@ class StepsMixin:
             context_lens=t["context_lens"][:B],
             topk_indices=torch.full((T, 2048), -7, dtype=torch.int32, device=self.dev), next_n=self.cfg.next_n,
         )
+        return self._production(args, t["index_q"][:T], t["index_weights_raw"][:T]) if self.cfg.production else args
+
+    def _production(self, args, index_q, index_weights_raw):
+        """``args`` as the production model hands the region over (``LoopConfig.production``): the
+        index-q prep's inputs, fresh prep outputs, ``topk_indices`` -1-filled (``fused_norm_rope``'s
+        fill) and ``smpart.prep.production_defaults()``. The keys are written by :meth:`_write_keys`."""
+        import dataclasses
+
+        from smpart.prep import production_defaults
+
+        T = args.num_tokens
+        return dataclasses.replace(
+            args, index_q=index_q, index_weights_raw=index_weights_raw, index_cos_sin_cache=self.index_cos_sin_cache,
+            index_q_fp8=torch.zeros(T, 64, 128, dtype=torch.float8_e4m3fn, device=self.dev),
+            index_weights=torch.zeros(T, 64, dtype=torch.float32, device=self.dev), topk_indices=args.topk_indices.fill_(-1),
+            **production_defaults())
+
+    def _write_keys(self, sb: StepBatch) -> None:
+        """The step's new indexer keys into every cache copy (production region: vLLM's ``fused_norm_rope``
+        writes them before the region; eager, outside the timing)."""
+        from smpart import reference
+
+        if not sb.T:
+            return
+        t = sb.tensors
+        ref_cache = self.states["reference"].kv_cache
+        reference.indexer_k_quant_and_cache(t["index_k"][: sb.T], ref_cache, t["slot_mapping"][: sb.T],
+                                            self.cfg.use_ue8m0)
+        for p in self.path_names:
+            copy_slots(ref_cache, self.states[p].kv_cache, sb.live_slots)
 
     def _stale_positions(self, sb: StepBatch) -> int:
         """Positions past each live request's context in its last block that hold key bytes left by an
@@ -110,7 +145,7 @@ class StepsMixin:
 
         cfg, dev = self.cfg, self.dev
         Tp = bucket * cfg.next_n
-        return RegionArgs(
+        args = RegionArgs(
             q_c=torch.zeros(Tp, 1536, dtype=torch.bfloat16, device=dev), q_b_proj_weight=self.weight,
             q_b_proj_weight_scale=self.weight_scale, positions=torch.zeros(Tp, dtype=torch.int64, device=dev),
             cos_sin_cache=self.cos_sin_cache, k_pe=torch.zeros(Tp, 1, 64, dtype=torch.bfloat16, device=dev),
@@ -123,10 +158,15 @@ class StepsMixin:
             context_lens=torch.full((bucket,), cfg.max_context, dtype=torch.int32, device=dev),
             topk_indices=torch.full((Tp, 2048), -1, dtype=torch.int32, device=dev), next_n=cfg.next_n,
         )
+        if not cfg.production:
+            return args
+        return self._production(args, torch.zeros(Tp, 64, 128, dtype=torch.bfloat16, device=dev),
+                                torch.zeros(Tp, 64, dtype=torch.bfloat16, device=dev))
 
     def _capture(self, st: _PathState, bucket: int) -> None:
         """Capture ``st``'s path for ``bucket`` requests: :meth:`static_args`, two eager warm-ups on a
-        side stream (compiles; the vendor paths build their workspace), then the graph (vLLM's capture
+        side stream without value checks (compiles; the vendor paths build their workspace and
+        per-step metadata), then the graph (vLLM's capture
         order; all graphs share one memory pool and are replayed one at a time)."""
         from smpart.region import run_region
 
@@ -136,8 +176,9 @@ class StepsMixin:
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(cur)
         with torch.cuda.stream(side):
-            for _ in range(2):
-                run_region(static, st.name, workspace=st.workspace, config=st.config, use_ue8m0=cfg.use_ue8m0)
+            for _ in range(2):  # no value checks: every row over the null block is refused as a duplicate block
+                run_region(static, st.name, workspace=st.workspace, config=st.config, use_ue8m0=cfg.use_ue8m0,
+                           check_values=False)
         cur.wait_stream(side)
         torch.cuda.synchronize()
         if self._pool is None:
@@ -173,14 +214,15 @@ class StepsMixin:
         """Copy the live step into ``st``'s captured buffers for the step's bucket; returns (graph, static)."""
         graph, s = st.graphs[sb.Bp]
         t = sb.tensors
-        for name in ("q_c", "positions", "index_q_fp8", "index_weights", "index_k", "slot_mapping"):
+        inputs = ("index_q", "index_weights_raw") if self.cfg.production else ("index_q_fp8", "index_weights")
+        for name in ("q_c", "positions", "index_k", "slot_mapping") + inputs:
             getattr(s, name).copy_(t[name])
         s.k_pe.copy_(t["k_pe"])
         s.block_table.copy_(t["block_table"])
         s.context_lens.copy_(t["context_lens"])
         s.q.fill_(float("nan"))
-        s.topk_indices.fill_(-7)
-        if st.name in VENDOR_PATHS:  # vLLM's metadata builder: per-step DeepGEMM schedule, eager
+        s.topk_indices.fill_(-1 if self.cfg.production else -7)  # production: fused_norm_rope's fill
+        if st.name in VENDOR_PATHS + V32_PATHS:  # vLLM's metadata builder: per-step DeepGEMM schedule, eager
             st.workspace.vendor.prepare(s, self.cfg.use_ue8m0)
         return graph, s
 
@@ -204,7 +246,9 @@ class StepsMixin:
                               q_c=args.q_c[: sb.T], positions=args.positions[: sb.T],
                               index_q_fp8=args.index_q_fp8[: sb.T], index_weights=args.index_weights[: sb.T],
                               index_k=args.index_k[: sb.T], slot_mapping=args.slot_mapping[: sb.T],
-                              block_table=args.block_table[: sb.B], context_lens=args.context_lens[: sb.B])
+                              block_table=args.block_table[: sb.B], context_lens=args.context_lens[: sb.B],
+                              **({} if args.index_q is None else dict(index_q=args.index_q[: sb.T],
+                                                                      index_weights_raw=args.index_weights_raw[: sb.T])))
             outs[st.name] = (live, args.topk_indices[sb.T:])
         if events:
             try:
