@@ -1,11 +1,11 @@
-"""Top-k timing: the radix top-k (``radix_topk.py``) vs the old chunk/merge top-k (``topk.py``) vs
-vLLM 0.33's ``cooperative_topk`` (<= 64 rows) / ``persistent_topk``, one process, same logits.
+"""Top-k timing: the radix top-k (``radix_topk.py``) vs vLLM 0.33's ``cooperative_topk`` (<= 64 rows) /
+``persistent_topk``, one process, same logits.
 
 ``python -m smpart.bench.radix_topk_bench [--vllm-so PATH] [--out DIR]`` (GPU). Per shape (B x L; the
 top-k does not depend on H) and logits source (``real``: our logits kernel over a random cache;
 ``gauss``: N(0, 1)): CUDA-graph median of cold-L2 replays, us (``smpart.bench.harness.time_graph`` with
 ``l2_flush_buffer``: a read sweep of 2x L2 before each).
-Columns: logits without / with the producer histogram; old top-k; radix standalone (histogram
+Columns: logits without / with the producer histogram; radix standalone (histogram
 pass where a row spans several chunks); radix fed by the producer (``logits+hist+select`` minus
 ``logits``); vLLM. Also checks every top-k's output (value multiset vs ``torch.topk``) and vLLM's on
 narrow-range rows (vLLM issue #51782).
@@ -53,7 +53,6 @@ def main(argv=None):
         sweep()
         return
     from smpart.triton_kernels import radix_topk as rt
-    from smpart.triton_kernels import topk as old
     from smpart.triton_kernels.mqa_logits import paged_mqa_logits
     from smpart.batch import make_decode_batch
 
@@ -74,7 +73,6 @@ def main(argv=None):
         lens = batch.context_lens
         ctx2d = lens.view(B, 1)
         out = torch.full((T, 2048), -1, dtype=torch.int32, device="cuda")
-        ows = old.TopkWorkspace(T, L, "cuda")
         rws = rt.RadixTopkWorkspace(T, "cuda")
         for src in ("real", "gauss"):
             logits = torch.empty(T, L, device="cuda")
@@ -94,8 +92,6 @@ def main(argv=None):
                 r["logits_hist"] = t(lambda: logits_fn(rws.hist))
                 rws.hist.zero_()
                 torch.cuda.synchronize()
-            r["old"] = t(lambda: old.topk_decode(logits, lens, out, next_n=1, workspace=ows))
-            r["old_ok"] = check_values(out, logits, lens.tolist(), "old")
             for name, cfg in variants.items():
                 out.fill_(-7)
                 r[name] = t(lambda: rt.radix_topk(logits, lens, out, next_n=1, workspace=rws, config=cfg))

@@ -1,7 +1,7 @@
 """``RegionWorkspace``: every scratch buffer of the region, made once per shape bucket.
 
-The forward of every Triton path allocates nothing (DESIGN.md 7a): the logits, the top-k
-candidate buffers and the partitioned kernel's counters live here. Counters are zero at creation
+The forward of every Triton path allocates nothing (DESIGN.md 7a): the logits, the radix top-k's
+histograms and candidate buffers and the partitioned kernel's counters live here. Counters are zero at creation
 and every kernel that uses them leaves them zero again (reset in-kernel by the last user), so one
 workspace serves every CUDA-graph replay.
 """
@@ -28,12 +28,11 @@ class RegionWorkspace:
     max_tokens : rows T the buffers hold (<= 256).
     max_len : logits columns (a multiple of 64); every visible length must be <= max_len.
     logits : fp32 [max_tokens, max_len] (bytes: 4 * max_tokens * max_len).
-    topk : the top-k kernel's workspace (:class:`smpart.triton_kernels.topk.TopkWorkspace`), used
-        by the partitioned path's fused/tail top-k.
+    counters : int32 [64 + max_tokens], zero between launches (partitioned kernel: 64 queue slots,
+        then one logits-arrival counter per row).
     radix : the radix top-k's workspace (:class:`smpart.triton_kernels.radix_topk.RadixTopkWorkspace`:
         per-row histograms the logits kernel fills, counters, candidates; zero between launches),
-        used by the stream paths' top-k; ``None``: those paths use the old ``topk_decode``.
-    counters : int32 [64 + max_tokens * max_chunks], zero between launches (partitioned kernel).
+        used by every path's top-k.
     q_c_fp8, q_c_scale : float8_e4m3fn [max_tokens, 1536] and fp32 [max_tokens, 12]: ``q_c``
         quantized once per token for the prequantized GEMM (``q_b_proj._q_c_quant_row``; written by
         the partitioned kernel's first launch, read by the GEMM tiles of its second).
@@ -42,11 +41,10 @@ class RegionWorkspace:
     max_tokens: int
     max_len: int
     logits: torch.Tensor
-    topk: object
     counters: torch.Tensor
+    radix: object
     q_c_fp8: torch.Tensor = None
     q_c_scale: torch.Tensor = None
-    radix: object = None
     extra: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -62,16 +60,13 @@ class RegionWorkspace:
         if not 1 <= max_len <= dims.MAX_MODEL_LEN:
             raise ValueError(f"max_len: expected 1..{dims.MAX_MODEL_LEN}, got {max_len}")
         from .triton_kernels.radix_topk import RadixTopkWorkspace
-        from .triton_kernels.topk import TOPK_CHUNK, TopkWorkspace
 
         max_len = _round_up(max_len, dims.CACHE_BLOCK_SIZE)
-        topk = TopkWorkspace(max_tokens, max_len, device, chunk=TOPK_CHUNK)
         return cls(
             max_tokens=max_tokens,
             max_len=max_len,
             logits=torch.empty(max_tokens, max_len, dtype=torch.float32, device=device),
-            topk=topk,
-            counters=torch.zeros(cls.num_counters(max_tokens, topk.max_chunks), dtype=torch.int32, device=device),
+            counters=torch.zeros(cls.num_counters(max_tokens), dtype=torch.int32, device=device),
             q_c_fp8=torch.empty(max_tokens, dims.Q_LORA_RANK, dtype=torch.float8_e4m3fn, device=device),
             q_c_scale=torch.empty(max_tokens, dims.Q_LORA_RANK // dims.QUANT_GROUP, dtype=torch.float32,
                                   device=device),
@@ -79,10 +74,10 @@ class RegionWorkspace:
         )
 
     @staticmethod
-    def num_counters(max_tokens: int, max_chunks: int) -> int:
-        """Length of ``counters``: 64 queue slots, then one per (row, top-k chunk)
-        (``partitioned._QUEUE_SLOTS``; ``max_chunks`` = ``topk.max_chunks``)."""
-        return 64 + max_tokens * max_chunks
+    def num_counters(max_tokens: int) -> int:
+        """Length of ``counters``: 64 queue slots (``partitioned._QUEUE_SLOTS``), then one
+        logits-arrival counter per row (the fused top-k's last-arriver election)."""
+        return 64 + max_tokens
 
     @classmethod
     def for_args(cls, args, max_len: int | None = None) -> "RegionWorkspace":
@@ -93,8 +88,8 @@ class RegionWorkspace:
         return cls.for_shape(args.num_tokens, max_len, args.q_c.device)
 
     def reset(self) -> None:
-        """Zero every arrival counter (``counters``, ``topk.counters``; ``radix.counters`` and
-        ``radix.hist``), on the current stream.
+        """Zero every arrival counter (``counters``, ``radix.counters``) and the radix top-k's
+        histograms (``radix.hist``), on the current stream.
 
         Kernels leave the counters zero (the last arriver resets its counter), so a workspace needs
         this only after a launch that did not complete (an error mid-launch, an interrupted
@@ -107,8 +102,8 @@ class RegionWorkspace:
 
     def _zero_between_launches(self) -> list:
         """(name, tensor) of every buffer the kernels leave zero: the arrival counters, and the radix
-        top-k's histograms and counters when the workspace has one."""
-        out = [("workspace.counters", self.counters), ("workspace.topk.counters", self.topk.counters)]
+        top-k's histograms and counters."""
+        out = [("workspace.counters", self.counters)]
         for n in ("counters", "hist"):
             x = getattr(self.radix, n, None)
             if isinstance(x, torch.Tensor):
@@ -130,22 +125,16 @@ class RegionWorkspace:
         metadata only (no device read: runs in eager mode and under CUDA-graph capture alike).
 
         Checked: ``max_tokens``/``max_len`` are ints (``max_len`` a multiple of 64 in
-        ``[64, 163840]``); ``logits`` fp32 ``[>= T, >= max_len]`` contiguous; ``topk`` a
-        :class:`~smpart.triton_kernels.topk.TopkWorkspace` for ``k = 2048``, chunking consistent
-        (``max_chunks = cdiv(topk.max_len, chunk)``, ``topk.max_len >= max_len``, ``cap`` a power of
-        two <= 16384) and its ``cand_vals`` fp32 ``[>= T, max_chunks * 2048]``, ``cand_idx`` int32
-        ``[>= T, max_chunks * 2048 + (max_chunks + 1) * cap]``, ``counters`` int32 ``[>= T]``;
-        ``counters`` int32 ``[>= 64 + T * max_chunks]``; ``q_c_fp8``/``q_c_scale``
+        ``[64, 163840]``); ``logits`` fp32 ``[>= T, >= max_len]`` contiguous; ``counters`` int32
+        ``[>= 64 + T]``; ``radix`` (:meth:`_check_radix`); ``q_c_fp8``/``q_c_scale``
         (``q_b_proj.check_prequant_buffers``; both ``None`` is allowed: the fused-quant GEMM). Every
         buffer contiguous and on the batch's device.
 
         Raises
         ------
-        TypeError : a buffer that is not a tensor, or has the wrong dtype; ``topk`` of another type.
-        ValueError : wrong shape, device, contiguity or chunking (the message names the buffer).
+        TypeError : a buffer that is not a tensor, or has the wrong dtype; ``radix`` of another type.
+        ValueError : wrong shape, device, contiguity or geometry (the message names the buffer).
         """
-        from .triton_kernels.topk import TOPK_K, TopkWorkspace
-
         T, dev = args.num_tokens, args.q_c.device
         for name in ("max_tokens", "max_len"):
             v = getattr(self, name)
@@ -157,34 +146,8 @@ class RegionWorkspace:
             raise ValueError(f"workspace.max_len: expected a multiple of 64 in [64, {dims.MAX_MODEL_LEN}], "
                              f"got {self.max_len}")
         _check_buffer("workspace.logits", self.logits, torch.float32, dev, (T, self.max_len))
-        tw = self.topk
-        if not isinstance(tw, TopkWorkspace):
-            raise TypeError(f"workspace.topk: expected a TopkWorkspace, got {type(tw).__name__}")
-        for name in ("max_tokens", "max_len", "chunk", "cap", "k", "max_chunks"):
-            v = getattr(tw, name, None)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"workspace.topk.{name}: expected an int, got {v!r}")
-        if tw.k != TOPK_K:
-            raise ValueError(f"workspace.topk.k: expected {TOPK_K} (topk_indices has {TOPK_K} columns), got {tw.k}")
-        if tw.chunk < tw.k or tw.chunk % dims.CACHE_BLOCK_SIZE:
-            raise ValueError(f"workspace.topk.chunk: expected a multiple of 64 >= {tw.k}, got {tw.chunk}")
-        if tw.cap < 1 or tw.cap > 16384 or tw.cap & (tw.cap - 1):
-            raise ValueError(f"workspace.topk.cap: expected a power of two in [1, 16384], got {tw.cap}")
-        if tw.max_len < self.max_len:
-            raise ValueError(f"workspace.topk.max_len: {tw.max_len} < workspace.max_len {self.max_len} (rows "
-                             f"longer than it would lose positions)")
-        mc = max(-(-tw.max_len // tw.chunk), 1)
-        if tw.max_chunks != mc:
-            raise ValueError(f"workspace.topk.max_chunks: expected cdiv(max_len, chunk) = {mc}, got {tw.max_chunks}")
-        if tw.max_tokens < T:
-            raise ValueError(f"workspace.topk.max_tokens: holds {tw.max_tokens} rows, the batch has {T}")
-        _check_buffer("workspace.topk.cand_vals", tw.cand_vals, torch.float32, dev, (T, mc * tw.k), exact_cols=True)
-        _check_buffer("workspace.topk.cand_idx", tw.cand_idx, torch.int32, dev,
-                      (T, mc * tw.k + (mc + 1) * tw.cap), exact_cols=True)
-        _check_buffer("workspace.topk.counters", tw.counters, torch.int32, dev, (T,))
-        _check_buffer("workspace.counters", self.counters, torch.int32, dev, (self.num_counters(T, mc),))
-        if self.radix is not None:
-            self._check_radix(T, dev)
+        _check_buffer("workspace.counters", self.counters, torch.int32, dev, (self.num_counters(T),))
+        self._check_radix(T, dev)
         if self.q_c_fp8 is not None or self.q_c_scale is not None:  # both None: the fused-quant GEMM
             from .triton_kernels.q_b_proj import check_prequant_buffers
 
@@ -202,7 +165,7 @@ class RegionWorkspace:
 
         rw = self.radix
         if not isinstance(rw, RadixTopkWorkspace):
-            raise TypeError(f"workspace.radix: expected a RadixTopkWorkspace or None, got {type(rw).__name__}")
+            raise TypeError(f"workspace.radix: expected a RadixTopkWorkspace, got {type(rw).__name__}")
         for name in ("max_tokens", "cand", "cp"):
             v = getattr(rw, name, None)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -224,9 +187,7 @@ class RegionWorkspace:
         """Every tensor the kernels write, by name (``workspace.logits``, ...; ``None`` skipped)."""
         out = {"workspace.logits": self.logits, "workspace.counters": self.counters,
                "workspace.q_c_fp8": self.q_c_fp8, "workspace.q_c_scale": self.q_c_scale}
-        for n in ("cand_vals", "cand_idx", "counters"):
-            out[f"workspace.topk.{n}"] = getattr(self.topk, n, None)
-        if self.radix is not None:
+        if self.radix is not None:  # check_fits refuses a missing one; this lists what there is
             out.update({f"workspace.radix.{n}": x for n, x in vars(self.radix).items() if isinstance(x, torch.Tensor)})
         return {k: v for k, v in out.items() if v is not None}
 

@@ -14,7 +14,7 @@ from smpart.aliasing import has_internal_overlap, overlap
 from smpart.batch import make_decode_batch
 from smpart.region import run_region
 from smpart.triton_kernels.partitioned import PartitionConfig
-from smpart.triton_kernels.topk import TopkWorkspace
+from smpart.triton_kernels.radix_topk import RadixTopkWorkspace
 from smpart.validate import _TENSOR_FIELDS, validate_region_args
 from smpart.workspace import RegionWorkspace
 
@@ -27,8 +27,8 @@ def batch():
 def _snapshot(a, ws=None) -> list:
     bufs = [a.kv_cache, a.topk_indices, a.q, a.k_pe]
     if ws is not None:
-        bufs += [ws.counters, ws.logits, getattr(ws.topk, "counters", None)]
-        if ws.radix is not None:
+        bufs += [ws.counters, ws.logits]
+        if isinstance(ws.radix, RadixTopkWorkspace):
             bufs += [x for x in vars(ws.radix).values() if isinstance(x, torch.Tensor)]
     return [(b, b.clone()) for b in bufs if isinstance(b, torch.Tensor) and b.device.type in ("cpu", "cuda")]
 
@@ -50,13 +50,6 @@ def _refused(a, path, ws, exc, match, **kw):
     assert _unchanged(snap), "a refused call wrote an output or workspace buffer"
 
 
-def _replace_topk(ws, **attrs):
-    tw = copy.copy(ws.topk)
-    for k, v in attrs.items():
-        setattr(tw, k, v)
-    return dataclasses.replace(ws, topk=tw)
-
-
 def _replace_radix(ws, **attrs):
     rw = copy.copy(ws.radix)
     for k, v in attrs.items():
@@ -71,30 +64,24 @@ BAD_WS = [
     ("logits-fp16", lambda ws: dataclasses.replace(ws, logits=ws.logits.half()), TypeError, "workspace.logits"),
     ("logits-strided", lambda ws: dataclasses.replace(ws, logits=ws.logits.t().contiguous().t()), ValueError,
      "workspace.logits"),
-    ("topk-short", lambda ws: dataclasses.replace(ws, topk=TopkWorkspace(3, 64, "cpu")), ValueError,
-     "workspace.topk.max_len"),
-    ("topk-rows", lambda ws: dataclasses.replace(ws, topk=TopkWorkspace(1, ws.max_len, "cpu")), ValueError,
-     "workspace.topk.max_tokens"),
-    ("topk-type", lambda ws: dataclasses.replace(ws, topk="big"), TypeError, "workspace.topk"),
-    ("topk-k", lambda ws: _replace_topk(ws, k=1024), ValueError, "workspace.topk.k"),
-    ("topk-chunk", lambda ws: dataclasses.replace(ws, topk=TopkWorkspace(2, ws.max_len, "cpu", chunk=3000)),
-     ValueError, "workspace.topk.chunk"),
-    ("topk-cap", lambda ws: dataclasses.replace(ws, topk=TopkWorkspace(2, ws.max_len, "cpu", cap=3000)),
-     ValueError, "workspace.topk.cap"),
-    ("topk-max-chunks", lambda ws: _replace_topk(ws, max_chunks=5), ValueError, "workspace.topk.max_chunks"),
-    ("cand-idx-short", lambda ws: _replace_topk(ws, cand_idx=ws.topk.cand_idx[:, :100].contiguous()), ValueError,
-     "workspace.topk.cand_idx"),
-    ("cand-vals-dtype", lambda ws: _replace_topk(ws, cand_vals=ws.topk.cand_vals.double()), TypeError,
-     "workspace.topk.cand_vals"),
-    ("topk-counters-dtype", lambda ws: _replace_topk(ws, counters=ws.topk.counters.long()), TypeError,
-     "workspace.topk.counters"),
     ("counters-dtype", lambda ws: dataclasses.replace(ws, counters=ws.counters.long()), TypeError,
      "workspace.counters"),
     ("counters-device", lambda ws: dataclasses.replace(ws, counters=ws.counters.to("meta")), ValueError,
      "workspace.counters"),
     ("counters-short", lambda ws: dataclasses.replace(ws, counters=ws.counters[:10].clone()), ValueError,
      "workspace.counters"),
-    ("radix-type", lambda ws: dataclasses.replace(ws, radix=ws.topk), TypeError, "workspace.radix"),
+    ("radix-missing", lambda ws: dataclasses.replace(ws, radix=None), TypeError, "workspace.radix"),
+    ("radix-type", lambda ws: dataclasses.replace(ws, radix="big"), TypeError, "workspace.radix"),
+    ("radix-rows", lambda ws: dataclasses.replace(ws, radix=RadixTopkWorkspace(1, "cpu")), ValueError,
+     "workspace.radix.max_tokens"),
+    ("radix-counters-dtype", lambda ws: _replace_radix(ws, counters=ws.radix.counters.long()), TypeError,
+     "workspace.radix.counters"),
+    ("radix-counters-cols", lambda ws: _replace_radix(ws, counters=ws.radix.counters[:, :1].contiguous()),
+     ValueError, "workspace.radix.counters"),
+    ("radix-cand-pos-short", lambda ws: _replace_radix(ws, cand_pos=ws.radix.cand_pos[:, :100].contiguous()),
+     ValueError, "workspace.radix.cand_pos"),
+    ("radix-cand-geometry", lambda ws: _replace_radix(ws, cand=2048), ValueError, "workspace.radix.cand_key"),
+    ("radix-cp-type", lambda ws: _replace_radix(ws, cp=256.0), TypeError, "workspace.radix.cp"),
     ("radix-hist-short", lambda ws: _replace_radix(ws, hist=ws.radix.hist[:, :1024].contiguous()), ValueError,
      "workspace.radix.hist"),
     ("radix-scratch-rows", lambda ws: _replace_radix(ws, scratch=ws.radix.scratch[:1].clone()), ValueError,
@@ -148,8 +135,8 @@ def test_aliasing_workspace_buffers_are_refused(batch):
     a = batch.clone().args
     ws = RegionWorkspace.for_args(a)
     T, W = ws.logits.shape
-    bad = dataclasses.replace(ws, logits=ws.topk.cand_vals.view(-1)[: T * W].view(T, W))
-    _refused(a, "sequential", bad, ValueError, "workspace.logits: shares memory with workspace.topk.cand_vals")
+    bad = dataclasses.replace(ws, logits=ws.radix.cand_key.view(torch.float32).view(-1)[: T * W].view(T, W))
+    _refused(a, "sequential", bad, ValueError, "workspace.logits: shares memory with workspace.radix.cand_key")
     bad = dataclasses.replace(ws, counters=a.topk_indices.view(-1)[: ws.counters.numel()])
     _refused(a, "partitioned", bad, ValueError, "topk_indices: shares memory with workspace.counters")
 
@@ -302,7 +289,7 @@ def test_lengths_past_the_table_are_clamped(path, cfg):
     a = b.clone().args
     run_region(a, path=path, workspace=None if path == "reference" else ws, config=cfg, check_values=False)
     _assert_clamped(a, 128)
-    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0
+    assert all(int(x.abs().sum()) == 0 for x in (ws.counters, ws.radix.counters, ws.radix.hist))
 
 
 @pytest.mark.gpu
@@ -313,12 +300,12 @@ def test_lengths_past_the_table_are_clamped_gpu(path, cfg):
     run_region(a, path=path, workspace=None if path == "reference" else ws, config=cfg, check_values=False)
     torch.cuda.synchronize()
     _assert_clamped(a, 128)
-    assert int(ws.counters.abs().sum()) == 0 and int(ws.topk.counters.abs().sum()) == 0
+    assert all(int(x.abs().sum()) == 0 for x in (ws.counters, ws.radix.counters, ws.radix.hist))
 
 
 # -- item 6: stale arrival counters: refused in eager mode, reset() clears them ----------------------
 @pytest.mark.parametrize("path,dirty", [
-    ("partitioned", "counters"), ("partitioned", "topk"), ("sequential", "topk"), ("sequential", "radix"),
+    ("partitioned", "counters"), ("partitioned", "radix"), ("sequential", "radix"), ("sequential", "hist"),
 ])
 def test_dirty_workspace_is_refused_then_reset(batch, path, dirty):
     a = batch.clone().args
@@ -326,12 +313,10 @@ def test_dirty_workspace_is_refused_then_reset(batch, path, dirty):
     if dirty == "counters":
         ws.counters[64 + 1] = 3
         match = "workspace.counters"
-    elif dirty == "topk":
-        ws.topk.counters[0] = -7
-        match = "workspace.topk.counters"
+    elif dirty == "hist":
+        ws.radix.hist[1, 7] = 2
+        match = "workspace.radix.hist"
     else:
-        if ws.radix is None or not hasattr(ws.radix, "counters"):
-            pytest.skip("no radix top-k workspace")
         ws.radix.counters.view(-1)[0] = 5
         match = "workspace.radix.counters"
     _refused(a, path, ws, ValueError, match + r".*reset\(\)")

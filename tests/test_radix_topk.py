@@ -4,8 +4,10 @@ Every row: the -1 entries are exactly the columns ``[min(L, 2048), 2048)``; the 
 are unique and in ``[0, L)``; the multiset of selected logits equals ``torch.topk``'s (DESIGN.md
 7a, STYLE.md 7); and the selected *set* equals the tie rule's (key desc, then lowest position:
 ``radix_topk_torch``), so ties are deterministic. Logits past each row's length are garbage (NaN,
-+inf, huge) so that any read past ``L`` changes the result. Histograms and counters must be back
-to zero after every call.
++inf, huge; or -inf, the reference kernels' padding) so that any read past ``L`` changes the result.
+Histograms and counters must be back to zero after every call. (The old chunk/merge top-k's cases
+-- lengths, next_n=2 rows from ``context_lens``, value kinds, clamping, replays -- run here on
+the radix launcher, which every path uses.)
 
 CPU: ``TRITON_INTERPRET=1 python -m pytest --import-mode=importlib -q tests/test_radix_topk.py``.
 """
@@ -57,16 +59,38 @@ def make_values(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
         return v
     if kind == "narrow":  # thousands of logits in one bin (vLLM issue #51782's case)
         return 5.0 + torch.rand(n, generator=gen) * 1e-3
+    if kind == "distinct":  # tie-free, well separated, both signs
+        return (torch.randperm(n, generator=gen).float() - n / 3) * 0.25
+    if kind == "quantized":  # few distinct values: many exact ties at the threshold
+        return torch.randint(-3, 4, (n,), generator=gen).float() * 0.5
+    if kind == "zeros":  # -0.0 and +0.0 (equal values) among a few +-1
+        v = torch.zeros(n)
+        v[torch.rand(n, generator=gen) < 0.5] = -0.0
+        r = torch.rand(n, generator=gen)
+        v[r < 0.05] = 1.0
+        v[r > 0.95] = -1.0
+        return v
+    if kind == "heavy":  # many binades, both signs
+        return torch.randn(n, generator=gen).sign() * torch.exp(torch.randn(n, generator=gen) * 12)
+    if kind == "outliers":  # dense body plus extremes: almost everything in a few bins
+        v = torch.randn(n, generator=gen)
+        v[torch.randint(0, n, (3,), generator=gen)] = torch.tensor([1e30, -1e30, 3e29])
+        return v
     raise ValueError(kind)
 
 
-def make_logits(lens, width, kind, seed=0):
+def make_logits(lens, width, kind, seed=0, garbage="mixed"):
+    """fp32 [T, width]: row t holds ``make_values(L_t)`` then garbage past ``L_t`` (``mixed``: NaN,
+    +inf, 3e38; ``-inf``: the reference kernels' padding)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.empty(len(lens), width)
     for t, L in enumerate(lens):
         L = min(L, width)
         x[t, :L] = make_values(L, kind, gen)
-        x[t, L:] = torch.tensor([float("nan"), float("inf"), 3e38])[torch.arange(width - L) % 3]
+        if garbage == "mixed":
+            x[t, L:] = torch.tensor([float("nan"), float("inf"), 3e38])[torch.arange(width - L) % 3]
+        else:
+            x[t, L:] = float("-inf")
     return x
 
 
@@ -92,8 +116,8 @@ def check_exact(out, logits, lens):
         assert set(sel.tolist()) == set(want[t, :n].tolist()), f"row {t} (L={L}): not the tie rule's set"
 
 
-def run(lens, width, kind, *, config=None, seed=0, ws=None, device="cpu"):
-    logits = make_logits(lens, width, kind, seed).to(device)
+def run(lens, width, kind, *, config=None, seed=0, ws=None, device="cpu", garbage="mixed"):
+    logits = make_logits(lens, width, kind, seed, garbage).to(device)
     T = len(lens)
     ws = ws or rt.RadixTopkWorkspace(T, device)
     buf = torch.full((T + 1, K + GUARD), -7, dtype=torch.int32, device=device)
@@ -111,8 +135,8 @@ def run(lens, width, kind, *, config=None, seed=0, ws=None, device="cpu"):
 # --------------------------------------------------------------------------------------
 @launches
 @pytest.mark.parametrize("cfg", [None, SMALL], ids=["default", "small"])
-@pytest.mark.parametrize("lens", [[0, 1, 2047, 2048, 2049], [4095, 4096, 4097], [16383, 16384, 16385]],
-                         ids=["short", "4k", "16k"])
+@pytest.mark.parametrize("lens", [[0, 1, 63, 2047, 2048, 2049], [4095, 4096, 4097, 5000],
+                                  [16383, 16384, 16385, 20000]], ids=["short", "4k", "16k"])
 def test_lengths(lens, cfg, device):
     run(lens, max(lens) + 64, "randn", config=cfg, seed=lens[-1], device=device)
 
@@ -126,7 +150,7 @@ def test_long_rows(L, device):
 @launches
 @pytest.mark.parametrize("cfg", [None, SMALL], ids=["default", "small"])
 @pytest.mark.parametrize("kind", ["equal", "tie3000", "exact_k", "four", "negative", "huge", "subnormal", "infs",
-                                  "narrow"])
+                                  "narrow", "distinct", "quantized", "zeros", "heavy", "outliers"])
 def test_value_kinds(kind, cfg, device):
     run([6000, 4100, 2500], 6000, kind, config=cfg, seed=3, device=device)
 
@@ -150,6 +174,58 @@ def test_next_n2_context_lens_and_padding_rows(device):
         rt.radix_topk(logits, ctx.to(device), out, next_n=2, workspace=ws, config=cfg)
         check_exact(out, logits, torch.tensor(vis))
         assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
+
+
+@launches
+@pytest.mark.parametrize("cfg", [None, SMALL], ids=["default", "small"])
+@pytest.mark.parametrize("L", [1, 2048, 2049, 5000, 9000])
+def test_next_n2_rows_from_context_lens(L, cfg, device):
+    # requests of seq_len L and L // 3 + 1: rows see L - 1, L, L // 3, L // 3 + 1 positions
+    ctx = torch.tensor([L, L // 3 + 1], dtype=torch.int32)
+    vis = [L - 1, L, L // 3, L // 3 + 1]
+    logits = make_logits(vis, L + 64, "distinct", L).to(device)
+    ws = rt.RadixTopkWorkspace(4, device)
+    out = torch.full((4, K), -7, dtype=torch.int32, device=device)
+    rt.radix_topk(logits, ctx.to(device), out, next_n=2, workspace=ws, config=cfg)
+    check_exact(out, logits, torch.tensor(vis))
+    assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
+
+
+@launches
+@pytest.mark.parametrize("garbage", ["mixed", "-inf"])
+def test_garbage_past_len_is_ignored(garbage, device):
+    run([3000, 9000, 2100], 9984, "randn", config=SMALL, seed=3, device=device, garbage=garbage)
+
+
+@launches
+def test_lengths_clamped_to_buffers(device):
+    # context lengths beyond the logits width / max_len are clamped: no read past the buffers
+    logits = make_logits([6000, 6000], 6000, "randn", seed=5).to(device)
+    ws = rt.RadixTopkWorkspace(2, device)
+    out = torch.full((2, K), -7, dtype=torch.int32, device=device)
+    rt.radix_topk(logits, torch.tensor([100000], dtype=torch.int32, device=device), out, next_n=2, workspace=ws,
+                  config=SMALL)
+    check_exact(out, logits, torch.tensor([6000, 6000]))
+    out2 = torch.full((2, K), -7, dtype=torch.int32, device=device)
+    rt.radix_topk(logits, None, out2, next_n=1, workspace=ws, row_lens=torch.tensor([5000, 3000], dtype=torch.int32,
+                  device=device), max_len=4500, config=SMALL)
+    check_exact(out2, logits, torch.tensor([4500, 3000]))
+    assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
+
+
+@launches
+def test_replay_selects_the_same_sets(device):
+    # hist/counters back at zero, so a second launch (a graph replay) selects the same set per row
+    logits = make_logits([20000, 12000, 4100], 20000, "quantized", seed=11).to(device)
+    lens = torch.tensor([20000, 12000, 4100], dtype=torch.int32, device=device)
+    ws = rt.RadixTopkWorkspace(3, device)
+    outs = []
+    for _ in range(2):
+        out = torch.full((3, K), -7, dtype=torch.int32, device=device)
+        rt.radix_topk(logits, None, out, next_n=1, workspace=ws, row_lens=lens, config=SMALL)
+        outs.append(out.sort(dim=1).values)
+    assert torch.equal(outs[0], outs[1])
+    check_exact(outs[0], logits, lens)
 
 
 @launches
@@ -220,6 +296,45 @@ def test_bins_monotone_and_torch_twin():
     assert int(bins[12]) != int(bins[13])  # 16 bins per binade: 1.0 and 1.0625 differ
 
 
+def test_torch_twin_follows_the_tie_rule():
+    """``radix_topk_torch`` (the twin ``check_exact`` trusts) against ``torch.topk`` and the tie rule,
+    checked from first principles: -1 padding, the top values, and at a tied threshold the lowest
+    positions of the threshold value."""
+    logits = make_logits([0, 5, 3000, 3000, 3000], 3000, "distinct", seed=2)
+    logits[3] = make_values(3000, "quantized", torch.Generator().manual_seed(3))
+    logits[4] = make_values(3000, "zeros", torch.Generator().manual_seed(4))
+    lens = torch.tensor([0, 5, 3000, 3000, 3000])
+    out = rt.radix_topk_torch(logits.nan_to_num(), lens)
+    assert out.dtype == torch.int32 and out.shape == (5, K)
+    for t in range(5):
+        L = int(lens[t])
+        n = min(L, K)
+        assert bool((out[t, n:] == -1).all()) and torch.unique(out[t, :n]).numel() == n
+        if n == 0:
+            continue
+        vals = logits[t, :L]
+        sel = out[t, :n].long()
+        assert torch.equal(vals[sel].sort().values, torch.topk(vals, n).values.sort().values)
+        thr = float(vals[sel].min())
+        tied = (vals == thr).nonzero().flatten()
+        picked = sorted(p for p in sel.tolist() if float(vals[p]) == thr)
+        assert picked == tied[: len(picked)].tolist(), f"row {t}: not the lowest tied positions"
+
+
+def test_workspace_layout():
+    ws = rt.RadixTopkWorkspace(4, "cpu")
+    want = {"hist": (4, rt.HIST_BINS), "counters": (4, 2), "cand_key": (4, rt.RADIX_CAND),
+            "cand_pos": (4, rt.RADIX_CAND), "scratch": (4, 2 * rt.RADIX_CP)}
+    for n, shape in want.items():
+        x = getattr(ws, n)
+        assert tuple(x.shape) == shape and x.dtype == torch.int32 and x.is_contiguous(), n
+    assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
+    assert ws.nbytes == 4 * 4 * (rt.HIST_BINS + 2 + 2 * rt.RADIX_CAND + 2 * rt.RADIX_CP)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="max_tokens"):
+            rt.RadixTopkWorkspace(bad, "cpu")
+
+
 def test_bad_arguments():
     ws = rt.RadixTopkWorkspace(1, "cpu")
     with pytest.raises(ValueError, match="workspace"):
@@ -230,6 +345,51 @@ def test_bad_arguments():
                       row_lens=torch.zeros(1, dtype=torch.int32))
     with pytest.raises(ValueError, match="config.chunk"):
         rt.RadixTopkConfig(chunk=1000)
+
+
+# --------------------------------------------------------------------------------------
+# GPU-only: production sizes, CUDA-graph replays
+# --------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,L,next_n", [(128, 8192, 1), (128, 32768, 1), (64, 32768, 2), (1, 163840, 1),
+                                        (4, 163840, 2)])
+@pytest.mark.parametrize("kind", ["randn", "quantized"])
+def test_gpu_large(B, L, next_n, kind):
+    from smpart.reference import visible_lens
+
+    gen = torch.Generator().manual_seed(B + L)
+    seq = torch.randint(max(L // 2, 1), L + 1, (B,), generator=gen).to(torch.int32)
+    seq[0] = L
+    vis = visible_lens(seq, next_n)
+    logits = make_logits(vis.tolist(), L, kind, seed=L).cuda()
+    ws = rt.RadixTopkWorkspace(B * next_n, "cuda")
+    out = torch.full((B * next_n, K), -7, dtype=torch.int32, device="cuda")
+    rt.radix_topk(logits, seq.cuda(), out, next_n=next_n, workspace=ws, max_len=L)
+    torch.cuda.synchronize()
+    assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
+    check_exact(out, logits, vis)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay():
+    B, L = 8, 40000
+    seq = torch.full((B,), L, dtype=torch.int32)
+    seq[1::2] = 9000
+    logits = make_logits(seq.tolist(), L, "randn", seed=9).cuda()
+    ws = rt.RadixTopkWorkspace(B, "cuda")
+    out = torch.full((B, K), -7, dtype=torch.int32, device="cuda")
+    seq_d = seq.cuda()
+    rt.radix_topk(logits, seq_d, out, next_n=1, workspace=ws)  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        rt.radix_topk(logits, seq_d, out, next_n=1, workspace=ws)
+    for trial in range(3):
+        out.fill_(-7)
+        logits.copy_(make_logits(seq.tolist(), L, "randn", seed=100 + trial).cuda())
+        g.replay()
+        torch.cuda.synchronize()
+        check_exact(out, logits, seq)
+    assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
 
 
 # --------------------------------------------------------------------------------------

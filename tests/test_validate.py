@@ -132,23 +132,22 @@ def test_workspace_prequant_buffers_checked(batch, path):
     check_region(out.args, ref.args, out)
 
 
-def test_workspace_counters_fit_topk_chunking():
-    """A workspace whose top-k chunking has more chunks than ``counters`` counts is refused before
-    any launch (the partitioned kernel's per-(row, chunk) counters would run past the buffer)."""
+def test_workspace_counters_fit_the_batch():
+    """``counters`` holds 64 queue slots and one logits-arrival counter per row: one short of
+    ``64 + T`` is refused before any launch (the fused top-k's row counters would run past it)."""
     from smpart.triton_kernels.partitioned import PartitionConfig
-    from smpart.triton_kernels.topk import TopkWorkspace
     from smpart.workspace import RegionWorkspace
 
     b = make_decode_batch([4999, 5000], num_heads=16, next_n=2, seed=3)
     a = b.args
     ws = RegionWorkspace.for_shape(a.num_tokens, 5056, "cpu")
-    small = TopkWorkspace(a.num_tokens, 5056, "cpu", chunk=4096)  # 2 chunks a row, counters sized for 1
+    assert RegionWorkspace.num_counters(a.num_tokens) == 64 + a.num_tokens == ws.counters.numel()
+    short = ws.counters[: 64 + a.num_tokens - 1].clone()
     before = a.kv_cache.clone()
     with pytest.raises(ValueError, match="workspace.counters"):
-        run_region(a, path="partitioned", workspace=dataclasses.replace(ws, topk=small),
+        run_region(a, path="partitioned", workspace=dataclasses.replace(ws, counters=short),
                    config=PartitionConfig(first_prequant=True, dense_first=True, fuse_topk=True))
     assert torch.equal(a.kv_cache, before)
-    assert RegionWorkspace.num_counters(a.num_tokens, small.max_chunks) == 64 + a.num_tokens * 2
 
 
 @pytest.mark.parametrize("case", ["slots", "block_ids", "lengths"])
@@ -231,17 +230,16 @@ def test_args_and_config_types(batch):
     for bad, err, name in BAD_CONFIGS:
         with pytest.raises(err, match=name):
             PartitionConfig(**bad)
-    from smpart.triton_kernels.topk import TopkConfig
+    from smpart.triton_kernels.radix_topk import RadixTopkConfig
 
-    for bad in (dict(cap=3000), dict(cap=0), dict(block=1000), dict(num_warps=3), dict(log2_bins=20)):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            TopkConfig(**bad)
-    with pytest.raises(TypeError, match="fused_merge"):
-        TopkConfig(fused_merge=1)
-    # the partitioned path's top-k is the radix one (radix_topk.RadixTopkConfig): the old top-k's
-    # TopkConfig is refused when the config is made, naming the field
+    for bad in (dict(chunk=3000), dict(chunk=1024), dict(short_max=65536), dict(num_warps=3), dict(hist_warps=0),
+                dict(chunk=4096.0), dict(num_warps=True)):
+        with pytest.raises(ValueError, match=f"config.{next(iter(bad))}"):
+            RadixTopkConfig(**bad)
+    # the partitioned path's top-k config must be a radix_topk.RadixTopkConfig, refused when the
+    # config is made, naming the field
     with pytest.raises(TypeError, match="topk_config"):
-        PartitionConfig(topk_config=TopkConfig())
+        PartitionConfig(topk_config=dict(chunk=4096))
     assert torch.equal(a.kv_cache, before)
 
 

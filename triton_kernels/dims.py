@@ -40,5 +40,3 @@ ROPE_BETA_SLOW = 1
 ROPE_MSCALE = 1.0
 ROPE_MSCALE_ALL_DIM = 1.0
 
-# smpart's top-k work item: positions per stage-1 program (a multiple of 256 cache tokens).
-TOPK_CHUNK = 16384
