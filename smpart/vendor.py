@@ -394,12 +394,9 @@ def _config_get(config, key, default):
     return getattr(config, key, default)
 
 
-def vllm_q_side(args, vs: VendorWorkspace, use_ue8m0: bool) -> None:
-    """Activation quant, DeepGEMM ``fp8_gemm_nt`` into ``q``, MLA RoPE on ``q[..., 128:]`` and ``k_pe``.
-
-    Three launches on the current stream (vLLM ``fp8_utils.py::per_token_group_quant_fp8``,
-    ``kernels/linear/scaled_mm/deep_gemm.py::_fp8_gemm_nt_op``, ``_custom_ops.py::rotary_embedding``).
-    """
+def _q_gemm(args, vs: VendorWorkspace, use_ue8m0: bool) -> None:
+    """vLLM's activation quant of ``q_c`` (into ``vs.x_q`` / its scales) and DeepGEMM ``fp8_gemm_nt``
+    into ``q`` viewed as [T, N]: two launches on the current stream (the q side of every vendor path)."""
     T, N = args.num_tokens, args.q_b_proj_weight.shape[0]
     x_q, x_s = vs.x_q[:T], vs.act_scales(T)
     # torch.ops._C.per_token_group_fp8_quant(x, x_q, x_s, group_size, eps, fp8_min, fp8_max, use_ue8m0,
@@ -409,6 +406,15 @@ def vllm_q_side(args, vs: VendorWorkspace, use_ue8m0: bool) -> None:
     # vllm.utils.deep_gemm.fp8_gemm_nt: disable_ue8m0_cast = not is_deep_gemm_e8m0_used()
     vs.dg.fp8_gemm_nt((x_q, x_s), (args.q_b_proj_weight, vs.weight_scale), args.q.view(T, N),
                       disable_ue8m0_cast=not use_ue8m0)
+
+
+def vllm_q_side(args, vs: VendorWorkspace, use_ue8m0: bool) -> None:
+    """Activation quant, DeepGEMM ``fp8_gemm_nt`` into ``q``, MLA RoPE on ``q[..., 128:]`` and ``k_pe``.
+
+    Three launches on the current stream (vLLM ``fp8_utils.py::per_token_group_quant_fp8``,
+    ``kernels/linear/scaled_mm/deep_gemm.py::_fp8_gemm_nt_op``, ``_custom_ops.py::rotary_embedding``).
+    """
+    _q_gemm(args, vs, use_ue8m0)
     # layers/mla.py: rotary_emb(positions, q[..., qk_nope_head_dim:], k_pe); head_size = 64
     vs.ops.rotary_embedding(args.positions, args.q[..., dims.QK_NOPE_HEAD_DIM:], args.k_pe, dims.QK_ROPE_HEAD_DIM,
                             vs.cos_sin_cache, False)

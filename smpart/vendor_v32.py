@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .triton_kernels import dims
-from .vendor import _config_get, _resolve_topk, _vendor_state
+from .vendor import _config_get, _q_gemm, _resolve_topk, _vendor_state
 
 
 def load_fused_q():
@@ -69,15 +69,6 @@ def v32_available() -> tuple[bool, str]:
     except RuntimeError as e:
         return False, str(e)
     return True, why
-
-
-def _gemm(args, vs, use_ue8m0: bool) -> None:
-    T, N = args.num_tokens, args.q_b_proj_weight.shape[0]
-    x_q, x_s = vs.x_q[:T], vs.act_scales(T)
-    vs.ops.per_token_group_fp8_quant(args.q_c, x_q, x_s, dims.QUANT_GROUP, dims.ACT_SCALE_EPS, -dims.FP8_MAX,
-                                     dims.FP8_MAX, bool(use_ue8m0), True, True)
-    vs.dg.fp8_gemm_nt((x_q, x_s), (args.q_b_proj_weight, vs.weight_scale), args.q.view(T, N),
-                      disable_ue8m0_cast=not use_ue8m0)
 
 
 def _fused_q(args, vs, fused_q, part: str = "both"):
@@ -143,7 +134,7 @@ def run_vllm_v32(args, workspace, config, use_ue8m0):
     fused_q = load_fused_q()
     vs = _vendor_state(args, workspace, use_ue8m0)
     vs.dg.set_num_sms(vs.num_sms)
-    _gemm(args, vs, use_ue8m0)
+    _q_gemm(args, vs, use_ue8m0)
     q8, w = _fused_q(args, vs, fused_q)
     _indexer(args, vs, q8, w, use_ue8m0, config)
 
@@ -161,7 +152,7 @@ def run_vllm_v32_dual_stream(args, workspace, config, use_ue8m0):
     _indexer(args, vs, q8, w, use_ue8m0, config)
     with torch.cuda.stream(vs.aux_stream):
         vs.event0.wait()
-        _gemm(args, vs, use_ue8m0)
+        _q_gemm(args, vs, use_ue8m0)
         _fused_q(args, vs, fused_q, part="q_pe")
         vs.event1.record()
     vs.event1.wait()

@@ -10,7 +10,8 @@ from smpart.bench import autotune, kernels
 from smpart.bench import decode as dl
 
 
-@pytest.mark.parametrize("argv, flag", [
+# (argv, text the refusal names) per command
+AUTOTUNE_BAD = [
     (["--heads", "7", "--dry-run"], "--heads"),
     (["--batch", "0"], "--batch"),
     (["--context", "-5"], "--context"),
@@ -22,12 +23,28 @@ from smpart.bench import decode as dl
     (["--replays", "0"], "--replays"),
     (["--budget-s", "0"], "--budget-s"),
     (["--batch", "x"], "--batch"),
-])
-def test_autotune_refuses_bad_flags(argv, flag, capsys):
+]
+KERNELS_BAD = [
+    (["--shapes", "7x1x4096"], "H=7"),
+    (["--shapes", "128x0x4096"], "B=0"),
+    (["--shapes", "128x1x0"], "L=0"),
+    (["--shapes", "128x1"], "HxBxL"),
+    (["--shapes", ","], "at least one"),
+    (["--replays", "0"], "--replays"),
+]
+
+
+@pytest.mark.parametrize("main, argv, text", [(autotune.main, *c) for c in AUTOTUNE_BAD]
+                         + [(kernels.main, *c) for c in KERNELS_BAD],
+                         ids=[f"autotune-{i}" for i in range(len(AUTOTUNE_BAD))]
+                         + [f"kernels-{i}" for i in range(len(KERNELS_BAD))])
+def test_bad_flags_are_refused_by_name(main, argv, text, capsys):
+    """smpart-autotune and ``python -m smpart.bench.kernels``: exit status 2, the flag (or the bad
+    part of a shape) named on stderr."""
     with pytest.raises(SystemExit) as e:
-        autotune.main(argv)
+        main(argv)
     assert e.value.code == 2
-    assert flag in capsys.readouterr().err
+    assert text in capsys.readouterr().err
 
 
 def test_autotune_help_names_the_out_default_once(capsys):
@@ -42,21 +59,6 @@ def test_autotune_dry_run_lists_every_bucket(capsys):
     assert autotune.main(["--dry-run", "--batch", "8,128", "--heads", "16", "--context", "4096"]) == 0
     out = capsys.readouterr().out
     assert "2 buckets" in out and "H16-n1-T8-L4096" in out and "H16-n1-T128-L4096" in out
-
-
-@pytest.mark.parametrize("argv, text", [
-    (["--shapes", "7x1x4096"], "H=7"),
-    (["--shapes", "128x0x4096"], "B=0"),
-    (["--shapes", "128x1x0"], "L=0"),
-    (["--shapes", "128x1"], "HxBxL"),
-    (["--shapes", ","], "at least one"),
-    (["--replays", "0"], "--replays"),
-])
-def test_kernels_bench_refuses_bad_flags(argv, text, capsys):
-    with pytest.raises(SystemExit) as e:
-        kernels.main(argv)
-    assert e.value.code == 2
-    assert text in capsys.readouterr().err
 
 
 def test_kernels_bench_help_shows_defaults(capsys):

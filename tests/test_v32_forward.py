@@ -9,9 +9,7 @@ reference for ``sparse_attn_indexer``, RNE for the interpreter's truncating bf16
 ``q_pe``, ``topk_indices``), both caches' bytes, the output.
 """
 
-import json
 import os
-import tempfile
 import types
 
 import numpy as np
@@ -28,6 +26,7 @@ from smpart import reference as R  # noqa: E402
 from smpart.batch import make_decode_batch  # noqa: E402
 from smpart.checks import check_topk  # noqa: E402
 from smpart.triton_kernels import dims  # noqa: E402
+from vllm_cpu_env import _decode_metadata, dsv32_vllm_config  # noqa: E402 - tests/ is on pytest's pythonpath
 
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -141,9 +140,6 @@ def _indexer_standin(topk_buf_holder):
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
-    from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
-                                  init_distributed_environment, initialize_model_parallel)
     import triton.runtime.interpreter as interp
     import vllm.model_executor.layers.quantization.fp8 as vllm_fp8
     import vllm.models.deepseek_v32.attention as A
@@ -151,28 +147,9 @@ def venv(tmp_path_factory):
 
     from smpart.integration.v32 import vllm_kernels
 
-    model_dir = tmp_path_factory.mktemp("dsv32p")
-    (model_dir / "config.json").write_text(json.dumps({
-        "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "torch_dtype": "bfloat16",
-        "hidden_size": HIDDEN, "intermediate_size": 512, "moe_intermediate_size": 256, "num_hidden_layers": 61,
-        "num_attention_heads": H, "num_key_value_heads": H, "n_routed_experts": 8, "num_experts_per_tok": 2,
-        "n_group": 1, "topk_group": 1, "first_k_dense_replace": 3, "vocab_size": 1024,
-        "q_lora_rank": dims.Q_LORA_RANK, "kv_lora_rank": dims.KV_LORA_RANK, "qk_nope_head_dim": dims.QK_NOPE_HEAD_DIM,
-        "qk_rope_head_dim": dims.QK_ROPE_HEAD_DIM, "v_head_dim": 128, "index_topk": dims.INDEX_TOPK,
-        "index_n_heads": dims.INDEX_N_HEADS, "index_head_dim": dims.INDEX_HEAD_DIM, "max_position_embeddings": 163840,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000,
-        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-    }))
-    mc = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=4096)
-    cfg = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), cache_config=CacheConfig(block_size=64))
-    with set_current_vllm_config(cfg):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"file://{tempfile.mktemp(prefix='smpart-dist-')}")
-        initialize_model_parallel(1, 1)
-    vk = vllm_kernels.load()
     holder = {"buf": None, "calls": 0}
-    with pytest.MonkeyPatch.context() as mp:
+    with dsv32_vllm_config(tmp_path_factory, "dsv32p") as cfg, pytest.MonkeyPatch.context() as mp:
+        vk = vllm_kernels.load()
         mp.setattr(vllm_fp8, "init_fp8_linear_kernel", lambda **kw: _GemmStandIn(**kw))
         mp.setattr(A, "fused_norm_rope", vk.fused_norm_rope)
         mp.setattr(A, "fused_q", vk.fused_q)
@@ -181,8 +158,6 @@ def venv(tmp_path_factory):
         mp.setattr(vllm_indexer, "num_compute_units", lambda device_id=None: 8)
         mp.setenv("SMPART_DSV32_ASSUME_SM90", "1")
         yield types.SimpleNamespace(cfg=cfg, holder=holder, layer_ids=iter(range(100)))
-    destroy_model_parallel()
-    destroy_distributed_environment()
 
 
 def _build_layer(venv):
@@ -222,28 +197,6 @@ def _build_layer(venv):
     return layer
 
 
-def _metadata(venv, prefix, args, next_n=1):
-    from vllm.config import set_current_vllm_config
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-    from vllm.v1.attention.backends.mla.indexer import DeepseekV32IndexerMetadataBuilder
-    from vllm.v1.kv_cache_interface import MLAAttentionSpec
-
-    B = args.context_lens.shape[0]
-    T = B * next_n
-    with set_current_vllm_config(venv.cfg):
-        spec = MLAAttentionSpec(block_size=64, num_kv_heads=1, head_size=dims.CACHE_BYTES_PER_TOKEN, dtype=torch.uint8)
-        builder = DeepseekV32IndexerMetadataBuilder(spec, [prefix], venv.cfg, torch.device("cpu"),
-                                                    block_table_width=args.block_table.shape[1])
-        qsl = torch.arange(B + 1, dtype=torch.int32) * next_n
-        cm = CommonAttentionMetadata(
-            query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=args.context_lens, num_reqs=B,
-            num_actual_tokens=T, max_query_len=next_n, max_seq_len=int(args.context_lens.max()),
-            block_table_tensor=args.block_table, slot_mapping=args.slot_mapping,
-            seq_lens_cpu_upper_bound=args.context_lens.clone(),
-        )
-        return builder.build(0, cm)
-
-
 def _run(venv, layer, forward, positions, hidden, idx_md, slots, mla_cache, idx_cache, mode):
     from vllm.config import set_current_vllm_config
     from vllm.forward_context import set_forward_context
@@ -280,7 +233,7 @@ def test_swapped_forward_matches_vllm(venv, lens):
     hidden = torch.randn(T, HIDDEN, generator=g).bfloat16()
     num_blocks = a.kv_cache.shape[0]
     mla_cache = torch.zeros(num_blocks, 64, dims.KV_LORA_RANK + dims.QK_ROPE_HEAD_DIM, dtype=torch.bfloat16)
-    idx_md = _metadata(venv, layer.indexer.k_cache.prefix, a)
+    idx_md = _decode_metadata(venv, layer.indexer.k_cache.prefix, a)
 
     venv.holder["calls"] = 0
     out_v, (ql_v, qpe_v, topk_v) = _run(venv, layer, DeepseekV32Attention.forward.__get__(layer), positions, hidden,
@@ -314,6 +267,21 @@ def test_swapped_forward_matches_vllm(venv, lens):
     assert torch.equal(out_s, out_v)
 
 
+def _one_decode_step(venv, layer, mode):
+    """One decode step of one request (70 tokens, seed 3) through ``layer.forward`` under the graph
+    mode ``mode``, with ``ops.stats`` and the indexer stand-in's call count cleared first."""
+    from smpart.integration import ops
+
+    a = make_decode_batch([70], num_heads=H, seed=3).args
+    idx_md = _decode_metadata(venv, layer.indexer.k_cache.prefix, a)
+    hidden = torch.randn(1, HIDDEN).bfloat16()
+    ops.stats.clear()
+    venv.holder["calls"] = 0
+    mla_cache = torch.zeros(a.kv_cache.shape[0], 64, 576, dtype=torch.bfloat16)
+    _run(venv, layer, layer.forward, a.context_lens.long() - 1, hidden, idx_md, a.slot_mapping, mla_cache,
+         a.kv_cache.clone(), mode)
+
+
 def test_piecewise_and_prefill_fall_back_to_vllm(venv):
     from vllm.config import CUDAGraphMode
 
@@ -323,15 +291,7 @@ def test_piecewise_and_prefill_fall_back_to_vllm(venv):
     layer = _build_layer(venv)
     layer.__class__ = SmpartDeepseekV32Attention
     layer.smpart_setup()
-    b = make_decode_batch([70], num_heads=H, seed=3)
-    a = b.args
-    idx_md = _metadata(venv, layer.indexer.k_cache.prefix, a)
-    hidden = torch.randn(1, HIDDEN).bfloat16()
-    ops.stats.clear()
-    venv.holder["calls"] = 0
-    mla_cache = torch.zeros(a.kv_cache.shape[0], 64, 576, dtype=torch.bfloat16)
-    _run(venv, layer, layer.forward, a.context_lens.long() - 1, hidden, idx_md, a.slot_mapping, mla_cache,
-         a.kv_cache.clone(), CUDAGraphMode.PIECEWISE)
+    _one_decode_step(venv, layer, CUDAGraphMode.PIECEWISE)
     assert ops.stats["v32 fallback"] == 1 and venv.holder["calls"] == 1
     assert any("PIECEWISE" in k for k in ops.stats), dict(ops.stats)
 
@@ -353,13 +313,6 @@ def test_bucket_tuned_to_vllm_runs_vllms_forward(venv, monkeypatch):
     layer.smpart_setup()
     monkeypatch.setattr(SmpartDeepseekV32Attention, "_smpart_forward",
                         lambda *a, **k: pytest.fail("the region ran on a bucket tuned to vLLM"))
-    a = make_decode_batch([70], num_heads=H, seed=3).args
-    idx_md = _metadata(venv, layer.indexer.k_cache.prefix, a)
-    hidden = torch.randn(1, HIDDEN).bfloat16()
-    ops.stats.clear()
-    venv.holder["calls"] = 0
-    mla_cache = torch.zeros(a.kv_cache.shape[0], 64, 576, dtype=torch.bfloat16)
-    _run(venv, layer, layer.forward, a.context_lens.long() - 1, hidden, idx_md, a.slot_mapping, mla_cache,
-         a.kv_cache.clone(), CUDAGraphMode.FULL)
+    _one_decode_step(venv, layer, CUDAGraphMode.FULL)
     assert ops.stats["v32 vllm dispatched: vllm_v32_dual_stream"] == 1 and venv.holder["calls"] == 1, dict(ops.stats)
     assert ops.stats["v32 region"] == 0

@@ -100,14 +100,17 @@ def _per_token_group_quant_fp8(x, group_size, eps=1e-10, dtype=None, column_majo
     return R.per_token_group_quant(x, use_ue8m0=bool(use_ue8m0))
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory):
-    """vLLM config + distributed state + CPU stand-ins; yields a namespace with ``cfg``."""
+@contextlib.contextmanager
+def dsv32_vllm_config(tmp_path_factory, name: str = "dsv32"):
+    """vLLM's ``VllmConfig`` for a DSV3.2-shaped model (``config.json`` written to a fresh
+    ``tmp_path_factory`` folder ``name``: DSV3.2's region dims, ``HIDDEN`` hidden size, ``H`` heads,
+    no weights; CPU device, block size 64, ``max_model_len`` 4096) with vLLM's distributed state
+    initialized (gloo, world size 1). Yields the config; tears the distributed state down on exit."""
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
                                   init_distributed_environment, initialize_model_parallel)
 
-    model_dir = tmp_path_factory.mktemp("dsv32")
+    model_dir = tmp_path_factory.mktemp(name)
     (model_dir / "config.json").write_text(json.dumps({
         "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "torch_dtype": "bfloat16",
         "hidden_size": HIDDEN, "intermediate_size": 512, "moe_intermediate_size": 256, "num_hidden_layers": 61,
@@ -126,21 +129,29 @@ def venv(tmp_path_factory):
         init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                      distributed_init_method=f"file://{tempfile.mktemp(prefix='smpart-dist-')}")
         initialize_model_parallel(1, 1)
+    try:
+        yield cfg
+    finally:
+        destroy_model_parallel()
+        destroy_distributed_environment()
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    """vLLM config + distributed state + CPU stand-ins; yields a namespace with ``cfg``."""
     import vllm.model_executor.layers.mla as vllm_mla
     import vllm.model_executor.layers.quantization.fp8 as vllm_fp8
     import vllm.model_executor.layers.quantization.utils.fp8_utils as vllm_fp8_utils
     import vllm.model_executor.models.deepseek_v2 as vllm_dsv2
     import vllm.v1.attention.backends.mla.indexer as vllm_indexer
 
-    with pytest.MonkeyPatch.context() as mp:
+    with dsv32_vllm_config(tmp_path_factory) as cfg, pytest.MonkeyPatch.context() as mp:
         mp.setattr(vllm_mla, "MLAAttention", _StubMLAAttention)
         mp.setattr(vllm_fp8, "init_fp8_linear_kernel", lambda **kw: _DequantFp8Kernel(**kw))
         mp.setattr(vllm_fp8_utils, "per_token_group_quant_fp8", _per_token_group_quant_fp8)
         mp.setattr(vllm_dsv2, "per_token_group_quant_fp8", _per_token_group_quant_fp8)
         mp.setattr(vllm_indexer, "num_compute_units", lambda device_id=None: 8)
         yield types.SimpleNamespace(cfg=cfg, layer_ids=iter(range(1000)))
-    destroy_model_parallel()
-    destroy_distributed_environment()
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Top-2048 per decode row from a 2048-bin per-row histogram: one read of the row, many programs.
 
-Semantics as ``topk.py`` (vLLM 0.33 ``indexer_topk.py``): for decode row ``t`` with visible length
-``L_t``, the positions of the ``min(L_t, 2048)`` largest logits of ``logits[t, :L_t]`` (any order)
-go to ``topk_indices[t]``, -1 to the columns past ``min(L_t, 2048)``; nothing past ``L_t`` is read.
+Every path's top-k. Semantics of vLLM 0.33 ``vllm/model_executor/layers/indexer_topk.py``
+(``SparseIndexerTopk``): for decode row ``t`` with visible length ``L_t``, the positions of the
+``min(L_t, 2048)`` largest logits of ``logits[t, :L_t]`` (any order) go to ``topk_indices[t]``, -1
+to the columns past ``min(L_t, 2048)``; nothing past ``L_t`` is read.
 Selection is exact and deterministic: rank by key (descending), then by position (ascending); the
 selected *set* is the same on every call whatever the programs' order (the order inside the row
 is free and may vary).
