@@ -453,17 +453,27 @@ def vllm_indexer_tail(args, vs: VendorWorkspace, use_ue8m0: bool, config=None) -
     q = args.index_q_fp8.view(B, next_n, dims.INDEX_N_HEADS, dims.INDEX_HEAD_DIM)
     logits = vs.dg.fp8_fp4_paged_mqa_logits((q, None), args.kv_cache.unsqueeze(-2), args.index_weights, ctx2d,
                                             args.block_table, vs.schedule_meta, max_model_len)
+    _vllm_topk(vs, logits, ctx2d, args.topk_indices, next_n, config, "vllm_*")
+
+
+def _vllm_topk(vs, logits, ctx2d, topk_indices, next_n: int, config, who: str) -> None:
+    """vLLM's decode top-k on its own logits (``indexer_topk.py``: the ``config`` key ``topk_backend``,
+    ``auto`` resolved as :func:`_resolve_topk`). ``who`` names the paths in the errors.
+
+    Raises
+    ------
+    RuntimeError : ``per_row`` without ``top_k_per_row_decode`` in the loaded ops.
+    ValueError : an unknown ``config.topk_backend``.
+    """
     backend = _resolve_topk(vs, logits, logits.shape[0], _config_get(config, "topk_backend", "auto"))
     if backend == "cooperative":
-        vs.ops.cooperative_topk(logits, ctx2d, args.topk_indices, vs.topk_workspace, dims.INDEX_TOPK,
-                                vs.max_seq_len)
+        vs.ops.cooperative_topk(logits, ctx2d, topk_indices, vs.topk_workspace, dims.INDEX_TOPK, vs.max_seq_len)
     elif backend == "persistent":
-        vs.ops.persistent_topk(logits, ctx2d, args.topk_indices, vs.topk_workspace, dims.INDEX_TOPK,
-                               vs.max_seq_len)
+        vs.ops.persistent_topk(logits, ctx2d, topk_indices, vs.topk_workspace, dims.INDEX_TOPK, vs.max_seq_len)
     elif backend == "per_row":
         if vs.ops.top_k_per_row_decode is None:
-            raise RuntimeError("vllm_*: top_k_per_row_decode is not in the loaded vLLM ops")
-        vs.ops.top_k_per_row_decode(logits, next_n, ctx2d, args.topk_indices, logits.shape[0], logits.stride(0),
+            raise RuntimeError(f"{who}: top_k_per_row_decode is not in the loaded vLLM ops")
+        vs.ops.top_k_per_row_decode(logits, next_n, ctx2d, topk_indices, logits.shape[0], logits.stride(0),
                                     logits.stride(1), dims.INDEX_TOPK)
     else:
         raise ValueError(f"config.topk_backend: expected auto/cooperative/persistent/per_row, got {backend!r}")

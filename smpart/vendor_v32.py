@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .triton_kernels import dims
-from .vendor import _config_get, _q_gemm, _resolve_topk, _vendor_state
+from .vendor import _config_get, _q_gemm, _vendor_state, _vllm_topk
 
 
 def load_fused_q():
@@ -108,18 +108,7 @@ def _indexer(args, vs, q8, w, use_ue8m0: bool, config) -> None:
     q = q8.view(B, next_n, dims.INDEX_N_HEADS, dims.INDEX_HEAD_DIM)
     logits = vs.dg.fp8_fp4_paged_mqa_logits((q, None), args.kv_cache.unsqueeze(-2), w, ctx2d, args.block_table,
                                             vs.schedule_meta, max_model_len)
-    backend = _resolve_topk(vs, logits, logits.shape[0], _config_get(config, "topk_backend", "auto"))
-    if backend == "cooperative":
-        vs.ops.cooperative_topk(logits, ctx2d, args.topk_indices, vs.topk_workspace, dims.INDEX_TOPK, vs.max_seq_len)
-    elif backend == "persistent":
-        vs.ops.persistent_topk(logits, ctx2d, args.topk_indices, vs.topk_workspace, dims.INDEX_TOPK, vs.max_seq_len)
-    elif backend == "per_row":
-        if vs.ops.top_k_per_row_decode is None:
-            raise RuntimeError("vllm_v32*: top_k_per_row_decode is not in the loaded vLLM ops")
-        vs.ops.top_k_per_row_decode(logits, next_n, ctx2d, args.topk_indices, logits.shape[0], logits.stride(0),
-                                    logits.stride(1), dims.INDEX_TOPK)
-    else:
-        raise ValueError(f"config.topk_backend: expected auto/cooperative/persistent/per_row, got {backend!r}")
+    _vllm_topk(vs, logits, ctx2d, args.topk_indices, next_n, config, "vllm_v32*")
 
 
 def _check(args) -> None:
