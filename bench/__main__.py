@@ -46,9 +46,18 @@ CSV_FIELDS = [
 ]
 
 
+def _items(s: str) -> list[str]:
+    """Comma-separated items, stripped; an empty item (``1,,2``, a trailing comma) is an error."""
+    items = [x.strip() for x in s.split(",")]
+    if not s.strip() or any(not x for x in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated values with none empty, got {s!r}")
+    return items
+
+
 def _int_list(s: str) -> list[int]:
+    items = _items(s)
     try:
-        return [int(x) for x in s.split(",") if x.strip()]
+        return [int(x) for x in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
@@ -59,7 +68,7 @@ MIXED = "mixed"
 def _context_list(s: str) -> list:
     """Context lengths, or ``mixed``: per-request lengths drawn by :func:`mixed_lens`."""
     out = []
-    for x in (x.strip() for x in s.split(",") if x.strip()):
+    for x in _items(s):
         if x == MIXED:
             out.append(MIXED)
             continue
@@ -170,6 +179,8 @@ def cpu_main(args) -> int:
     err = _load_paths()
     if err:
         print(f"smpart-bench: path modules did not import ({err})")
+    print(f"smpart-bench (CPU): nothing is written to --out {args.out} (results.csv/md, latency.png hold GPU "
+          f"timings; a CPU checks correctness only)", flush=True)
     shape = CPU_SHAPE
     cpu_paths = [p for p in CPU_PATHS if p in args.paths]
     if not cpu_paths:
@@ -238,7 +249,7 @@ def check_grid_args(parser: argparse.ArgumentParser, args) -> None:
 
 def sys_argv_for(args) -> list[str]:
     """The CLI arguments reproducing ``args`` (for the interpreter re-run)."""
-    out = ["--paths", ",".join(args.paths), "--seed", str(args.seed)]
+    out = ["--paths", ",".join(args.paths), "--seed", str(args.seed), "--out", args.out]
     if args.fp32_scales:
         out.append("--fp32-scales")
     return out

@@ -86,6 +86,30 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` on which tensors can be made here.
+
+    Raises
+    ------
+    TypeError : not a str / ``torch.device``. ValueError : unparsable, not cpu / cuda, or cuda with
+    no CUDA device (or an index past the devices).
+    """
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a str or torch.device, got {type(device).__name__} {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"device: not a torch device: {device!r} ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu or cuda, got {str(dev)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {str(dev)!r} asked for, but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {str(dev)!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def make_decode_batch(
     context_lens: Sequence[int] | int,
     batch_size: int | None = None,
@@ -116,21 +140,41 @@ def make_decode_batch(
     use_ue8m0 : power-of-two scales for weights, activations and keys (vLLM 0.33 on Hopper).
     rope_dtype : dtype of ``cos_sin_cache`` (bf16 as vLLM's DeepSeek YaRN rope; fp32 allowed).
     spare_blocks : extra cache blocks, filled with random bytes, that no request owns.
-    seed : RNG seed. device : where tensors live.
+    seed : int, RNG seed. device : str or torch.device, cpu or cuda (a CUDA device must exist).
 
     Raises
     ------
-    ValueError, TypeError : on bad arguments (named).
+    TypeError : a non-int count (``batch_size``, ``num_heads``, ``next_n``, ``num_padding``,
+        ``spare_blocks``, ``seed``, a ``context_lens`` entry; bools are refused), a non-bool flag.
+    ValueError : out-of-range values (named), ``device`` not cpu / cuda or CUDA absent.
     """
     for name, flag in (("tie_free", tie_free), ("use_ue8m0", use_ue8m0)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {flag!r}")
-    if isinstance(context_lens, int):
+    for name, v in (("batch_size", batch_size), ("num_heads", num_heads), ("next_n", next_n),
+                    ("num_padding", num_padding), ("spare_blocks", spare_blocks), ("seed", seed)):
+        if v is None and name == "batch_size":
+            continue
+        if not _is_int(v) or isinstance(v, torch.Tensor):
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    if spare_blocks < 0:
+        raise ValueError(f"spare_blocks: expected >= 0, got {spare_blocks}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    dev = _check_device(device)
+    if _is_int(context_lens) and not isinstance(context_lens, torch.Tensor):
         if batch_size is None:
             raise ValueError("batch_size: required when context_lens is an int")
-        lens = [context_lens] * batch_size
+        lens = [int(context_lens)] * batch_size
+    elif isinstance(context_lens, (bool, float, str, bytes)) or context_lens is None:
+        raise TypeError(f"context_lens: expected an int or a sequence of ints, got {type(context_lens).__name__} "
+                        f"{context_lens!r}")
     else:
-        lens = list(context_lens)
+        try:
+            lens = list(context_lens)
+        except TypeError:
+            raise TypeError(f"context_lens: expected an int or a sequence of ints, got "
+                            f"{type(context_lens).__name__}") from None
         for i, x in enumerate(lens):
             if not _is_int(x):
                 raise TypeError(f"context_lens[{i}]: expected an int, got {type(x).__name__} {x!r}")
@@ -156,7 +200,6 @@ def make_decode_batch(
         raise TypeError(f"rope_dtype: expected torch.bfloat16 or torch.float32, got {rope_dtype}")
     lens = [L if b < batch_size - num_padding else 0 for b, L in enumerate(lens)]
 
-    dev = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     B, H, T = batch_size, num_heads, batch_size * next_n
     N, K = H * dims.QK_HEAD_DIM, dims.Q_LORA_RANK

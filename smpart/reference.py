@@ -79,9 +79,10 @@ def indexer_k_quant_and_cache(
     kf = k.float()
     scale = quant_scale_torch(kf.abs().amax(dim=-1), dims.KEY_SCALE_EPS, use_ue8m0)  # [T]
     q = quant_fp8_torch(kf, scale[:, None]).view(torch.uint8)  # [T, 128]
+    num_slots = kv_cache.shape[0] * dims.CACHE_BLOCK_SIZE
     for t in range(k.shape[0]):
         slot = int(slot_mapping[t])
-        if slot < 0:
+        if not 0 <= slot < num_slots:  # padding (-1), or out of range with value checks off: skipped as the kernel does
             continue
         block, off = divmod(slot, dims.CACHE_BLOCK_SIZE)
         values[block, off] = q[t]
@@ -91,12 +92,22 @@ def indexer_k_quant_and_cache(
 def gather_keys(
     kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``length`` keys of one request: (float8 [length, 128], fp32 scales [length])."""
+    """The first ``length`` keys of one request: (float8 [length, 128], fp32 scales [length]).
+
+    ``length`` is clamped to the row's capacity (``len(block_table_row) * 64``); a block id outside
+    ``[0, num_blocks)`` (reachable only with value checks off) is not dereferenced: its keys and
+    scales read as zero, so their logits are 0, as ``triton_kernels/mqa_logits.py`` masks them.
+    """
     values, scales = cache_values_and_scales(kv_cache)
+    length = max(0, min(int(length), block_table_row.shape[0] * dims.CACHE_BLOCK_SIZE))
     pos = torch.arange(length, device=kv_cache.device)
     blocks = block_table_row.long()[pos // dims.CACHE_BLOCK_SIZE]
+    ok = (blocks >= 0) & (blocks < kv_cache.shape[0])
+    blocks = torch.where(ok, blocks, torch.zeros_like(blocks))
     offs = pos % dims.CACHE_BLOCK_SIZE
-    return values[blocks, offs].view(FP8_DTYPE), scales[blocks, offs]
+    v = values[blocks, offs] * ok[:, None].to(values.dtype)
+    sc = torch.where(ok, scales[blocks, offs], torch.zeros((), dtype=scales.dtype, device=scales.device))
+    return v.view(FP8_DTYPE), sc
 
 
 # --------------------------------------------------------------------------------------
@@ -238,7 +249,7 @@ def mla_rope_(q: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor, cos_
     ``positions`` (int64 [T]); interleaved pairs (``is_neox_style=False``), as vLLM's
     ``MultiHeadLatentAttentionWrapper.forward`` calls ``rotary_emb(positions, q[..., 128:], k_pe)``.
     """
-    cs = cos_sin_cache[positions.long()]
+    cs = cos_sin_cache[_clamp_positions(positions, cos_sin_cache)]  # clamped to [0, max_pos) as the kernels
     half = dims.QK_ROPE_HEAD_DIM // 2
     cos, sin = cs[:, None, :half], cs[:, None, half:]
     q_pe = q[..., dims.QK_NOPE_HEAD_DIM :]
@@ -301,7 +312,7 @@ def run_region(args, use_ue8m0: bool = True) -> None:
     if getattr(args, "index_q", None) is not None:  # production model: index-q prep first (smpart.prep)
         from .triton_kernels.index_q import index_q_prep_torch
 
-        q8, w, _ = index_q_prep_torch(args.positions, args.index_q, args.index_cos_sin_cache, args.index_weights_raw,
+        q8, w, _ = index_q_prep_torch(_clamp_positions(args.positions, args.index_cos_sin_cache), args.index_q, args.index_cos_sin_cache, args.index_weights_raw,
                                       rope_interleave=args.index_rope_interleave)
         args.index_q_fp8.copy_(q8)
         args.index_weights.copy_(w)
@@ -324,7 +335,7 @@ def run_region(args, use_ue8m0: bool = True) -> None:
     )
     if getattr(args, "rope_fused_q", False):
         # vLLM 0.33 fused_q pid 0: fp32 math whatever the table's dtype, one rounding to bf16
-        cs = args.cos_sin_cache[args.positions.long()].float()
+        cs = args.cos_sin_cache[_clamp_positions(args.positions, args.cos_sin_cache)].float()
         half = dims.QK_ROPE_HEAD_DIM // 2
         q_pe = args.q[..., dims.QK_NOPE_HEAD_DIM:]
         q_pe.copy_(rope_interleaved(q_pe, cs[:, None, :half], cs[:, None, half:]))
@@ -340,6 +351,13 @@ def run_region(args, use_ue8m0: bool = True) -> None:
 
 def _cs_split(cos_sin_cache: torch.Tensor, positions: torch.Tensor):
     """(cos, sin) [T, 1, 32] rows of ``cos_sin_cache`` at ``positions`` (as :func:`mla_rope_` takes them)."""
-    cs = cos_sin_cache[positions.long()]
+    cs = cos_sin_cache[_clamp_positions(positions, cos_sin_cache)]
     half = dims.QK_ROPE_HEAD_DIM // 2
     return cs[:, None, :half], cs[:, None, half:]
+
+
+def _clamp_positions(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """int64 ``positions`` clamped to ``[0, max_pos)``, as ``triton_kernels/q_b_proj.py``'s RoPE clamps
+    them (out-of-range positions are refused by the value checks; with them off every path reads
+    the same rows)."""
+    return positions.long().clamp(0, max(cos_sin_cache.shape[0] - 1, 0))

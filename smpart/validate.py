@@ -32,6 +32,36 @@ def _check(name: str, t, dtype: torch.dtype, shape: tuple, device: torch.device,
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
 
 
+
+def check_args_type(args, name: str = "args") -> None:
+    """Refuse anything but a :class:`smpart.region.RegionArgs` (duck-typed: this module sits below
+    ``region``).
+
+    Raises
+    ------
+    TypeError : ``name`` is None, a ``DecodeBatch`` (message: pass ``batch.args``) or another type.
+    """
+    if hasattr(args, "args") and hasattr(getattr(args, "args"), "q_c"):
+        raise TypeError(f"{name}: expected a RegionArgs, got a {type(args).__name__}; pass batch.args")
+    if type(args).__name__ != "RegionArgs" or not all(hasattr(args, f) for f in _TENSOR_FIELDS + ("next_n",)):
+        raise TypeError(f"{name}: expected a RegionArgs, got {type(args).__name__}")
+
+
+def check_max_len(max_len, name: str = "max_len") -> None:
+    """``max_len`` (if not None) is an int (not a bool) >= 1.
+
+    Raises
+    ------
+    TypeError : not an int. ValueError : <= 0.
+    """
+    if max_len is None:
+        return
+    if isinstance(max_len, bool) or not isinstance(max_len, int):
+        raise TypeError(f"{name}: expected an int, got {type(max_len).__name__} {max_len!r}")
+    if max_len < 1:
+        raise ValueError(f"{name}: expected a positive int, got {max_len}")
+
+
 def validate_region_args(args, max_len: int | None = None, check_values: bool | None = None) -> None:
     """Check a :class:`RegionArgs` before any kernel runs.
 
@@ -44,11 +74,15 @@ def validate_region_args(args, max_len: int | None = None, check_values: bool | 
 
     Raises
     ------
-    TypeError : wrong tensor type or dtype (message names the argument).
-    ValueError : wrong shape, device, contiguity, ``T > 256``, ``next_n``, or (value checks) a
+    TypeError : ``args`` not a RegionArgs (a ``DecodeBatch``: pass ``batch.args``), ``max_len`` not an
+        int, wrong tensor type or dtype (message names the argument).
+    ValueError : ``max_len`` <= 0, tensors on a device other than cpu / cuda (e.g. ``meta``), wrong
+        shape, device, contiguity, ``T > 256``, ``next_n``, or (value checks) a
         length beyond the block table / workspace, a block id beyond the cache, a slot outside
         ``[-1, num_blocks*64)``, a position outside ``cos_sin_cache``.
     """
+    check_args_type(args)
+    check_max_len(max_len)
     a = args
     if not isinstance(a.next_n, int) or isinstance(a.next_n, bool):
         raise TypeError(f"next_n: expected an int (1 or 2), got {type(a.next_n).__name__}")
@@ -62,6 +96,9 @@ def validate_region_args(args, max_len: int | None = None, check_values: bool | 
     if a.q_c.dim() != 2:
         raise ValueError("q_c: expected a 2-D torch.Tensor [T, 1536]")
     dev = a.q_c.device
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"q_c: tensors on device {str(dev)!r}; the region runs on cpu or cuda tensors "
+                         f"(a {dev.type} tensor has no values to compute with)")
     T = a.q_c.shape[0]
     if T < 1 or T > dims.T_MAX:
         raise ValueError(f"q_c: expected 1..{dims.T_MAX} decode rows (T), got {T}")

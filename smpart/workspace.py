@@ -57,6 +57,9 @@ class RegionWorkspace:
         """
         if not 1 <= max_tokens <= dims.T_MAX:
             raise ValueError(f"max_tokens: expected 1..{dims.T_MAX}, got {max_tokens}")
+        from .validate import check_max_len
+
+        check_max_len(max_len)
         if not 1 <= max_len <= dims.MAX_MODEL_LEN:
             raise ValueError(f"max_len: expected 1..{dims.MAX_MODEL_LEN}, got {max_len}")
         from .triton_kernels.radix_topk import RadixTopkWorkspace
@@ -82,7 +85,18 @@ class RegionWorkspace:
     @classmethod
     def for_args(cls, args, max_len: int | None = None) -> "RegionWorkspace":
         """A workspace for ``args`` (RegionArgs); ``max_len`` defaults to the block table's capacity
-        (``block_table.shape[1] * 64``, capped at 163840), which needs no device read."""
+        (``block_table.shape[1] * 64``, capped at 163840), which needs no device read.
+
+        Raises
+        ------
+        TypeError : ``args`` not a RegionArgs (a ``DecodeBatch``: pass ``batch.args``); ``max_len``
+            not an int.
+        ValueError : ``max_len`` <= 0 or > 163840.
+        """
+        from .validate import check_args_type, check_max_len
+
+        check_args_type(args)
+        check_max_len(max_len)
         if max_len is None:
             max_len = min(args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE, dims.MAX_MODEL_LEN)
         return cls.for_shape(args.num_tokens, max_len, args.q_c.device)

@@ -91,8 +91,9 @@ class PartitionConfig:
         and ``short_max`` set the positions per top-k item (``radix_topk.radix_chunk``) in every
         split, ``num_warps`` the warps of the second launch (standalone or tail; the tail's GEMM
         tiles run at them too); ``hist_warps`` is unused (the logits role fills the histograms).
-    roles : bit mask of the work run (1 key write, 2 logits, 4 top-k, 8 GEMM); anything but 15
-        gives incomplete outputs: a benchmark knob to time one role inside the fused launch.
+    roles : bit mask of the work run (1 key write, 2 logits, 4 top-k, 8 GEMM), 1..15 (at least one
+        role; 0 is refused); anything but 15 gives incomplete outputs: a benchmark knob to time one
+        role (or a subset) inside the fused launch.
     gemm_in_tail : fraction (0..1) of ``q_b_proj``'s output columns (rounded to multiples of 256,
         the last columns) whose GEMM tiles run in the top-k launch instead of the fused one
         (``fuse_topk=False`` only). The top-k is latency-bound on a few programs (one per row and
@@ -202,7 +203,7 @@ class PartitionConfig:
         integer("maxnreg", 96, none_ok=True)  # ptxas: >= 58 (>= 90 with 128-token tiles) to compile
         if self.maxnreg is not None and self.maxnreg > 255:
             raise ValueError(f"config.maxnreg: expected 96..255 registers per thread, got {self.maxnreg}")
-        integer("roles", 0, hi=15)
+        integer("roles", 1, hi=15)  # 0 would run nothing and leave every output unwritten
         one_of("block_n", (64, 128, 256))
         one_of("tail_block_n", (64, 128, 256))
         one_of("blocks_per_item", (1, 2, 4, 8))

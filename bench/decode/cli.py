@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -97,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-max", type=int, default=None, help="output length clip (tokens)")
     p.add_argument("--arrival-peak", type=float, default=None, help="peak arrivals per step (default: auto)")
     p.add_argument("--arrival-period", type=int, default=None, help="steps per arrival wave (default: auto)")
-    p.add_argument("--mtp-accept", type=float, default=0.85,
-                   help="MTP draft acceptance probability (next_n=2; default 0.85)")
+    p.add_argument("--mtp-accept", type=float, default=None,
+                   help="MTP draft acceptance probability in [0, 1] (--next-n 2 only; default 0.85)")
     p.add_argument("--tie-free", action="store_true", help="tie-free indexer inputs (exact top-k index sets)")
     p.add_argument("--pad-batches", action="store_true", help="pad eager batches to their bucket too")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full = checks.check_region; fast = its vectorized twin (default: fast on GPU, full on CPU)")
     p.add_argument("--check-every", type=int, default=1, help="compare with the reference every N-th step (default 1)")
     p.add_argument("--time-budget-s", type=float, default=None,
-                   help="stop after the step that passes this many seconds of loop time (outputs still written)")
+                   help="stop after the step that passes this many seconds (>= 0) of loop time (outputs still "
+                        "written)")
     p.add_argument("--fp32-scales", action="store_true", help="plain fp32 scales instead of UE8M0")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
     p.add_argument("--out", default="decode_out", help="output folder for steps.csv, summary.json, summary.md, "
@@ -140,6 +142,13 @@ def config_from_args(a: argparse.Namespace, cuda: bool, v32: tuple[bool, str] | 
     ------
     ValueError : a bad option.
     """
+    if a.time_budget_s is not None and not (math.isfinite(a.time_budget_s) and a.time_budget_s >= 0):
+        raise ValueError(f"--time-budget-s: expected a finite number of seconds >= 0, got {a.time_budget_s!r}")
+    if a.mtp_accept is not None and a.next_n != 2:
+        raise ValueError(f"--mtp-accept: the MTP draft acceptance applies to --next-n 2 only (got next_n "
+                         f"{a.next_n}); drop it or add --next-n 2")
+    if a.mtp_accept is not None and not (math.isfinite(a.mtp_accept) and 0.0 <= a.mtp_accept <= 1.0):
+        raise ValueError(f"--mtp-accept: expected a probability in [0, 1], got {a.mtp_accept!r}")
     max_context = a.max_context if a.max_context is not None else (131072 if cuda else 3072)
     lo = a.next_n + 1  # one prompt token plus the step's new tokens (LoopConfig.resolved's bound)
     if not isinstance(max_context, int) or not lo <= max_context <= MAX_MODEL_LEN:
@@ -185,13 +194,34 @@ def config_from_args(a: argparse.Namespace, cuda: bool, v32: tuple[bool, str] | 
         steps=a.steps if a.steps is not None else (200 if cuda else 20),
         max_batch=a.max_batch if a.max_batch is not None else (128 if cuda else 4),
         max_context=max_context, num_blocks=a.num_blocks, paths=tuple(paths), strides=strides, configs=configs,
-        mix=mix, arrival_peak=a.arrival_peak, arrival_period=a.arrival_period, mtp_accept=a.mtp_accept,
+        mix=mix, arrival_peak=a.arrival_peak, arrival_period=a.arrival_period,
+        mtp_accept=0.85 if a.mtp_accept is None else a.mtp_accept,
         tie_free=a.tie_free, pad_batches=a.pad_batches,
         graphs=cuda if a.graphs is None else a.graphs, cold_l2=cuda if a.cold_l2 is None else a.cold_l2,
         check=a.check or ("fast" if cuda else "full"), check_every=a.check_every,
         use_ue8m0=not a.fp32_scales, seed=a.seed, device="cuda" if cuda else "cpu",
         production=v32_ok and any(p in V32_PATHS for p in paths),
     )
+
+
+def prepare_out_dir(out) -> None:
+    """Make the output folder ``--out`` now, before any step runs, so that a bad one fails at once.
+
+    Raises
+    ------
+    ValueError : ``out`` is empty, an existing non-folder, cannot be created, or is not writable
+        (the message names ``--out``).
+    """
+    if not isinstance(out, str) or not out:
+        raise ValueError(f"--out: expected a folder path, got {out!r}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out: {out!r} exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out: cannot create the folder {out!r} ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: the folder {out!r} is not writable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     v32 = v32_baseline(want_cuda)
     try:  # bad options are refused here, before any kernel runs or the command re-runs itself
         cfg = config_from_args(a, want_cuda, v32).resolved()
+        prepare_out_dir(a.out)
     except (ValueError, TypeError) as e:  # bad options, or a --partitioned-config value of the wrong type
         print(f"smpart-bench decode: {e}", file=sys.stderr)
         return 2
@@ -258,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     loop = DecodeLoop(cfg, progress=progress)
     for p, why in loop.skipped.items():
         print(f"skipped: {p}: {why}")
+    if not loop.path_names:
+        print(f"smpart-bench decode: no path to compare with the reference: every path of --paths "
+              f"{list(cfg.paths)} was skipped here (reasons above); nothing was run", file=sys.stderr)
+        return 2
     mismatch = None
     t0 = time.perf_counter()
     try:
@@ -300,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     print("wrote " + ", ".join(files))
     if mismatch:
         print(format_report(mismatch), file=sys.stderr)
+        return 1
+    compared = [p for p in loop.path_names if st.path_runs.get(p, 0) > 0]
+    if not compared or not st.checks:
+        print(f"smpart-bench decode: no path was compared with the reference (paths run: {compared or 'none'}, "
+              f"steps checked: {st.checks}): no mismatch to report, nothing verified", file=sys.stderr)
         return 1
     print("zero mismatches" + (f"; but {sorted(loop.failed)} could not be captured" if loop.failed else ""))
     return 1 if loop.failed else 0
