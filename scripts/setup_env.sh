@@ -37,6 +37,8 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
     exit 0
 fi
 PIP=("$PY" -m pip install -q)
+# numpy first: importing torch without it prints "Failed to initialize NumPy" (the torch probes below)
+"${PIP[@]}" 'numpy<2.4'
 
 have_torch() { "$PY" -c "import torch" >/dev/null 2>&1; }
 if [ "$GPU" = 1 ]; then

@@ -38,3 +38,31 @@ def test_readme_python_example_runs():
     out = subprocess.run([sys.executable, "-c", code + "\nprint('example ok')\n"], capture_output=True, text=True,
                          timeout=600, env=env, cwd=str(ROOT))
     assert out.returncode == 0 and "example ok" in out.stdout, out.stderr[-3000:]
+    assert "partitioned matches the reference" in out.stdout  # the example shows that it worked
+
+
+def test_readme_lists_every_path():
+    from smpart import PATHS
+
+    text = (ROOT / "README.md").read_text()
+    para = text[text.index("Paths (`smpart.PATHS`)"):]
+    para = para[: para.index("\n\n")]
+    missing = [p for p in PATHS if f"`{p}`" not in para]
+    assert not missing, f"README's list of paths lacks {missing}"
+
+
+def test_readme_says_how_to_run_one_test_file():
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"make test PYTEST_ARGS='(tests/test_\w+\.py)'", text)
+    assert m and (ROOT / m.group(1)).exists()
+    make = (ROOT / "Makefile").read_text()
+    assert re.search(r"\ntest: env-test\n\t.*-m pytest \$\(PYTEST_ARGS\)", make)  # the file reaches pytest
+
+
+def test_setup_env_installs_numpy_before_importing_torch():
+    """torch imported without numpy warns "Failed to initialize NumPy" during the set-up."""
+    lines = (ROOT / "scripts" / "setup_env.sh").read_text().splitlines()
+    code = [i for i, l in enumerate(lines) if not l.lstrip().startswith("#")]
+    first_torch = min(i for i in code if "import torch" in lines[i])
+    first_numpy = min(i for i in code if "numpy<2.4" in lines[i] and "PIP" in lines[i])
+    assert first_numpy < first_torch
