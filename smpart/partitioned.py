@@ -23,7 +23,7 @@ from .triton_kernels.mqa_logits import mqa_logits_runs_per_row
 from .triton_kernels.partitioned import (GRID_X_MAX, PROGRAMS_PER_SM_MAX, PartitionConfig, _partitioned_kernel,
                                          _topk_gemm_tail_kernel)
 from .triton_kernels.q_b_proj import default_block_t, launch_q_c_quant
-from .triton_kernels.radix_topk import TOPK_K, RadixTopkConfig, RadixTopkWorkspace, radix_chunk, radix_topk
+from .triton_kernels.radix_topk import TOPK_K, RadixTopkConfig, RadixTopkWorkspace, hist_fed, radix_chunk, radix_topk
 
 
 _TAIL_ALIGN = 256  # gemm_in_tail moves output columns in multiples of this (any tile height divides it)
@@ -143,7 +143,11 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         roles &= ~8  # the GEMM runs in the top-k launch (or not at all)
     # the logits role counts every logit in its row's histogram whenever the top-k runs (in this
     # launch or the next): the top-k zeroes the histograms, so they never outlive a launch pair
-    hist = bool(cfg.roles & 2) and bool(cfg.roles & 4)
+    # (the tail's and the fused top-k's items need it; a standalone top-k after the launch builds
+    # its own above radix_topk.FED_MAX_POSITIONS, where the producer's atomics cost more)
+    tail_topk = bool(tail_cols) and bool(cfg.roles & 12)
+    hist = bool(cfg.roles & 2) and bool(cfg.roles & 4) and (
+        cfg.fuse_topk or tail_topk or hist_fed(T, max(min(ws.logits.shape[1], cols), 0)))
     index_q_side(args)  # RegionArgs.index_q given: the index-q prep as a prologue launch (smpart.prep)
     if first_pre:
         launch_q_c_quant(args.q_c, xq, xs, use_ue8m0, hw_cvt)
@@ -176,7 +180,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
                          cols, topk_chunk)
     elif cfg.roles & 4:
         radix_topk(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=rw, max_len=cols,
-                   hist_ready=True, config=cfg.topk_config)
+                   hist_ready=hist, config=cfg.topk_config)
 
 
 def _bound(name: str, programs: int, items: int, busy: int) -> None:

@@ -319,3 +319,37 @@ def test_redraw_decode_metadata_steps(device):
         redraw_decode_metadata(base.args, pool, 4 * 64 + 1, g)
     with pytest.raises(ValueError, match="num_blocks"):
         redraw_decode_metadata(base.args, B * 4 - 1, max_len, g)
+
+
+@pytest.mark.parametrize("path,cfg", [("sequential", None), ("partitioned", PartitionConfig()),
+                                      ("partitioned", PartitionConfig(gemm_in_tail=1.0))],
+                         ids=["sequential", "partitioned-standalone-topk", "partitioned-tail"])
+def test_top_k_without_producer_histogram(path, cfg, device, monkeypatch):
+    """Above ``radix_topk.FED_MAX_POSITIONS`` the logits build no histogram and the standalone top-k
+    runs its own pass (the tail's items still need the producer's): forced here with a threshold of
+    0, every row equals ``reference`` and the workspace is clean after two calls."""
+    from smpart import partitioned as part_host
+    from smpart import schedules
+
+    seen = []
+
+    def never(num_rows, lmax):
+        seen.append((num_rows, lmax))
+        return False
+
+    monkeypatch.setattr(schedules, "hist_fed", never)
+    monkeypatch.setattr(part_host, "hist_fed", never)
+    cfg = None if cfg is None else dataclasses.replace(cfg, topk_config=SMALL_TOPK)
+    ws = None
+    for i, lens in enumerate(([4100, 70], [2, 3000, 2049])):
+        b = make_decode_batch(lens, num_heads=16, next_n=1, seed=60 + i)
+        b = b if device == "cpu" else _to(b, device)
+        ref = b.clone()
+        run_region(ref.args, path="reference")
+        out = b.clone()
+        if ws is None:
+            ws = RegionWorkspace.for_shape(4, 4160, out.args.q_c.device)
+        run_region(out.args, path=path, workspace=ws, config=cfg)
+        checks.check_region(out.args, ref.args, b)
+        _assert_clean(ws)
+    assert seen or cfg.gemm_in_tail, "the rule was not consulted"

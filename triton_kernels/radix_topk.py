@@ -54,6 +54,12 @@ RADIX_CP = 256  # members ranked pairwise (<= this after narrowing)
 RADIX_RT = 32  # rows of the pairwise rank tile
 RADIX_CHUNK = 4096  # positions per (row, chunk) program of long rows
 RADIX_SHORT = 8192  # rows up to this many positions: one program per row
+# Largest rows x positions for which the logits producer builds the histograms (``hist_fed``).
+# Measured on an H100 (2026-12-07, bench/results/nvidia_h100/2026-12-07/topk.csv, us, cold L2):
+# logits + producer histogram + select = 16.5 / 40.3 / 160.8 at 1x4K / 32x8K / 128x16K against
+# 6.8+17.1 / 20.8+24.3 / 105.4+75.8 for logits + standalone radix (its own histogram pass), but
+# 724.1 against 392.0+212.1 at 128x64K: the producer's RED atomics contend on the hot bins there.
+FED_MAX_POSITIONS = 1 << 21
 
 _NB = tl.constexpr(HIST_BINS)
 _INT_MAX = tl.constexpr(2147483647)
@@ -443,6 +449,21 @@ class RadixTopkWorkspace:
     def nbytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in (self.hist, self.counters, self.cand_key, self.cand_pos,
                                                           self.scratch))
+
+
+def hist_fed(num_rows: int, lmax: int) -> bool:
+    """Whether the logits producer should build the radix histograms for ``num_rows`` rows of up to
+    ``lmax`` positions (else the top-k runs its own histogram pass: ``radix_topk(hist_ready=False)``).
+
+    Parameters
+    ----------
+    num_rows : int, rows T. lmax : int, the rows' length bound (positions).
+
+    Returns
+    -------
+    bool : ``num_rows * lmax <= FED_MAX_POSITIONS`` (the H100 measurement in this module's header).
+    """
+    return num_rows * lmax <= FED_MAX_POSITIONS
 
 
 def radix_chunk(lmax: int, config: RadixTopkConfig | None = None) -> int:
