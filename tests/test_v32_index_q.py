@@ -205,3 +205,23 @@ def test_q_b_proj_epilogue_rope_equals_fused_q_pid0(vk, mode, cs_dtype):
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)), _first_diff(got.float(), want.float())
     assert torch.equal(roped[..., : dims.QK_NOPE_HEAD_DIM], plain[..., : dims.QK_NOPE_HEAD_DIM])
     assert torch.equal(k_pe_out, k_pe) == fq, "rope_k_pe=False must leave k_pe untouched, True must rope it"
+
+
+def test_out_of_range_positions_are_clamped():
+    """With value checks off (graph capture) a position past the RoPE table (or negative) reads its
+    last (first) row, never past the table: kernel and twin agree with the clamped positions."""
+    if not INTERPRET:
+        pytest.skip("the CPU case needs TRITON_INTERPRET=1")
+    pos, cs, iq, w, _, _ = _inputs(4, torch.float32, seed=12, dev="cpu")
+    bad = pos.clone()
+    bad[0], bad[1] = cs.shape[0] + 1000, -5
+    clamped = bad.clamp(0, cs.shape[0] - 1)
+    outs = []
+    for p in (bad, clamped):
+        out8 = torch.empty_like(iq, dtype=torch.float8_e4m3fn)
+        out_w = torch.empty(4, 64)
+        index_q_prep(p, iq, cs, w, out8, out_w, rope_interleave=False)
+        outs.append(out8.view(torch.uint8))
+    assert torch.equal(outs[0], outs[1]), _first_diff(outs[0], outs[1])
+    r8, _, _ = index_q_prep_torch(bad, iq, cs, w, rope_interleave=False, fp8_cast=_interp_fp8_cast)
+    assert torch.equal(outs[0], r8.view(torch.uint8)), _first_diff(outs[0], r8.view(torch.uint8))

@@ -52,6 +52,7 @@ def _index_q_prep_item(
     stride_iq_h,
     cos_sin_ptr,
     stride_cs,
+    max_pos,
     index_w_ptr,
     stride_w,
     q_fp8_ptr,
@@ -73,7 +74,9 @@ def _index_q_prep_item(
     ----------
     positions_ptr : int64 ``[T]``.
     index_q_ptr : bf16 ``[T, N_HEADS, HEAD_DIM]``, strides ``(stride_iq_t, stride_iq_h, 1)``.
-    cos_sin_ptr : fp32 or bf16 ``[max_pos, 2 * HALF_ROT]`` (cos | sin), row stride ``stride_cs``.
+    cos_sin_ptr : fp32 or bf16 ``[max_pos, 2 * HALF_ROT]`` (cos | sin), row stride ``stride_cs``;
+        ``positions[t]`` is clamped to ``[0, max_pos)`` before indexing it (validation refuses such
+        positions in eager mode; with value checks off no read leaves the table).
     index_w_ptr : bf16 / fp32 ``[T, N_HEADS]`` raw indexer weights, row stride ``stride_w``.
     q_fp8_ptr : float8e4nv ``[T, N_HEADS, HEAD_DIM]`` (written). w_out_ptr : fp32 ``[T, N_HEADS]`` (written).
     softmax_scale, head_scale : fp32 scalars.
@@ -85,7 +88,7 @@ def _index_q_prep_item(
     heads = (item % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     block = tl.arange(0, HEAD_DIM)  # vLLM: index_q_block
 
-    pos = tl.load(positions_ptr + tok)
+    pos = tl.minimum(tl.maximum(tl.load(positions_ptr + tok), 0), max_pos - 1)
     iq_base = index_q_ptr + tok * stride_iq_t + heads[:, None].to(tl.int64) * stride_iq_h  # [BLOCK_H, 1]
     index_q = tl.load(iq_base + block[None, :]).to(tl.float32)  # [BLOCK_H, HEAD_DIM]
 
@@ -122,13 +125,13 @@ def _index_q_prep_item(
 
 @triton.jit
 def _index_q_prep_kernel(
-    positions_ptr, index_q_ptr, stride_iq_t, stride_iq_h, cos_sin_ptr, stride_cs, index_w_ptr, stride_w,
+    positions_ptr, index_q_ptr, stride_iq_t, stride_iq_h, cos_sin_ptr, stride_cs, max_pos, index_w_ptr, stride_w,
     q_fp8_ptr, stride_qf_t, stride_qf_h, w_out_ptr, stride_wo, softmax_scale, head_scale,
     N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr, BLOCK_H: tl.constexpr,
     INTERLEAVE: tl.constexpr,
 ):
     _index_q_prep_item(tl.program_id(0), positions_ptr, index_q_ptr, stride_iq_t, stride_iq_h, cos_sin_ptr, stride_cs,
-                       index_w_ptr, stride_w, q_fp8_ptr, stride_qf_t, stride_qf_h, w_out_ptr, stride_wo, softmax_scale,
+                       max_pos, index_w_ptr, stride_w, q_fp8_ptr, stride_qf_t, stride_qf_h, w_out_ptr, stride_wo, softmax_scale,
                        head_scale, N_HEADS, HEAD_DIM, HALF_ROT, BLOCK_H, INTERLEAVE)
 
 
@@ -198,7 +201,7 @@ def index_q_prep(positions: torch.Tensor, index_q: torch.Tensor, cos_sin_cache: 
     grid = (T * (dims.INDEX_N_HEADS // block_h),)
     _index_q_prep_kernel[grid](
         positions, index_q, index_q.stride(0), index_q.stride(1), cos_sin_cache, cos_sin_cache.stride(0),
-        index_weights, index_weights.stride(0), index_q_fp8, index_q_fp8.stride(0), index_q_fp8.stride(1),
+        cos_sin_cache.shape[0], index_weights, index_weights.stride(0), index_q_fp8, index_q_fp8.stride(0), index_q_fp8.stride(1),
         index_weights_out, index_weights_out.stride(0), float(softmax_scale), float(head_scale),
         N_HEADS=dims.INDEX_N_HEADS, HEAD_DIM=dims.INDEX_HEAD_DIM, HALF_ROT=INDEX_ROPE_DIM // 2, BLOCK_H=block_h,
         INTERLEAVE=bool(rope_interleave), num_warps=num_warps,
@@ -225,7 +228,7 @@ def index_q_prep_torch(positions: torch.Tensor, index_q: torch.Tensor, cos_sin_c
     T = index_q.shape[0]
     half = INDEX_ROPE_DIM // 2
     x = index_q.float()  # [T, 64, 128]
-    cs = cos_sin_cache[positions[:T]].float()  # [T, 64]
+    cs = cos_sin_cache[positions[:T].clamp(0, cos_sin_cache.shape[0] - 1)].float()  # [T, 64], clamped as the kernel
     cos, sin = cs[:, :half], cs[:, half:]
     block = torch.arange(dims.INDEX_HEAD_DIM, device=x.device)
     rope = block[: 2 * half]
