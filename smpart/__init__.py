@@ -23,8 +23,19 @@ Layout (``pyproject.toml`` maps the repository's top-level folders to subpackage
 from __future__ import annotations
 
 import importlib
+import os as _os
 
 __version__ = "0.1.0"
+
+# Run from a source checkout without the package-dir mapping (the repository root on sys.path, or
+# an editable install made by an older setuptools that only adds the root, as seen on a GPU machine
+# with ``pip install --no-deps --no-build-isolation -e .``): the subpackages live beside this
+# folder, so let ``smpart.triton_kernels`` / ``smpart.bench`` / ``smpart.integration`` resolve there.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if (_os.path.isfile(_os.path.join(_root, "pyproject.toml"))
+        and _os.path.isdir(_os.path.join(_root, "triton_kernels"))
+        and not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "triton_kernels"))):
+    __path__.append(_root)  # noqa: F821 (the package's own __path__)
 
 # public name -> module that defines it (imported on first attribute access, PEP 562)
 _EXPORTS = {

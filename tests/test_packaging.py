@@ -41,3 +41,17 @@ def test_smpart_installs_no_top_level_triton_kernels(tmp_path):
         cwd=tmp_path,
     )
     assert got == "True smpart.triton_kernels"
+
+
+def test_source_checkout_resolves_subpackages_without_the_mapping(tmp_path):
+    """With only the repository root on sys.path and no site-packages (no editable-install finder:
+    what an older setuptools' ``pip install -e .`` leaves on a GPU machine), ``smpart.triton_kernels``
+    / ``smpart.bench`` / ``smpart.integration`` still resolve to the repository's folders."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.path[:0] = [sys.argv[1]]; import smpart.triton_kernels.dims as d, smpart.bench, "
+            "smpart.integration; print(d.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(root)], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert pathlib.Path(out.stdout.strip()) == root / "triton_kernels" / "dims.py"
