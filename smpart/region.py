@@ -82,14 +82,26 @@ class RegionArgs:
 
     @property
     def num_tokens(self) -> int:
+        """``T``, the decode tokens in the batch (``q_c.shape[0]``; with MTP, requests x ``next_n``)."""
         return self.q_c.shape[0]
 
     @property
     def num_heads(self) -> int:
+        """``H``, the attention heads (``q_b_proj_weight.shape[0] // dims.QK_HEAD_DIM``, 192 per head)."""
         return self.q_b_proj_weight.shape[0] // dims.QK_HEAD_DIM
 
     def to(self, device) -> "RegionArgs":
-        """A copy with every tensor moved to ``device``."""
+        """A copy with every tensor field moved to ``device`` (``torch.Tensor.to``; dtypes kept).
+
+        Parameters
+        ----------
+        device : torch.device or str
+
+        Returns
+        -------
+        RegionArgs
+            A new instance; the non-tensor fields (``next_n``, the flags) are copied as they are.
+        """
         return dataclasses.replace(
             self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                      if isinstance(getattr(self, f.name), torch.Tensor)}

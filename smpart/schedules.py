@@ -66,6 +66,25 @@ def q_side(args, use_ue8m0: bool, ws=None) -> None:
 
 
 def run_sequential(args, ws, config, use_ue8m0):
+    """The ``sequential`` path: :func:`indexer_tail` then :func:`q_side` on the current stream.
+
+    Parameters
+    ----------
+    args : RegionArgs
+        Validated region tensors (``smpart.validate.validate_region_args``); outputs written in
+        place: ``args.topk_indices`` (int32 ``[T, 2048]``), ``args.q`` (bf16 ``[T, H, 192]``),
+        ``args.k_pe`` (RoPE in place) and, with ``write_keys``, the FP8 indexer cache.
+    ws : RegionWorkspace
+        Scratch for ``args``' shape (``smpart.workspace``).
+    config : None
+        Unused (the path has no tunables); accepted for the ``PATHS`` call signature.
+    use_ue8m0 : bool
+        Power-of-two (UE8M0) FP8 scales, as vLLM's ``use_ue8m0`` (DeepGEMM on Blackwell).
+
+    Returns
+    -------
+    None
+    """
     indexer_tail(args, ws, use_ue8m0)
     q_side(args, use_ue8m0, ws)
 
@@ -88,6 +107,23 @@ def _two_streams(args, ws, use_ue8m0, idx_stream, aux_stream):
 
 
 def run_dual_stream(args, ws, config, use_ue8m0):
+    """The ``dual_stream`` path: :func:`q_side` on an aux stream, :func:`indexer_tail` on the current one.
+
+    Fork/join with CUDA events (vLLM ``vllm/utils/multi_stream_utils.py::maybe_execute_in_parallel``);
+    the aux stream is created once and cached in ``ws.extra["aux_stream"]``. On a non-CUDA device
+    it runs :func:`run_sequential` (one stream is all a CPU has).
+
+    Parameters
+    ----------
+    args, ws, use_ue8m0
+        As :func:`run_sequential`.
+    config : None
+        Unused (no tunables); accepted for the ``PATHS`` call signature.
+
+    Returns
+    -------
+    None
+    """
     if args.q_c.device.type != "cuda":
         run_sequential(args, ws, config, use_ue8m0)  # one stream is all a CPU has
         return
@@ -122,6 +158,29 @@ def green_contexts(ws, indexer_sms: int, gemm_sms: int, device):
 
 
 def run_green_ctx(args, ws, config, use_ue8m0):
+    """The ``green_ctx`` path: the two chains of :func:`run_dual_stream`, each on the stream of a
+    ``torch.cuda.green_contexts`` context with a fixed SM count.
+
+    Parameters
+    ----------
+    args, ws, use_ue8m0
+        As :func:`run_sequential`.
+    config : tuple of (int, int) or None
+        ``(indexer_sms, gemm_sms)``; ``None`` gives the indexer a quarter of the SMs (rounded down
+        to a multiple of 8) and the GEMM the rest. The driver rounds SM counts up to multiples of
+        8 and may grant fewer.
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    RuntimeError
+        Not a CUDA device, or green contexts unsupported by this torch/driver (:func:`green_contexts`).
+    ValueError
+        ``config`` asks for more SMs than the device has.
+    """
     if args.q_c.device.type != "cuda":
         raise RuntimeError("green_ctx: needs a CUDA device")
     num_sms = torch.cuda.get_device_properties(args.q_c.device).multi_processor_count

@@ -347,6 +347,38 @@ def test_bad_arguments():
         rt.RadixTopkConfig(chunk=1000)
 
 
+def _bad_call(**over):
+    """One radix_topk call on valid CPU metadata (T = 2 rows of 64) with ``over`` replacing arguments."""
+    kw = dict(logits=torch.zeros(2, 64), context_lens=None, topk_indices=torch.zeros(2, K, dtype=torch.int32),
+              next_n=1, workspace=rt.RadixTopkWorkspace(2, "cpu"), row_lens=torch.zeros(2, dtype=torch.int32))
+    kw.update(over)
+    logits, ctx, out = kw.pop("logits"), kw.pop("context_lens"), kw.pop("topk_indices")
+    rt.radix_topk(logits, ctx, out, **kw)
+
+
+@pytest.mark.parametrize("over, exc, name", [
+    (dict(logits=torch.zeros(2, 64, dtype=torch.float16)), ValueError, "logits"),
+    (dict(logits=torch.zeros(1, 64)), ValueError, "logits"),
+    (dict(logits=torch.zeros(64, 2).t()), ValueError, "logits"),
+    (dict(logits=[[0.0]]), TypeError, "logits"),
+    (dict(topk_indices=torch.zeros(2, K, dtype=torch.int64)), ValueError, "topk_indices"),
+    (dict(row_lens=None), ValueError, "context_lens"),
+    (dict(row_lens=torch.zeros(1, dtype=torch.int32)), ValueError, "row_lens"),
+    (dict(row_lens=torch.zeros(2, dtype=torch.int64)), ValueError, "row_lens"),
+    (dict(row_lens=None, context_lens=torch.zeros(1, dtype=torch.int32)), ValueError, "context_lens"),
+    (dict(next_n=0), ValueError, "next_n"),
+    (dict(next_n=1.0), TypeError, "next_n"),
+    (dict(max_len=-1), ValueError, "max_len"),
+    (dict(max_len=2.5), TypeError, "max_len"),
+    (dict(workspace=None), TypeError, "workspace"),
+    (dict(config={}), TypeError, "config"),
+])
+def test_bad_arguments_name_the_argument(over, exc, name):
+    # metadata checks run before any launch (the valid baseline call would launch: it must not get there)
+    with pytest.raises(exc, match=name):
+        _bad_call(**over)
+
+
 # --------------------------------------------------------------------------------------
 # GPU-only: production sizes, CUDA-graph replays
 # --------------------------------------------------------------------------------------

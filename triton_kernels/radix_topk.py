@@ -447,6 +447,7 @@ class RadixTopkWorkspace:
 
     @property
     def nbytes(self) -> int:
+        """Device bytes held by the five buffers (int32 each: ``4 * T * (2048 + 2 + 2 * cand + 2 * cp)``)."""
         return sum(x.numel() * x.element_size() for x in (self.hist, self.counters, self.cand_key, self.cand_pos,
                                                           self.scratch))
 
@@ -474,6 +475,54 @@ def radix_chunk(lmax: int, config: RadixTopkConfig | None = None) -> int:
     return cfg.chunk
 
 
+def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config) -> None:
+    """Metadata checks of :func:`radix_topk` (no device reads; capturable). Raises naming the argument."""
+    for name, x in (("logits", logits), ("topk_indices", topk_indices)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(workspace, RadixTopkWorkspace):
+        raise TypeError(f"workspace: expected a RadixTopkWorkspace, got {type(workspace).__name__}")
+    if config is not None and not isinstance(config, RadixTopkConfig):
+        raise TypeError(f"config: expected a RadixTopkConfig or None, got {type(config).__name__}")
+    if type(next_n) is not int:
+        raise TypeError(f"next_n: expected an int, got {next_n!r}")
+    if next_n < 1:
+        raise ValueError(f"next_n: expected >= 1, got {next_n}")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)):
+        raise TypeError(f"max_len: expected an int or None, got {max_len!r}")
+    if max_len is not None and max_len < 0:
+        raise ValueError(f"max_len: expected >= 0, got {max_len}")
+    if topk_indices.dim() != 2 or topk_indices.dtype != torch.int32:
+        raise ValueError(f"topk_indices: expected int32 [T, {TOPK_K}], got {topk_indices.dtype} "
+                         f"{tuple(topk_indices.shape)}")
+    if topk_indices.shape[1] != TOPK_K:
+        raise ValueError(f"topk_indices: expected {TOPK_K} columns, got {topk_indices.shape[1]}")
+    T = topk_indices.shape[0]
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits: expected fp32 [>= T, W], got {logits.dtype} {tuple(logits.shape)}")
+    if logits.shape[0] < T:
+        raise ValueError(f"logits: {logits.shape[0]} rows, fewer than topk_indices' {T}")
+    for name, x in (("logits", logits), ("topk_indices", topk_indices)):
+        if x.shape[1] > 1 and x.stride(1) != 1:
+            raise ValueError(f"{name}: the last dim must have unit stride, got strides {tuple(x.stride())}")
+        if x.device != workspace.hist.device:
+            raise ValueError(f"{name}: on {x.device}, the workspace on {workspace.hist.device}")
+    if row_lens is not None:
+        lens_name, lens, need = "row_lens", row_lens, T
+    elif context_lens is not None:
+        lens_name, lens, need = "context_lens", context_lens, -(-T // next_n)
+    else:
+        raise ValueError("context_lens: give context_lens (with next_n) or row_lens, got neither")
+    if not isinstance(lens, torch.Tensor):
+        raise TypeError(f"{lens_name}: expected a torch.Tensor, got {type(lens).__name__}")
+    if lens.dim() != 1 or lens.dtype != torch.int32 or lens.shape[0] < need:
+        raise ValueError(f"{lens_name}: expected int32 [>= {need}], got {lens.dtype} {tuple(lens.shape)}")
+    if lens.device != workspace.hist.device:
+        raise ValueError(f"{lens_name}: on {lens.device}, the workspace on {workspace.hist.device}")
+    if T > workspace.max_tokens:
+        raise ValueError(f"workspace: holds {workspace.max_tokens} rows, the batch has {T}")
+
+
 def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_indices: torch.Tensor, *, next_n: int,
                workspace: RadixTopkWorkspace, row_lens: torch.Tensor | None = None, max_len: int | None = None,
                hist_ready: bool = False, config: RadixTopkConfig | None = None) -> None:
@@ -496,19 +545,20 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
 
     Raises
     ------
-    ValueError : workspace too small, or a bad ``topk_indices`` width.
+    TypeError : an argument of the wrong type (not a tensor, a workspace or config of another
+        class, a non-int ``next_n`` / ``max_len``).
+    ValueError : wrong dtype / rank / device / last-dim stride, ``topk_indices`` not 2048 wide,
+        ``logits`` or the lengths shorter than T rows, neither ``context_lens`` nor ``row_lens``,
+        ``next_n`` < 1, ``max_len`` < 0, workspace too small (metadata only: no host sync).
 
     Notes
     -----
     No host sync, no allocation; the grid depends on T and lmax only (CUDA-graph capturable).
     """
+    _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
     cfg = config or RadixTopkConfig()
     ws = workspace
     T = topk_indices.shape[0]
-    if topk_indices.shape[1] != TOPK_K:
-        raise ValueError(f"topk_indices: expected {TOPK_K} columns, got {topk_indices.shape[1]}")
-    if T > ws.max_tokens:
-        raise ValueError(f"workspace: holds {ws.max_tokens} rows, the batch has {T}")
     if T == 0:
         return
     lmax = logits.shape[1] if max_len is None else min(logits.shape[1], int(max_len))
