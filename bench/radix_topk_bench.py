@@ -42,6 +42,12 @@ def check_values(out, logits, lens, what):
 
 
 def main(argv=None):
+    """Run the top-k timing (see the module docstring); ``argv`` as ``sys.argv[1:]`` (None: the real one).
+
+    Options: ``--vllm-so`` path of vLLM's ``_C`` library (vLLM columns skipped when absent),
+    ``--out`` directory for the CSV, ``--replays`` graph replays per timing, ``--shapes`` e.g.
+    ``"1x4096,32x8192"`` (B x L), ``--sweep`` the config sweep instead. Needs a CUDA device.
+    """
     p = argparse.ArgumentParser()
     p.add_argument("--vllm-so", default="/tmp/vso/_C_stable_libtorch.abi3.so")
     p.add_argument("--out", default=None)

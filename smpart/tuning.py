@@ -95,6 +95,8 @@ class Bucket:
 
     @property
     def key(self) -> str:
+        """The bucket's key in a cache file's ``entries``: ``"H<heads>-n<next_n>-T<tokens>-L<max_len>"``
+        (e.g. ``"H128-n1-T32-L8192"``; :meth:`TuningCache.nearest` parses it back)."""
         return f"H{self.num_heads}-n{self.next_n}-T{self.num_tokens}-L{self.max_len}"
 
 
@@ -131,6 +133,8 @@ def _major_minor(v: str) -> str:
 
 
 def config_to_dict(cfg: PartitionConfig) -> dict:
+    """``cfg``'s fields as a JSON-ready dict (``dataclasses.asdict``), without ``topk_config`` (the
+    top-k launch keeps its defaults; not tuned). :func:`config_from_dict` reads it back."""
     d = dataclasses.asdict(cfg)
     d.pop("topk_config", None)  # the top-k launch keeps its defaults (not tuned yet)
     return d
@@ -154,6 +158,12 @@ class TuningCache:
     _resolved: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # Bucket -> Choice
 
     def lookup(self, bucket: Bucket) -> Choice | None:
+        """The tuned :class:`Choice` (source ``"tuned"``) stored under ``bucket.key``, or None.
+
+        Raises
+        ------
+        ValueError : the stored config has unknown fields (:func:`config_from_dict`).
+        """
         e = self.entries.get(bucket.key)
         if e is None:
             return None
@@ -191,7 +201,19 @@ class TuningCache:
         return hit
 
     def put(self, bucket: Bucket, path: str, config: PartitionConfig, times_us: dict, model_config=None) -> None:
-        """Record a bucket's choice and every candidate's time (us)."""
+        """Record a bucket's choice and every candidate's time (us).
+
+        Parameters
+        ----------
+        bucket : Bucket. path : str, one of ``TUNABLE_PATHS``. config : PartitionConfig, the
+        bucket's best partitioned config (kept even when another path won). times_us : dict,
+        candidate name -> measured time in microseconds. model_config : PartitionConfig or None,
+        the cost model's pick (recorded for comparison).
+
+        Raises
+        ------
+        ValueError : ``path`` not in ``TUNABLE_PATHS``.
+        """
         if path not in TUNABLE_PATHS:
             raise ValueError(f"path: expected one of {TUNABLE_PATHS}, got {path!r}")
         self._resolved.clear()
@@ -201,6 +223,7 @@ class TuningCache:
         }
 
     def to_json(self) -> dict:
+        """The file's JSON object: ``{"schema": SCHEMA, "meta": ..., "entries": ...}`` (see the module docstring)."""
         return {"schema": SCHEMA, "meta": self.meta, "entries": self.entries}
 
 

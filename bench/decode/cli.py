@@ -64,6 +64,7 @@ def parse_partition_config(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``smpart-bench decode`` argument parser (every option's meaning in its ``help``)."""
     p = argparse.ArgumentParser(
         prog="smpart-bench decode",
         description="Continuous-batching decode loop of the DSV3.2 region: every path against the reference at "

@@ -188,6 +188,24 @@ class SmpartDeepseekV32Attention(DeepseekV32Attention):
         return plan if reason is None else reason
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """vLLM's ``DeepseekV32Attention.forward`` (``vllm/models/deepseek_v32/attention.py``, 0.33.0)
+        with the smpart region on eligible decode steps (the module docstring lists them).
+
+        Parameters
+        ----------
+        positions : int64 [T] token positions.
+        hidden_states : bf16 [T, hidden_size].
+
+        Returns
+        -------
+        torch.Tensor : bf16 [T, hidden_size], the layer's output after ``o_proj`` (as vLLM's).
+
+        Notes
+        -----
+        Falls back to vLLM's own forward (counted in ``integration.ops.stats``, logged once per
+        reason) when the step is not eligible (prefill, mixed or PIECEWISE-captured batches, an
+        unsupported cache or weight layout) or the tuned dispatch picks vLLM's computation.
+        """
         plan = self._smpart_step_plan(hidden_states.shape[0])
         if isinstance(plan, str):
             ops.stats["v32 fallback"] += 1
