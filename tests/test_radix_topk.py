@@ -489,7 +489,11 @@ def test_sm90_compile_registers():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
     if p.returncode != 0:
-        pytest.skip(f"cannot compile for sm_90 here: {p.stderr[-300:]}")
+        # only a missing toolchain is a skip (the child's pytest.skip, or ptxas unable to target
+        # sm_90); anything else (a kernel that no longer compiles, an import error) fails the test
+        if "Skipped" in p.stderr or "ptxas" in p.stderr:
+            pytest.skip(f"cannot compile for sm_90 here: {p.stderr[-300:]}")
+        raise AssertionError(f"sm_90 compile child failed (rc={p.returncode}):\n{p.stderr[-3000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     print(res)
     (r0, s0), (r1, s1) = res["logits HIST=False 4w"], res["logits HIST=True 4w"]
