@@ -152,6 +152,7 @@ _CONFIG_TYPES = {"partitioned": "PartitionConfig", "green_ctx": "(indexer_sms, g
                  "vllm_v32_dual_stream": "dict"}
 # vLLM's generic-model baselines run the generic region only (their key write, fill and RoPE launches);
 # vllm_v32* need the production model's inputs (smpart.prep)
+_TOPK_BACKENDS = ("auto", "cooperative", "persistent", "per_row")  # smpart.vendor._vllm_topk
 _GENERIC_ONLY = ("vllm_sequential", "vllm_dual_stream")
 _PRODUCTION_ONLY = ("vllm_v32", "vllm_v32_dual_stream")
 
@@ -174,6 +175,15 @@ def _check_config(path: str, config) -> None:
         unknown = set(config) - {"topk_backend", "max_model_len"}
         if unknown:
             raise ValueError(f"config: unknown keys {sorted(unknown)} for path {path!r}")
+        # the values too: the vendor paths read them only after their first launches
+        backend = config.get("topk_backend", "auto")
+        if backend not in _TOPK_BACKENDS:
+            raise ValueError(f"config.topk_backend: expected one of {_TOPK_BACKENDS}, got {backend!r}")
+        mml = config.get("max_model_len")
+        if mml is not None and type(mml) is not int:
+            raise TypeError(f"config.max_model_len: expected an int or None, got {mml!r}")
+        if mml is not None and mml < 1:
+            raise ValueError(f"config.max_model_len: expected >= 1, got {mml}")
     else:
         ok = (isinstance(config, tuple) and len(config) == 2
               and all(type(x) is int and x >= 1 for x in config))

@@ -118,7 +118,30 @@ def _check(args) -> None:
 
 
 def run_vllm_v32(args, workspace, config, use_ue8m0):
-    """q_b_proj (quant + DeepGEMM), ``fused_q``, paged logits, top-k: the model's order on one stream."""
+    """q_b_proj (quant + DeepGEMM), ``fused_q``, paged logits, top-k: the model's order on one stream
+    (vLLM 0.33 ``vllm/models/deepseek_v32/attention.py::DeepseekV32Attention.forward``).
+
+    Parameters
+    ----------
+    args : RegionArgs
+        The production region (``index_q`` / ``index_weights_raw`` / ``index_cos_sin_cache`` given,
+        ``rope_k_pe=False``; ``smpart.prep.to_production``), CUDA tensors; outputs as ``run_region``.
+    workspace : RegionWorkspace
+        Holds the vendor state (DeepGEMM schedule metadata, streams, events) between calls.
+    config : dict or None
+        ``topk_backend`` (vLLM's top-k kernel choice) and ``max_model_len`` (DeepGEMM's logits width;
+        default the workspace's ``max_len``).
+    use_ue8m0 : bool
+        Power-of-two FP8 scales (vLLM's ``use_ue8m0``).
+
+    Raises
+    ------
+    ValueError
+        ``args.rope_k_pe`` is True (the production ``fused_q`` does not rope ``k_pe``).
+    RuntimeError
+        vLLM's ``fused_q`` kernels file, DeepGEMM or vLLM's compiled ops are unavailable
+        (:func:`load_fused_q`, :func:`v32_available`).
+    """
     _check(args)
     fused_q = load_fused_q()
     vs = _vendor_state(args, workspace, use_ue8m0)
@@ -131,7 +154,30 @@ def run_vllm_v32(args, workspace, config, use_ue8m0):
 def run_vllm_v32_dual_stream(args, workspace, config, use_ue8m0):
     """The seed's proposal on this model: the q side (quant + GEMM + ``fused_q`` pid 0, vLLM's
     ``has_indexer=False`` call) on the aux stream, beside the indexer (``fused_q`` pid 1 alone, logits,
-    top-k) on the current stream; forked and joined by two events (``maybe_execute_in_parallel``)."""
+    top-k) on the current stream; forked and joined by two events (vLLM
+    ``vllm/utils/multi_stream_utils.py::maybe_execute_in_parallel``).
+
+    Parameters
+    ----------
+    args : RegionArgs
+        The production region (``index_q`` / ``index_weights_raw`` / ``index_cos_sin_cache`` given,
+        ``rope_k_pe=False``; ``smpart.prep.to_production``), CUDA tensors; outputs as ``run_region``.
+    workspace : RegionWorkspace
+        Holds the vendor state (DeepGEMM schedule metadata, streams, events) between calls.
+    config : dict or None
+        ``topk_backend`` (vLLM's top-k kernel choice) and ``max_model_len`` (DeepGEMM's logits width;
+        default the workspace's ``max_len``).
+    use_ue8m0 : bool
+        Power-of-two FP8 scales (vLLM's ``use_ue8m0``).
+
+    Raises
+    ------
+    ValueError
+        ``args.rope_k_pe`` is True (the production ``fused_q`` does not rope ``k_pe``).
+    RuntimeError
+        vLLM's ``fused_q`` kernels file, DeepGEMM or vLLM's compiled ops are unavailable
+        (:func:`load_fused_q`, :func:`v32_available`).
+    """
     _check(args)
     fused_q = load_fused_q()
     vs = _vendor_state(args, workspace, use_ue8m0)

@@ -215,6 +215,9 @@ def test_config_bounded_by_the_work_at_launch(batch, cfg, name):
     ("green_ctx", (8, True), TypeError),
     ("vllm_sequential", PartitionConfig(), TypeError),
     ("vllm_dual_stream", {"topk": "auto"}, ValueError),
+    ("vllm_sequential", {"topk_backend": "fastest"}, ValueError),
+    ("vllm_v32", {"max_model_len": "163840"}, TypeError),
+    ("vllm_v32", {"max_model_len": 0}, ValueError),
     ("partitioned", (8, 8), TypeError),
 ])
 def test_config_refused_where_not_read(batch, path, config, exc):
