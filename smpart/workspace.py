@@ -53,12 +53,17 @@ class RegionWorkspace:
 
         Raises
         ------
+        TypeError : ``max_tokens`` or ``max_len`` not an int.
         ValueError : out-of-range sizes.
         """
+        if type(max_tokens) is not int:
+            raise TypeError(f"max_tokens: expected an int, got {max_tokens!r}")
         if not 1 <= max_tokens <= dims.T_MAX:
             raise ValueError(f"max_tokens: expected 1..{dims.T_MAX}, got {max_tokens}")
         from .validate import check_max_len
 
+        if max_len is None:
+            raise TypeError("max_len: expected an int, got None")
         check_max_len(max_len)
         if not 1 <= max_len <= dims.MAX_MODEL_LEN:
             raise ValueError(f"max_len: expected 1..{dims.MAX_MODEL_LEN}, got {max_len}")

@@ -104,6 +104,18 @@ def test_workspace_too_small(batch):
         run_region(batch.clone().args, path="sequential")
 
 
+@pytest.mark.parametrize("max_tokens, max_len, exc, name", [
+    (2.0, 64, TypeError, "max_tokens"), (True, 64, TypeError, "max_tokens"), ("2", 64, TypeError, "max_tokens"),
+    (0, 64, ValueError, "max_tokens"), (257, 64, ValueError, "max_tokens"),
+    (2, 64.0, TypeError, "max_len"), (2, None, TypeError, "max_len"), (2, 0, ValueError, "max_len"), (2, 163841, ValueError, "max_len"),
+])
+def test_workspace_for_shape_bad_sizes(max_tokens, max_len, exc, name):
+    from smpart.workspace import RegionWorkspace
+
+    with pytest.raises(exc, match=name):
+        RegionWorkspace.for_shape(max_tokens, max_len, "cpu")
+
+
 @pytest.mark.parametrize("path", ["partitioned", "sequential"])
 def test_workspace_prequant_buffers_checked(batch, path):
     """A workspace whose q_c quant buffers do not fit the batch is refused before any launch
