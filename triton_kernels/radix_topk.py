@@ -484,19 +484,14 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
         raise TypeError(f"workspace: expected a RadixTopkWorkspace, got {type(workspace).__name__}")
     if config is not None and not isinstance(config, RadixTopkConfig):
         raise TypeError(f"config: expected a RadixTopkConfig or None, got {type(config).__name__}")
-    if type(next_n) is not int:
-        raise TypeError(f"next_n: expected an int, got {next_n!r}")
-    if next_n < 1:
-        raise ValueError(f"next_n: expected >= 1, got {next_n}")
-    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)):
-        raise TypeError(f"max_len: expected an int or None, got {max_len!r}")
-    if max_len is not None and max_len < 0:
-        raise ValueError(f"max_len: expected >= 0, got {max_len}")
-    if topk_indices.dim() != 2 or topk_indices.dtype != torch.int32:
-        raise ValueError(f"topk_indices: expected int32 [T, {TOPK_K}], got {topk_indices.dtype} "
-                         f"{tuple(topk_indices.shape)}")
-    if topk_indices.shape[1] != TOPK_K:
-        raise ValueError(f"topk_indices: expected {TOPK_K} columns, got {topk_indices.shape[1]}")
+    for name, v, lo in (("next_n", next_n, 1), ("max_len", 0 if max_len is None else max_len, 0)):
+        if type(v) is not int:
+            raise TypeError(f"{name}: expected an int, got {v!r}")
+        if v < lo:
+            raise ValueError(f"{name}: expected >= {lo}, got {v}")
+    if topk_indices.dim() != 2 or topk_indices.dtype != torch.int32 or topk_indices.shape[1] != TOPK_K:
+        raise ValueError(f"topk_indices: expected int32 [T, {TOPK_K}] ({TOPK_K} columns), got "
+                         f"{topk_indices.dtype} {tuple(topk_indices.shape)}")
     T = topk_indices.shape[0]
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(f"logits: expected fp32 [>= T, W], got {logits.dtype} {tuple(logits.shape)}")
