@@ -228,7 +228,12 @@ class TuningCache:
 
 
 def save_cache(cache: TuningCache, path: str) -> None:
-    """Write ``cache`` to ``path`` atomically (a reader never sees a half-written file)."""
+    """Write ``cache`` to ``path`` atomically (a reader never sees a half-written file).
+
+    Raises
+    ------
+    OSError : the folder cannot be made or written (the temporary file is removed).
+    """
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".json", dir=d)

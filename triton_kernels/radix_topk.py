@@ -433,6 +433,10 @@ class RadixTopkWorkspace:
     counters : int32 [max_tokens, 2] (slot reservation, arrivals), zero between launches.
     cand_key, cand_pos : int32 [max_tokens, CAND] threshold-bin members.
     scratch : int32 [max_tokens, 2 * CP].
+
+    Raises
+    ------
+    ValueError : ``max_tokens`` not a positive int.
     """
 
     def __init__(self, max_tokens: int, device, *, cand: int = RADIX_CAND, cp: int = RADIX_CP):

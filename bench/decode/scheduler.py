@@ -39,6 +39,10 @@ class BlockAllocator:
     ----------
     num_blocks : int, blocks in the cache. num_allocations : int, blocks handed out so far.
     num_reused : int, allocations of a block that an earlier request had owned (and freed).
+
+    Raises
+    ------
+    ValueError : ``num_blocks`` not an int >= 2.
     """
 
     NULL_BLOCK = 0
@@ -193,7 +197,12 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= ``batch``."""
+    """The smallest bucket >= ``batch`` (``buckets`` ascending, as :func:`batch_buckets` makes them).
+
+    Raises
+    ------
+    ValueError : ``batch`` exceeds the largest bucket.
+    """
     for b in buckets:
         if b >= batch:
             return b
