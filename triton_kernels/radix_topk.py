@@ -472,7 +472,9 @@ def hist_fed(num_rows: int, lmax: int) -> bool:
 
 
 def radix_chunk(lmax: int, config: RadixTopkConfig | None = None) -> int:
-    """Positions per program for a launch whose rows see at most ``lmax`` positions."""
+    """Positions per program (``CHUNK``) for a launch whose rows see at most ``lmax`` positions:
+    ``lmax <= config.short_max`` gives one program per row (``lmax`` rounded up to a power of two,
+    at least 2048), else ``config.chunk``. ``config`` None: :class:`RadixTopkConfig` defaults."""
     cfg = config or RadixTopkConfig()
     if lmax <= cfg.short_max:
         return max(TOPK_K, triton.next_power_of_2(max(lmax, 1)))
