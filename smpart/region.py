@@ -232,7 +232,8 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
         (``RegionWorkspace.check_clean``; ``RegionWorkspace.reset()`` clears them).
     config : path-specific launch parameters, ``None`` = the tuned or default choice:
         ``partitioned`` a ``PartitionConfig``; ``green_ctx`` a tuple ``(indexer_sms, gemm_sms)``;
-        ``vllm_*`` a dict (``topk_backend``, ``max_model_len``). The other paths take none.
+        ``vllm_*`` a dict (``topk_backend``: ``auto`` / ``cooperative`` / ``persistent`` / ``per_row``;
+        ``max_model_len``: int >= 1, DeepGEMM's logits width). The other paths take none.
     use_ue8m0 : bool, power-of-two activation/key scales (vLLM 0.33 on Hopper); False = plain fp32.
     check_values : bool or None, see :func:`validate_region_args` (default: on unless capturing a
         CUDA graph).
