@@ -1,4 +1,4 @@
-"""``smpart-bench``: time every path of the region on a grid of decode shapes (DESIGN.md 9).
+"""``smpart-bench``: time every path of the region on a grid of decode shapes (method: docs/RESULTS.md).
 
 For each shape (H, B, context, next_n): one ``make_decode_batch`` on the GPU, one
 ``RegionWorkspace``; the ``reference`` path's outputs; then for each requested path: one eager run

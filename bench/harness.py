@@ -1,8 +1,8 @@
-"""Benchmark harness of the region (DESIGN.md 9; STYLE.md 8).
+"""Benchmark harness of the region (method: docs/RESULTS.md, "Method").
 
 Method: every path runs inside a CUDA graph captured once (after two eager warm-ups); before each
 replay the L2 is flushed with a **read-only** sweep of a buffer of twice the L2 size (a memset
-flush leaves dirty lines whose write-back lands on the next kernel, DESIGN.md 9); two events
+flush leaves dirty lines whose write-back lands on the next kernel, docs/RESULTS.md "Method"); two events
 bracket the replay only, so the flush is not timed; the median of the replays is reported with
 the 10th and 90th percentiles. The HBM floor is the region's compulsory bytes (:func:`floor_bytes`)
 over the copy bandwidth measured in the same process (:func:`copy_bandwidth`).
@@ -49,7 +49,7 @@ def l2_flush_buffer(device="cuda", factor: int = 2) -> L2Flush:
     Parameters
     ----------
     device : the CUDA device to flush.
-    factor : sweep ``factor`` x the L2 size (default 2; DESIGN.md 9 asks for >= 2).
+    factor : sweep ``factor`` x the L2 size (default 2; the method asks for >= 2).
 
     Returns
     -------
@@ -65,7 +65,7 @@ def copy_bandwidth(device="cuda", nbytes: int = 2**30, replays: int = 20) -> flo
 
     ``torch.mul(x, 1.0, out=y)`` on ``nbytes`` of bf16, captured in a CUDA graph and replayed
     ``replays`` times; the median replay time gives ``2 * nbytes / t`` (a same-dtype ``copy_``
-    would become a slower memcpy node in a graph, DESIGN.md 8). Allocates ``2 * nbytes`` of
+    would become a slower memcpy node in a graph, docs/RESULTS.md "Method"). Allocates ``2 * nbytes`` of
     device memory for the duration of the call.
 
     Returns
@@ -107,7 +107,7 @@ def time_graph(fn: Callable[[], None], flush: Callable[[], None] | None, replays
     ----------
     fn : the work to time; must be capturable (no host sync, no allocation outside the graph pool).
     flush : called before each replay (:func:`l2_flush_buffer`), or ``None`` for a warm L2.
-    replays : timed replays (>= 1; DESIGN.md 9 asks for >= 30).
+    replays : timed replays (>= 1; the method, docs/RESULTS.md, asks for >= 30).
     warmups : eager calls before capture.
 
     Returns

@@ -1,7 +1,7 @@
 """Per-op timing: each standalone smpart kernel next to vLLM's kernel for the same op.
 
 ``python -m smpart.bench.kernels [--shapes 128x1x4096,128x32x8192] [--replays 40]`` prints one
-Markdown table (us, CUDA-graph median, cold L2 before every replay; DESIGN.md 8/9) with, per shape:
+Markdown table (us, CUDA-graph median, cold L2 before every replay; docs/RESULTS.md, "Method") with, per shape:
 key write, fill, paged logits, top-k (each on its own kernel's logits), q side (ours: one fused
 launch; vLLM: activation quant + DeepGEMM GEMM + RoPE), and the whole partitioned launch.
 Our top-k is the radix top-k as the stream paths run it, fed by the logits kernel's per-row

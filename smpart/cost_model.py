@@ -1,12 +1,14 @@
 """Byte cost model of the decode region: each role's HBM bytes, predicted times, a first SM split.
 
-Both chains are memory-bound at decode M (DESIGN.md 8: the FP8 ``q_b_proj`` moves 37.7 MB at
+Both chains are memory-bound at decode M (the FP8 ``q_b_proj`` moves 37.7 MB at
 H=128 and does ~0.1 GFLOP; the logits read 132 bytes per visible position per request), so a role's
 time is its bytes over the bandwidth its programs can pull. Bandwidth does not scale linearly with
-SMs: on the H200 a copy kernel on 32 of 132 SMs (24%) reached 2.89 of 4.24 TB/s (68%, DESIGN.md 8),
+SMs: on the H200 a copy kernel on 32 of 132 SMs (24%) reached 2.89 of 4.24 TB/s (68%; measured
+2026-11-30 with ``torch.mul(x, 1.0, out=y)`` on a 32-SM green-context stream),
 so a role holding a fraction ``x`` of the programs pulls ``min(1, x / SATURATION)`` of the
 bandwidth with ``SATURATION = 0.35``, and the two roles together never exceed the whole. A fixed
-cost per role (launch and ramp-up, ~2-5 us per kernel in DESIGN.md 8) is added to each.
+cost per role (launch and ramp-up: a small op takes ~4-5 us however little it moves, e.g. the
+key write, docs/RESULTS.md per-op table) is added to each.
 
 The model picks a first split without running anything (``first_split``); the autotuner
 (``smpart.bench.autotune``) searches around it on the GPU.
@@ -19,7 +21,7 @@ from typing import Sequence
 
 from .triton_kernels import dims
 
-HBM_BYTES_PER_S = 4.24e12  # H200 copy-kernel bandwidth (DESIGN.md 8; the bench re-measures it)
+HBM_BYTES_PER_S = 4.24e12  # H200 copy-kernel bandwidth, 2026-11-30 (the bench re-measures it)
 SATURATION = 0.35  # fraction of programs that pulls the full bandwidth (from 32 SMs -> 68%)
 FIXED_US = 3.0  # per role: launch/ramp-up share inside one launch
 _HIST_BINS = 2048  # bins of the radix top-k's per-row histogram (triton_kernels/radix_topk.py HIST_BINS)

@@ -1,7 +1,7 @@
 """The production-model options of :class:`smpart.region.RegionArgs`: index-q prep and the switches.
 
 vLLM 0.33's production CUDA DSV3.2 model (``vllm/models/deepseek_v32/attention.py::DeepseekV32Attention
-.forward``, DESIGN.md 7) already writes the indexer key cache, fills ``topk_indices`` with -1 and ropes
+.forward``, docs/VLLM.md) already writes the indexer key cache, fills ``topk_indices`` with -1 and ropes
 ``k_pe`` in ``fused_norm_rope``, and hands the region a bf16 ``index_q`` with raw weights (its
 ``fused_q`` pid 1 does the index-q RoPE + FP8 quant + weight scaling). So ``RegionArgs`` carries:
 

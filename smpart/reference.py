@@ -1,4 +1,5 @@
-"""Plain-PyTorch ground truth of the DeepSeek-V3.2 decode region (DESIGN.md sections 1 and 3).
+"""Plain-PyTorch ground truth of the DeepSeek-V3.2 decode region (vLLM 0.33's semantics, files
+named below; what "matches" means: docs/CORRECTNESS.md).
 
 Written for clarity, not speed: every test and the benchmark's pre-timing check compare against
 these functions. Each function names the vLLM / DeepGEMM file whose semantics it mirrors.
@@ -37,7 +38,7 @@ def visible_lens(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:
     Returns
     -------
     int32 [B * next_n]: row ``t = b*next_n + j`` sees ``max(0, context_lens[b] - next_n + 1 + j)``
-    positions (DESIGN.md 7a; DeepGEMM's ``context_lens_2d``).
+    positions (docs/CORRECTNESS.md, "The top-k rule"; DeepGEMM's ``context_lens_2d``).
     """
     j = torch.arange(next_n, device=context_lens.device, dtype=torch.int64)
     lens = context_lens.to(torch.int64)[:, None] - next_n + 1 + j[None, :]

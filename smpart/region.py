@@ -1,6 +1,6 @@
 """The one entry point of the DSV3.2 decode region: ``run_region(args, path=..., workspace=...)``.
 
-Paths (DESIGN.md 4 / 7a): ``reference`` (PyTorch), ``sequential`` (standalone Triton kernels on
+Paths (docs/ARCHITECTURE.md, "The paths and the partitioned kernel"): ``reference`` (PyTorch), ``sequential`` (standalone Triton kernels on
 one stream), ``dual_stream``, ``green_ctx``, ``partitioned`` (one persistent launch), and the
 vendor variants ``vllm_sequential`` / ``vllm_dual_stream``. Every path reads the same
 :class:`RegionArgs` and writes the same caller-provided buffers (``kv_cache``, ``topk_indices``,

@@ -1,6 +1,6 @@
 """Triton execution paths of the region: ``sequential``, ``dual_stream``, ``green_ctx``.
 
-All three run the same standalone kernels; only the scheduling differs (DESIGN.md 4):
+All three run the same standalone kernels; only the scheduling differs (docs/ARCHITECTURE.md):
 
 * ``sequential``: indexer tail then q side, one stream (vLLM's order).
 * ``dual_stream``: q side on an aux stream, indexer tail on the current stream, fork/join with

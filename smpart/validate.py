@@ -1,4 +1,4 @@
-"""Input validation shared by every path (DESIGN.md 7a).
+"""Input validation shared by every path (docs/CORRECTNESS.md, "Inputs").
 
 Metadata checks (dtype, shape, device, contiguity, T <= T_MAX) always run on the host and cost
 nothing. Value checks (lengths within the block table, block ids within the cache, slots and

@@ -1,7 +1,7 @@
 """vLLM 0.33's own kernels on the region: the ``vllm_sequential`` / ``vllm_dual_stream`` paths.
 
-These paths run exactly the kernels vLLM 0.33.0 launches for the region on Hopper (DESIGN.md 4,
-7, 8, 8a), on the same :class:`RegionArgs` as every other path:
+These paths run exactly the kernels vLLM 0.33.0 launches for the region on Hopper (docs/VENDOR.md;
+baseline kernels: docs/RESULTS.md, "Method"), on the same :class:`RegionArgs` as every other path:
 
 * q side (vLLM ``fp8_utils.py::per_token_group_quant_fp8`` as ``QuantFP8`` calls it for the
   DeepGEMM block linear, ``kernels/linear/scaled_mm/deep_gemm.py``; then MLA RoPE):
@@ -33,7 +33,7 @@ the 1 MiB radix top-k workspace, the aux stream and events, DeepGEMM-layout weig
 (it takes no output argument), so the logits are allocated per call, as in vLLM (from the graph's
 private pool under capture); ``workspace.logits`` is not used here.
 
-Optional dependencies load lazily, one helper each (STYLE.md 10): :func:`load_deep_gemm`,
+Optional dependencies load lazily, one helper each: :func:`load_deep_gemm`,
 :func:`load_vllm_ops`; :func:`vendor_available` says whether both paths can run here. Importing
 this module imports neither.
 """
@@ -99,7 +99,7 @@ def load_deep_gemm():
     if module is None:
         raise RuntimeError(
             "DeepGEMM is not importable (" + "; ".join(errors) + "). No registry serves it; vLLM 0.33.0's "
-            "wheel ships DeepGEMM 2.8.1: run `../shared/tools/get_deep_gemm.sh .dg` (git-ignore .dg, carry "
+            "wheel ships DeepGEMM 2.8.1: run `scripts/get_deep_gemm.sh .dg` (git-ignore .dg, carry "
             "it to the GPU machine) and `export PYTHONPATH=$PWD/.dg:$PYTHONPATH`, or install vllm==0.33.0."
         )
     missing = [f for f in _DEEP_GEMM_API if not hasattr(module, f)]
@@ -107,7 +107,7 @@ def load_deep_gemm():
         raise RuntimeError(
             f"DeepGEMM at {getattr(module, '__file__', '?')} (version {getattr(module, '__version__', '?')}) lacks "
             f"{missing}: the vendor paths need the 2.8.1 API (the copy in vLLM 0.33.0; "
-            "`../shared/tools/get_deep_gemm.sh .dg`)."
+            "`scripts/get_deep_gemm.sh .dg`, docs/VENDOR.md)."
         )
     _deep_gemm_module = module
     return module
@@ -205,7 +205,7 @@ def load_vllm_ops(lib_path: str | None = None) -> types.SimpleNamespace:
             return r
     raise RuntimeError(
         "vLLM's compiled ops are not available (" + "; ".join(attempts) + "). Either run in a vLLM 0.33.0 "
-        "environment (`import vllm._custom_ops`), or `../shared/tools/get_vllm_ops.sh .vx`, carry .vx, "
+        "environment (`import vllm._custom_ops`), or `scripts/get_vllm_ops.sh .vx`, carry .vx, "
         f"`mkdir -p /tmp/vso && xz -dc .vx/_C_stable_libtorch.abi3.so.xz > {DEFAULT_VLLM_OPS_LIB}` "
         f"(or point ${VLLM_OPS_LIB_ENV} at the unpacked library)."
     )

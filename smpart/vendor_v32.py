@@ -1,7 +1,7 @@
 """vLLM 0.33's production DSV3.2 model's own kernels on the region: ``vllm_v32`` / ``vllm_v32_dual_stream``.
 
 What ``vllm/models/deepseek_v32/attention.py::DeepseekV32Attention.forward`` (vLLM 0.33.0) launches
-for the region on an sm_90 decode step (DESIGN.md 7), on :class:`smpart.region.RegionArgs` with the
+for the region on an sm_90 decode step (docs/VLLM.md, "Which model code"), on :class:`smpart.region.RegionArgs` with the
 production options (``smpart.prep``: ``index_q`` etc. given):
 
 1. q side (``q_b_proj``): ``torch.ops._C.per_token_group_fp8_quant`` (UE8M0) + DeepGEMM

@@ -1,6 +1,6 @@
 """``RegionWorkspace``: every scratch buffer of the region, made once per shape bucket.
 
-The forward of every Triton path allocates nothing (DESIGN.md 7a): the logits, the radix top-k's
+The forward of every Triton path allocates nothing (CUDA-graph capturable): the logits, the radix top-k's
 histograms and candidate buffers and the partitioned kernel's counters live here. Counters are zero at creation
 and every kernel that uses them leaves them zero again (reset in-kernel by the last user), so one
 workspace serves every CUDA-graph replay.

@@ -2,8 +2,8 @@
 
 A launch with no GEMM tile (``gemm_in_tail = 1``) must compile no GEMM code: Triton counts the
 registers of every compiled path, a loop of zero trips included, and the logits role is
-latency-bound per program, so registers set its occupancy (DESIGN.md 5). Triton compiles for
-sm_90 without a GPU (``triton.compile(ASTSource(...), target=GPUTarget('cuda', 90, 32))``, DESIGN.md 5)
+latency-bound per program, so registers set its occupancy (docs/KERNELS.md, "Role functions"). Triton compiles for
+sm_90 without a GPU (``triton.compile(ASTSource(...), target=GPUTarget('cuda', 90, 32))``, docs/KERNELS.md "Testing")
 and its wheel ships ``cuobjdump``, which reads the register count from the cubin.
 
 Measured 2026-11-30 (Triton 3.6, 4 warps): 218 registers with the GEMM loop compiled in (two

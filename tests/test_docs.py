@@ -17,6 +17,26 @@ def test_no_pointer_outside_the_repository():
         assert "../shared" not in text and "DESIGN.md" not in text, f"{f.name} points outside the repository"
 
 
+def _shipped_python_files():
+    """Every ``.py`` file of the repository, minus virtual environments and carried vendor copies."""
+    skip = {".git", ".dg", ".vx", ".vllm_v32", "build", "dist", "__pycache__"}
+    for f in sorted(ROOT.rglob("*.py")):
+        parts = f.relative_to(ROOT).parts
+        if any(p in skip or p.startswith(".venv") or p.endswith(".egg-info") for p in parts[:-1]):
+            continue
+        yield f
+
+
+def test_no_python_file_cites_a_file_users_lack():
+    """Docstrings, comments and messages cite the repository's docs, never the developers' notes."""
+    files = list(_shipped_python_files())
+    assert any(f.name == "region.py" for f in files), "the file walk found no source file"
+    bad = [f"{f.relative_to(ROOT)}:{i}" for f in files if f.resolve() != pathlib.Path(__file__).resolve()
+           for i, line in enumerate(f.read_text().splitlines(), 1)
+           if "DESIGN.md" in line or "STYLE.md" in line or "../shared" in line]
+    assert not bad, f"cites DESIGN.md / STYLE.md / ../shared (not in the repository; cite docs/): {bad}"
+
+
 def test_relative_links_resolve():
     checked = 0
     for f in DOCS:

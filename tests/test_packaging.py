@@ -1,4 +1,4 @@
-"""Installing smpart must not claim the top-level name ``triton_kernels`` (DESIGN.md 6)."""
+"""Installing smpart must not claim the top-level name ``triton_kernels`` (docs/ARCHITECTURE.md, "Layout")."""
 
 import subprocess
 import sys

@@ -1,8 +1,8 @@
 """Histogram-fed radix top-2048 (``triton_kernels/radix_topk.py``), checked exactly.
 
 Every row: the -1 entries are exactly the columns ``[min(L, 2048), 2048)``; the selected positions
-are unique and in ``[0, L)``; the multiset of selected logits equals ``torch.topk``'s (DESIGN.md
-7a, STYLE.md 7); and the selected *set* equals the tie rule's (key desc, then lowest position:
+are unique and in ``[0, L)``; the multiset of selected logits equals ``torch.topk``'s (docs/CORRECTNESS.md,
+"The top-k rule"); and the selected *set* equals the tie rule's (key desc, then lowest position:
 ``radix_topk_torch``), so ties are deterministic. Logits past each row's length are garbage (NaN,
 +inf, huge; or -inf, the reference kernels' padding) so that any read past ``L`` changes the result.
 Histograms and counters must be back to zero after every call. (The old chunk/merge top-k's cases

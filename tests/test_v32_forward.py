@@ -257,7 +257,7 @@ def test_swapped_forward_matches_vllm(venv, lens):
     assert torch.equal(qpe_s.contiguous().view(torch.int16), qpe_v.contiguous().view(torch.int16)), "roped q_pe differs"
     assert torch.equal(ql_s.view(torch.int16), ql_v.view(torch.int16)), "ql_nope differs"
     # top-k: smpart's Triton logits and the stand-in's torch logits round differently, so the rule of
-    # DESIGN.md 7a: valid indices and padding, each selected logit within fp32 rounding of the 2048th
+    # docs/CORRECTNESS.md "The top-k rule": valid indices and padding, each selected logit within fp32 rounding of the 2048th
     logits64, lens = venv.holder["logits64"], venv.holder["lens"]
     tol = 1e-5 * logits64.masked_fill(torch.isinf(logits64), 0).abs().amax(dim=1, keepdim=True).expand_as(logits64)
     check_topk(topk_s, logits64, lens, tol=tol)

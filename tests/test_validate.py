@@ -1,4 +1,4 @@
-"""Bad input: a named ValueError/TypeError before any kernel runs, nothing written (DESIGN.md 7a)."""
+"""Bad input: a named ValueError/TypeError before any kernel runs, nothing written (docs/CORRECTNESS.md, "Inputs")."""
 
 import dataclasses
 

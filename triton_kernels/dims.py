@@ -1,4 +1,5 @@
-"""DeepSeek-V3.2 dimensions and layout constants of the decode region (DESIGN.md section 2).
+"""DeepSeek-V3.2 dimensions and layout constants of the decode region (the model's
+``config.json``, deepseek-ai/DeepSeek-V3.2; cache layout: docs/KERNELS.md, "Layouts").
 
 All of these are fixed by the model or by vLLM's cache layout; tests shrink only the batch,
 the context lengths and the number of MLA heads ``H`` (``num_attention_heads / TP``).
@@ -27,7 +28,7 @@ CACHE_BYTES_PER_BLOCK = CACHE_BLOCK_SIZE * CACHE_BYTES_PER_TOKEN  # 8448
 CACHE_SCALE_OFFSET = CACHE_BLOCK_SIZE * INDEX_HEAD_DIM  # byte offset of the scales: 8192
 
 MAX_MODEL_LEN = 163840
-T_MAX = 256  # decode rows the fused region accepts (DESIGN.md 7a)
+T_MAX = 256  # decode rows the fused region accepts (more: vLLM's own path, docs/VLLM.md)
 SUPPORTED_H = (128, 64, 32, 16)
 SUPPORTED_NEXT_N = (1, 2)
 

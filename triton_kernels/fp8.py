@@ -1,6 +1,6 @@
 """FP8 (e4m3fn) and UE8M0 scale helpers shared by every kernel and by the reference.
 
-Two promises (DESIGN.md 7a, "FP8 numerics"):
+Two promises (docs/CORRECTNESS.md, "FP8 numerics"):
 
 * ``fp8e4m3_rne`` gives the bytes of ``torch.Tensor.to(torch.float8_e4m3fn)`` after a clamp to
   +-448 (round to nearest even, saturating), on the GPU *and* under ``TRITON_INTERPRET=1``,

@@ -24,7 +24,7 @@ operands in shared memory (m64n32k32 with 8 warps, which then reduces heads acro
 prefer 4 warps); key tiles arrive by 16-byte ``cp.async`` into ``num_stages`` buffers, with up to
 ``num_stages - 1`` blocks in flight per program.
 
-Bounds (DESIGN.md 7a; nothing here trusts values): block ids outside ``[0, num_blocks)`` are not
+Bounds (docs/KERNELS.md, "Every address is masked"; nothing here trusts values): block ids outside ``[0, num_blocks)`` are not
 dereferenced (their keys count as zero, so their logits are 0); lengths are clamped to
 ``max_blocks * 64`` and to ``max_len``; the grid never depends on device values.
 

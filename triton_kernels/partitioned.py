@@ -70,7 +70,7 @@ PROGRAMS_PER_SM_MAX = 32  # resident CTAs per SM on sm_90: programs past this pe
 
 @dataclasses.dataclass(frozen=True)
 class PartitionConfig:
-    """Launch parameters of the partitioned kernel (STYLE.md 5: explicit, no global state).
+    """Launch parameters of the partitioned kernel (explicit, no global state).
 
     Attributes
     ----------

@@ -3,7 +3,7 @@
 One launch computes ``q = q_c @ W^T`` (W8A8, 128x128 block-scaled FP8), applies interleaved RoPE to
 ``q[..., 128:192]`` of every 192-column head in the GEMM epilogue, and ropes ``k_pe`` in place.
 
-Mirrors, in vLLM 0.33 (DESIGN.md 3):
+Mirrors, in vLLM 0.33:
 
 * activation quant: ``vllm/model_executor/layers/quantization/utils/fp8_utils.py``
   ``per_token_group_quant_fp8`` (group 128, ``eps = 1e-10``, ``s = max(amax, eps) / 448``, a power
@@ -18,7 +18,7 @@ Mirrors, in vLLM 0.33 (DESIGN.md 3):
   fp32 cache the math is fp32 (each product rounded to fp32 with ``mul.rn``, so no FMA contraction
   can change a bit, then the sum) and rounds once to bf16.
 
-Kernel shape (DESIGN.md 5): swap-AB, i.e. weights on the MMA's M side. A work item is one
+Kernel shape: swap-AB, i.e. weights on the MMA's M side. A work item is one
 ``(n_tile, t_tile)`` pair: ``BLOCK_N`` weight rows (output columns) x ``BLOCK_T`` tokens, the whole
 K = 1536 in a pipelined loop of 12 steps of 128. Each step quantizes its ``[BLOCK_T, 128]`` slice
 of ``q_c`` in registers (the same group-of-128 quant as vLLM; ``q_c`` is tiny and L2-resident, so

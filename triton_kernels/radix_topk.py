@@ -262,7 +262,7 @@ def _stream_select(row_ptr, L, by_bin, b, cnt, need, out_ptr, base, ck_ptr, cp_p
 @triton.jit
 def _radix_row_len(t, lens_ptr, next_n, lmax, PER_ROW_LENS: tl.constexpr):
     """Visible length of row ``t`` clamped to ``[0, lmax]``: ``lens[t]``, or from vLLM ``seq_lens``:
-    ``context_lens[t // next_n] - next_n + 1 + t % next_n`` (DESIGN.md 7a)."""
+    ``context_lens[t // next_n] - next_n + 1 + t % next_n`` (docs/KERNELS.md, "Layouts")."""
     if PER_ROW_LENS:
         L = tl.load(lens_ptr + t)
     else:

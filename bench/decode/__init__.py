@@ -6,7 +6,7 @@ while requests come and go, and how many microseconds does each path save per la
 The loop (one simulated decoder layer, decode steps only)
 ---------------------------------------------------------
 * **Paged indexer cache and block pool, as vLLM v1 keeps them.** Each path owns one copy of the
-  indexer cache, uint8 ``[num_blocks, 64, 132]`` (vLLM's layout, DESIGN.md 3), zero-filled at start
+  indexer cache, uint8 ``[num_blocks, 64, 132]`` (vLLM's layout, docs/KERNELS.md "Layouts"), zero-filled at start
   as vLLM's model runner allocates KV caches (``torch.zeros`` in
   ``vllm/v1/worker/gpu_model_runner.py::_allocate_kv_cache_tensors``). :class:`BlockAllocator`
   mirrors ``vllm/v1/core/block_pool.py``: block 0 is the reserved null block, free blocks sit in a
@@ -35,7 +35,7 @@ The loop (one simulated decoder layer, decode steps only)
   ``--mtp-accept`` (the context grows by 1 or 2; a rejected draft's slot is rewritten next step).
 * **Checks.** ``reference`` runs every step; every other path is compared with it
   (``checks.check_region`` through ``smpart.bench.common.check_path``: cache bytes exact, ``k_pe``
-  exact, ``q`` by normalized difference, ``topk_indices`` by the rule of DESIGN.md 7a; ``--check
+  exact, ``q`` by normalized difference, ``topk_indices`` by the rule of docs/CORRECTNESS.md; ``--check
   fast`` is a vectorized equivalent for long GPU runs, :func:`fast_check_region`), and after each
   step every path's cache copy must equal the reference's byte for byte. The first mismatch stops
   the run with a :class:`MismatchError` naming the step, path, row, request and first differing

@@ -52,7 +52,7 @@ def fast_check_region(path: str, out, want, logits64: torch.Tensor, tol: torch.T
 
     Same rules and messages: cache bytes and ``k_pe`` exact (``k_pe`` by normalized difference < 1e-5
     for the vendor paths, whose RoPE rounds once in fp32), ``q`` without NaN and normalized
-    difference < ``q_diff``, and the top-k rule of DESIGN.md 7a row by row: exactly
+    difference < ``q_diff``, and the top-k rule of docs/CORRECTNESS.md row by row: exactly
     ``max(0, 2048 - L)`` trailing -1, selected indices unique and in ``[0, L)``, every selected
     reference logit >= the reference's ``min(2048, L)``-th largest minus the two logits' tolerances
     (``tol``: ``checks.logits_tolerance``; ``None`` = exact), equal index sets when ``tie_free``.
