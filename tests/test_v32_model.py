@@ -151,3 +151,42 @@ def test_our_forward_keeps_vllms_order():
              "self._sparse_indexer_and_attn(", "self.o_proj(output)"]
     pos = _call_order(src, order)
     assert pos == sorted(pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# swap_attention: all or nothing
+# ---------------------------------------------------------------------------------------------
+def _bare(cls):
+    """An instance of ``cls`` with only ``nn.Module``'s state (swap_attention reads nothing else)."""
+    m = cls.__new__(cls)
+    torch.nn.Module.__init__(m)
+    return m
+
+
+def test_swap_attention_reclasses_every_layer(monkeypatch):
+    from smpart.integration.v32.attention import SmpartDeepseekV32Attention
+    from smpart.integration.v32.model import swap_attention
+
+    setups = []
+    monkeypatch.setattr(SmpartDeepseekV32Attention, "smpart_setup", lambda self: setups.append(self))
+    model = torch.nn.Sequential(_bare(DeepseekV32Attention), torch.nn.Linear(2, 2), _bare(DeepseekV32Attention))
+    assert swap_attention(model) == 2
+    assert type(model[0]) is SmpartDeepseekV32Attention and type(model[2]) is SmpartDeepseekV32Attention
+    assert setups == [model[0], model[2]]
+    assert swap_attention(model) == 0  # already ours: left as is, not set up twice
+    assert len(setups) == 2
+
+
+def test_swap_attention_refuses_before_reclassing_any_layer(monkeypatch):
+    from smpart.integration.v32.attention import SmpartDeepseekV32Attention
+    from smpart.integration.v32.model import swap_attention
+
+    class OtherPluginAttention(DeepseekV32Attention):
+        pass
+
+    monkeypatch.setattr(SmpartDeepseekV32Attention, "smpart_setup", lambda self: None)
+    # the foreign layer comes after a plain one: the old loop had re-classed layer 0 before raising
+    model = torch.nn.Sequential(_bare(DeepseekV32Attention), _bare(OtherPluginAttention), _bare(DeepseekV32Attention))
+    with pytest.raises(TypeError, match=r"1 \(.*OtherPluginAttention\).*re-classed no layer"):
+        swap_attention(model)
+    assert [type(m) for m in model] == [DeepseekV32Attention, OtherPluginAttention, DeepseekV32Attention]

@@ -21,21 +21,28 @@ from .attention import SmpartDeepseekV32Attention
 def swap_attention(model) -> int:
     """Re-class every ``DeepseekV32Attention`` in ``model`` to ``SmpartDeepseekV32Attention``; returns the count.
 
+    All or nothing: every module is checked before any is re-classed, so a refusal leaves the whole
+    model as vLLM built it. Layers already ``SmpartDeepseekV32Attention`` are left as they are (not
+    counted).
+
     Raises
     ------
-    TypeError : a module is a subclass of ``DeepseekV32Attention`` other than ours (another plugin's):
-        it is left alone rather than silently replaced.
+    TypeError : some module is a subclass of ``DeepseekV32Attention`` other than ours (another
+        plugin's). Nothing in ``model`` is re-classed then; the message names every such module.
     """
-    n = 0
+    mine, foreign = [], []
     for name, m in model.named_modules():
         if type(m) is DeepseekV32Attention:
-            m.__class__ = SmpartDeepseekV32Attention
-            m.smpart_setup()
-            n += 1
+            mine.append(m)
         elif isinstance(m, DeepseekV32Attention) and not isinstance(m, SmpartDeepseekV32Attention):
-            raise TypeError(f"{name}: {type(m).__qualname__} already replaces DeepseekV32Attention; "
-                            f"smpart leaves it alone (unset SMPART_DSV32)")
-    return n
+            foreign.append(f"{name or '<model>'} ({type(m).__qualname__})")
+    if foreign:
+        raise TypeError(f"{', '.join(foreign)} already replace(s) DeepseekV32Attention; smpart re-classed no "
+                        f"layer of this model (unset SMPART_DSV32 to run the other replacement alone)")
+    for m in mine:
+        m.__class__ = SmpartDeepseekV32Attention
+        m.smpart_setup()
+    return len(mine)
 
 
 class SmpartDeepseekV32ForCausalLM(DeepseekV32ForCausalLM):
