@@ -157,6 +157,43 @@ def green_contexts(ws, indexer_sms: int, gemm_sms: int, device):
     return ws.extra[key]
 
 
+def green_split(num_sms: int, config=None) -> tuple[int, int]:
+    """The ``(indexer_sms, gemm_sms)`` the ``green_ctx`` path asks the driver for; pure, no device.
+
+    Parameters
+    ----------
+    num_sms : int
+        The device's SM count (``multi_processor_count``).
+    config : tuple of (int, int) or None
+        An explicit split (each count >= 1, checked by ``run_region``); ``None`` gives the indexer a
+        quarter of the SMs rounded down to a multiple of 8 (green contexts come in multiples of 8)
+        and the GEMM the rest: 32 of 132 on an H100 / H200.
+
+    Returns
+    -------
+    tuple of (int, int)
+        ``(indexer_sms, gemm_sms)``.
+
+    Raises
+    ------
+    ValueError
+        A count exceeds ``num_sms``; or ``config`` is ``None`` and ``num_sms < 32``, where the
+        default split would give the indexer 0 SMs (the driver would then fail creating the
+        context): pass ``config=(indexer_sms, gemm_sms)`` explicitly.
+    """
+    if config is None:
+        indexer_sms = num_sms // 4 // 8 * 8
+        if indexer_sms < 1:
+            raise ValueError(f"config: green_ctx's default split (a quarter of the SMs, in multiples of 8) gives the "
+                             f"indexer 0 of this device's {num_sms} SMs (it needs >= 32); pass "
+                             f"config=(indexer_sms, gemm_sms) explicitly")
+        config = (indexer_sms, num_sms - indexer_sms)
+    indexer_sms, gemm_sms = config
+    if indexer_sms > num_sms or gemm_sms > num_sms:
+        raise ValueError(f"config: green_ctx SM counts {(indexer_sms, gemm_sms)} exceed the device's {num_sms} SMs")
+    return indexer_sms, gemm_sms
+
+
 def run_green_ctx(args, ws, config, use_ue8m0):
     """The ``green_ctx`` path: the two chains of :func:`run_dual_stream`, each on the stream of a
     ``torch.cuda.green_contexts`` context with a fixed SM count.
@@ -179,13 +216,12 @@ def run_green_ctx(args, ws, config, use_ue8m0):
     RuntimeError
         Not a CUDA device, or green contexts unsupported by this torch/driver (:func:`green_contexts`).
     ValueError
-        ``config`` asks for more SMs than the device has.
+        ``config`` asks for more SMs than the device has, or ``config`` is ``None`` on a device with
+        fewer than 32 SMs (:func:`green_split`); raised before any green context is made.
     """
     if args.q_c.device.type != "cuda":
         raise RuntimeError("green_ctx: needs a CUDA device")
     num_sms = torch.cuda.get_device_properties(args.q_c.device).multi_processor_count
-    indexer_sms, gemm_sms = config if config is not None else (num_sms // 4 // 8 * 8, num_sms - num_sms // 4 // 8 * 8)
-    if indexer_sms > num_sms or gemm_sms > num_sms:
-        raise ValueError(f"config: green_ctx SM counts {(indexer_sms, gemm_sms)} exceed the device's {num_sms} SMs")
+    indexer_sms, gemm_sms = green_split(num_sms, config)
     _, (idx_stream, gemm_stream) = green_contexts(ws, indexer_sms, gemm_sms, args.q_c.device)
     _two_streams(args, ws, use_ue8m0, idx_stream, gemm_stream)

@@ -288,6 +288,32 @@ def test_green_ctx_needs_cuda_on_cpu():
     assert torch.equal(a.kv_cache, before)
 
 
+@pytest.mark.parametrize("num_sms, want", [(132, (32, 100)), (78, (16, 62)), (32, (8, 24))])
+def test_green_split_default(num_sms, want):
+    """A quarter of the SMs for the indexer, in multiples of 8; the GEMM the rest."""
+    from smpart.schedules import green_split
+
+    assert green_split(num_sms) == want
+    assert green_split(num_sms, (8, 16)) == (8, 16)  # an explicit split is taken as given
+
+
+@pytest.mark.parametrize("num_sms", [1, 16, 31])
+def test_green_split_refuses_zero_indexer_sms(num_sms):
+    """Below 32 SMs the default split would give the indexer 0 SMs (a driver error later): refused."""
+    from smpart.schedules import green_split
+
+    with pytest.raises(ValueError, match=rf"config: green_ctx's default split .*0 of this device's {num_sms} SMs"):
+        green_split(num_sms)
+    assert green_split(num_sms, (1, num_sms)) == (1, num_sms)  # an explicit split still works
+
+
+def test_green_split_refuses_more_sms_than_the_device_has():
+    from smpart.schedules import green_split
+
+    with pytest.raises(ValueError, match=r"config: green_ctx SM counts \(8, 200\) exceed the device's 132 SMs"):
+        green_split(132, (8, 200))
+
+
 @pytest.mark.gpu
 def test_green_ctx_matches_reference_gpu():
     b = make_decode_batch(4096, batch_size=8, num_heads=32, seed=2)
