@@ -187,6 +187,46 @@ def topk_indices(logits: torch.Tensor, lens: torch.Tensor, k: int = dims.INDEX_T
     return out
 
 
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> int64 keys in the order of ``triton_kernels/radix_topk.py``'s ``_f32_to_key``.
+
+    Parameters
+    ----------
+    x : float tensor, any shape (cast to fp32).
+
+    Returns
+    -------
+    int64, the shape of ``x``: order-preserving (``-0.0`` and ``+0.0`` share key 0, +-inf at the ends).
+    """
+    b = x.float().contiguous().view(torch.int32).to(torch.int64)
+    b = torch.where(b == -(2**31), torch.zeros_like(b), b)
+    return torch.where(b < 0, -1 - (b & 0x7FFFFFFF), b)
+
+
+def radix_topk_torch(logits: torch.Tensor, lens: torch.Tensor, k: int = dims.INDEX_TOPK) -> torch.Tensor:
+    """PyTorch twin of ``triton_kernels/radix_topk.py::radix_topk`` with its tie rule: the
+    ``min(L, k)`` best positions by (value desc, position asc), -0.0 == +0.0; -1 padded.
+
+    Parameters
+    ----------
+    logits : float [T, W]. lens : int [T] visible lengths (clamped to W).
+
+    Returns
+    -------
+    int32 [T, k], rank order.
+    """
+    T, W = logits.shape
+    out = torch.full((T, k), -1, dtype=torch.int32, device=logits.device)
+    for t in range(T):
+        L = min(max(int(lens[t]), 0), W)
+        if L == 0:
+            continue
+        keys = order_keys(logits[t, :L])
+        order = torch.sort(keys, descending=True, stable=True).indices[:k]
+        out[t, :order.numel()] = order.to(torch.int32)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # MLA query side
 # --------------------------------------------------------------------------------------

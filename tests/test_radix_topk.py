@@ -1,9 +1,10 @@
 """Histogram-fed radix top-2048 (``triton_kernels/radix_topk.py``), checked exactly.
 
 Every row: the -1 entries are exactly the columns ``[min(L, 2048), 2048)``; the selected positions
-are unique and in ``[0, L)``; the multiset of selected logits equals ``torch.topk``'s (docs/CORRECTNESS.md,
-"The top-k rule"); and the selected *set* equals the tie rule's (key desc, then lowest position:
-``radix_topk_torch``), so ties are deterministic. Logits past each row's length are garbage (NaN,
+are unique and in ``[0, L)``; the multiset of selected logits equals ``torch.topk``'s
+(docs/CORRECTNESS.md, "The top-k rule"); and the selected *set* equals the tie rule's (key desc,
+then lowest position: ``smpart.reference.radix_topk_torch``), so ties are deterministic. Logits
+past each row's length are garbage (NaN,
 +inf, huge; or -inf, the reference kernels' padding) so that any read past ``L`` changes the result.
 Histograms and counters must be back to zero after every call. (The old chunk/merge top-k's cases
 -- lengths, next_n=2 rows from ``context_lens``, value kinds, clamping, replays -- run here on
@@ -17,6 +18,7 @@ import os
 import pytest
 import torch
 
+from smpart import reference
 from smpart.triton_kernels import radix_topk as rt
 
 K = rt.TOPK_K
@@ -97,7 +99,7 @@ def make_logits(lens, width, kind, seed=0, garbage="mixed"):
 def check_exact(out, logits, lens):
     """The contract plus the deterministic tie rule; the message names the first bad row."""
     out, logits = out.cpu(), logits.cpu()
-    want = rt.radix_topk_torch(logits, lens)
+    want = reference.radix_topk_torch(logits, lens)
     for t in range(out.shape[0]):
         L = min(int(lens[t]), logits.shape[1])
         n = min(L, K)
@@ -252,7 +254,7 @@ def test_producer_histogram(device):
     lens = b.context_lens.cpu()
     for t in range(3):
         L = int(lens[t])
-        keys = rt._order_keys(logits[t, :L].cpu())
+        keys = reference.order_keys(logits[t, :L].cpu())
         u = keys >> 19
         v = torch.where(u >= 0, u, -1 - u)
         c = (v - 1520).clamp(0, 1023)
@@ -286,7 +288,7 @@ def test_bins_monotone_and_torch_twin():
     """The bin function is monotone in the value (checked on the torch mirror over edge values)."""
     x = torch.tensor([float("-inf"), -2.0**100, -2.0**33, -2.0**32, -1.0, -2.0**-32, -1e-44, -0.0, 0.0, 1e-44,
                       2.0**-33, 2.0**-32, 1.0, 1.0625, 2.0**31, 2.0**32, 2.0**100, float("inf")])
-    keys = rt._order_keys(x)
+    keys = reference.order_keys(x)
     assert bool((keys[1:] >= keys[:-1]).all()) and int(keys[7]) == int(keys[8]) == 0
     u = keys >> 19
     v = torch.where(u >= 0, u, -1 - u)
@@ -304,7 +306,7 @@ def test_torch_twin_follows_the_tie_rule():
     logits[3] = make_values(3000, "quantized", torch.Generator().manual_seed(3))
     logits[4] = make_values(3000, "zeros", torch.Generator().manual_seed(4))
     lens = torch.tensor([0, 5, 3000, 3000, 3000])
-    out = rt.radix_topk_torch(logits.nan_to_num(), lens)
+    out = reference.radix_topk_torch(logits.nan_to_num(), lens)
     assert out.dtype == torch.int32 and out.shape == (5, K)
     for t in range(5):
         L = int(lens[t])

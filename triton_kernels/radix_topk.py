@@ -580,37 +580,6 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
     )
 
 
-def _order_keys(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> int64 keys with the kernels' order (-0.0 == +0.0)."""
-    b = x.float().contiguous().view(torch.int32).to(torch.int64)
-    b = torch.where(b == -(2**31), torch.zeros_like(b), b)
-    return torch.where(b < 0, -1 - (b & 0x7FFFFFFF), b)
-
-
-def radix_topk_torch(logits: torch.Tensor, lens: torch.Tensor, k: int = TOPK_K) -> torch.Tensor:
-    """PyTorch twin with the kernels' tie rule: the ``min(L, k)`` best positions by (value desc,
-    position asc), -0.0 == +0.0; -1 padded.
-
-    Parameters
-    ----------
-    logits : float [T, W]. lens : int [T] visible lengths (clamped to W).
-
-    Returns
-    -------
-    int32 [T, k], rank order.
-    """
-    T, W = logits.shape
-    out = torch.full((T, k), -1, dtype=torch.int32, device=logits.device)
-    for t in range(T):
-        L = min(max(int(lens[t]), 0), W)
-        if L == 0:
-            continue
-        keys = _order_keys(logits[t, :L])
-        order = torch.sort(keys, descending=True, stable=True).indices[:k]
-        out[t, :order.numel()] = order.to(torch.int32)
-    return out
-
-
 __all__ = ["TOPK_K", "HIST_BINS", "RADIX_CAND", "RADIX_CP", "RADIX_CHUNK", "RADIX_SHORT", "RadixTopkConfig",
-           "RadixTopkWorkspace", "radix_chunk", "radix_topk", "radix_topk_torch", "_radix_topk_item", "_hist_bin",
+           "RadixTopkWorkspace", "radix_chunk", "radix_topk", "_radix_topk_item", "_hist_bin",
            "_f32_to_key"]
