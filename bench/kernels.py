@@ -4,9 +4,9 @@
 Markdown table (us, CUDA-graph median, cold L2 before every replay; docs/RESULTS.md, "Method") with, per shape:
 key write, fill, paged logits, top-k (each on its own kernel's logits), q side (ours: one fused
 launch; vLLM: activation quant + DeepGEMM GEMM + RoPE), and the whole partitioned launch.
-Our top-k is the radix top-k as the stream paths run it, fed by the logits kernel's per-row
-histogram: (logits with the histogram + ``radix_topk(hist_ready=True)``) minus the plain logits,
-so the histogram's atomics count as top-k time.
+Our top-k is the radix top-k as the stream paths run it (``schedules.logits_and_topk``: the
+logits kernel builds the per-row histograms up to ``radix_topk.hist_fed``'s bound, else the top-k
+builds them itself), minus the plain logits, so the histogram's cost counts as top-k time.
 Vendor columns need DeepGEMM and vLLM's ops (``smpart.vendor``); without them they
 read "n/a".
 """
@@ -83,8 +83,6 @@ def main(argv=None) -> int:
     from smpart.triton_kernels.indexer_cache import indexer_k_quant_and_cache
     from smpart.triton_kernels.mqa_logits import paged_mqa_logits
     from smpart.partitioned import partitioned_region
-    from smpart.triton_kernels import dims
-    from smpart.triton_kernels.radix_topk import radix_topk
     from smpart.workspace import RegionWorkspace
 
     flush = l2_flush_buffer("cuda")
@@ -104,17 +102,15 @@ def main(argv=None) -> int:
             paged_mqa_logits(args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table,
                              args.context_lens, ws.logits, next_n=args.next_n, hist=hist)
 
-        def fed_topk():  # as schedules.indexer_tail: the histogram from the logits, zeroed by the top-k
-            logits_fn(ws.radix.hist)
-            radix_topk(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n, workspace=ws.radix,
-                       max_len=min(ws.max_len, args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE), hist_ready=True)
+        def logits_topk():  # what the stream paths run (the producer histogram up to hist_fed's bound)
+            schedules.logits_and_topk(args, ws)
 
         logits_us = t(logits_fn)
         ours = {
             "key write": t(lambda: indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping)),
             "fill": t(lambda: fill_topk_indices(args.topk_indices, T)),
             "logits": logits_us,
-            "top-k": t(fed_topk) - logits_us,
+            "top-k": t(logits_topk) - logits_us,
             "q side": t(lambda: schedules.q_side(args, True, ws)),
             "partitioned": t(lambda: partitioned_region(args, ws, None, True)),
         }

@@ -83,7 +83,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     max_len = ws.max_len
     # columns a row can see: its length clamped (in every kernel) to the block table's capacity and
     # the workspace, whatever context_lens says (value checks are off under CUDA graphs)
-    cols = min(max_len, max_blocks * dims.CACHE_BLOCK_SIZE)
+    cols = ws.visible_cols(args)
     # positions per top-k item, in every split (the fused top-k, the tail, the standalone launch)
     topk_chunk = radix_chunk(cols, cfg.topk_config)
     runs = mqa_logits_runs_per_row(max_len, max_blocks, cfg.blocks_per_item, write_neg_inf=False)
@@ -145,9 +145,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     # launch or the next): the top-k zeroes the histograms, so they never outlive a launch pair
     # (the tail's and the fused top-k's items need it; a standalone top-k after the launch builds
     # its own above radix_topk.FED_MAX_POSITIONS, where the producer's atomics cost more)
-    tail_topk = bool(tail_cols) and bool(cfg.roles & 12)
-    hist = bool(cfg.roles & 2) and bool(cfg.roles & 4) and (
-        cfg.fuse_topk or tail_topk or hist_fed(T, max(min(ws.logits.shape[1], cols), 0)))
+    hist = bool(cfg.roles & 2) and bool(cfg.roles & 4) and (cfg.fuse_topk or bool(tail_cols) or hist_fed(T, cols))
     index_q_side(args)  # RegionArgs.index_q given: the index-q prep as a prologue launch (smpart.prep)
     if first_pre:
         launch_q_c_quant(args.q_c, xq, xs, use_ue8m0, hw_cvt)
@@ -196,25 +194,23 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
     """The top-k launch with the GEMM tiles of output columns ``[n_cut, N)`` beside it: one
     program per radix top-k (row, chunk of ``chunk`` positions) item, numbered first, then the GEMM
     programs. ``cols``: the rows' length bound (``min(ws.max_len, max_blocks * 64)``, as the
-    logits role clamps them). ``xq``/``xs``: the quantized ``q_c`` the first launch wrote
+    logits role clamps them; ``ws.logits`` has at least that many columns, ``check_fits``). ``xq``/``xs``: the quantized ``q_c`` the first launch wrote
     (``prequant``), else unused placeholders."""
     T, next_n = args.num_tokens, args.next_n
     N = args.num_heads * dims.QK_HEAD_DIM
     rw = ws.radix
     tcfg = cfg.topk_config or RadixTopkConfig()
-    lmax = max(min(ws.logits.shape[1], cols), 0)
-    n_chunks = max(triton.cdiv(lmax, chunk), 1)
+    n_chunks = max(triton.cdiv(cols, chunk), 1)
     n_topk = T * n_chunks if cfg.roles & 4 else 0
     bn = cfg.tail_block_n
     gemm_lo = (n_cut // bn) * n_t_tiles
     gemm_hi = triton.cdiv(N, bn) * n_t_tiles if cfg.roles & 8 else gemm_lo
     n_gemm_p = min(cfg.tail_gemm_programs or gemm_hi - gemm_lo, gemm_hi - gemm_lo)  # never more than tiles
-    n_topk_p = n_topk
-    if n_topk_p + n_gemm_p == 0:
+    if n_topk + n_gemm_p == 0:
         return
-    _topk_gemm_tail_kernel[(n_topk_p + n_gemm_p,)](
+    _topk_gemm_tail_kernel[(n_topk + n_gemm_p,)](
         ws.logits, args.context_lens, args.topk_indices, rw.hist, rw.counters, rw.cand_key, rw.cand_pos, rw.scratch,
-        ws.logits.stride(0), args.topk_indices.stride(0), lmax, n_topk, n_topk_p,
+        ws.logits.stride(0), args.topk_indices.stride(0), cols, n_topk, n_topk,
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
         args.k_pe, args.q, xq, xs,
         T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),

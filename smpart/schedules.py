@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from .prep import index_q_side
-from .triton_kernels import dims
 from .triton_kernels.fill import fill_topk_indices
 from .triton_kernels.indexer_cache import indexer_k_quant_and_cache
 from .triton_kernels.mqa_logits import paged_mqa_logits
@@ -28,9 +27,7 @@ def indexer_tail(args, ws, use_ue8m0: bool) -> None:
     """[Index-q prep,] key write, fill, logits, top-k on the current stream (``RegionArgs``'s
     ``index_q`` / ``write_keys`` / ``fill`` switch the optional launches; ``smpart.prep``).
 
-    Up to ``radix_topk.FED_MAX_POSITIONS`` rows x positions (``hist_fed``) the logits kernel also
-    fills the per-row histograms of ``ws.radix`` and the radix top-k (``hist_ready=True``) selects
-    from them and zeroes them; above it the top-k builds them in a pass of its own.
+    The logits and the top-k: :func:`logits_and_topk`.
     """
     T = args.num_tokens
     index_q_side(args)  # index-q prep first when RegionArgs.index_q is given (smpart.prep)
@@ -38,10 +35,21 @@ def indexer_tail(args, ws, use_ue8m0: bool) -> None:
         indexer_k_quant_and_cache(args.index_k, args.kv_cache, args.slot_mapping, use_ue8m0=use_ue8m0)
     if args.fill:
         fill_topk_indices(args.topk_indices, T)
+    logits_and_topk(args, ws)
+
+
+def logits_and_topk(args, ws) -> None:
+    """Paged logits into ``ws.logits``, then the radix top-k into ``args.topk_indices`` (the part of
+    :func:`indexer_tail` after the key write and the fill; ``smpart.bench.kernels`` times it).
+
+    Up to ``radix_topk.FED_MAX_POSITIONS`` rows x positions (``hist_fed``) the logits kernel also
+    fills ``ws.radix``'s histograms and the top-k (``hist_ready=True``) selects from them and
+    zeroes them; above it the top-k builds them in a pass of its own.
+    """
     # each row's length is clamped (in the top-k kernel) to the workspace and to the block table's
     # capacity: the logits kernel never wrote past the table, whatever context_lens says
-    cap = min(ws.max_len, args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE)
-    fed = hist_fed(T, cap)  # large shapes: the top-k's own histogram pass is cheaper (radix_topk.py)
+    cap = ws.visible_cols(args)
+    fed = hist_fed(args.num_tokens, cap)  # large shapes: the top-k's own histogram pass is cheaper
     paged_mqa_logits(args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table, args.context_lens,
                      ws.logits, next_n=args.next_n, hist=ws.radix.hist if fed else None)
     radix_topk(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n, workspace=ws.radix,

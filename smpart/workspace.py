@@ -106,6 +106,14 @@ class RegionWorkspace:
             max_len = min(args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE, dims.MAX_MODEL_LEN)
         return cls.for_shape(args.num_tokens, max_len, args.q_c.device)
 
+    def visible_cols(self, args) -> int:
+        """Logits columns any row of ``args`` can see: ``min(max_len, block_table.shape[1] * 64)``.
+
+        Every kernel clamps a row's visible length to this bound (value checks are off under CUDA
+        graphs, so ``context_lens`` is not trusted); metadata only, no device read.
+        """
+        return min(self.max_len, args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE)
+
     def reset(self) -> None:
         """Zero every arrival counter (``counters``, ``radix.counters``) and the radix top-k's
         histograms (``radix.hist``), on the current stream.
