@@ -157,26 +157,7 @@ def run_vllm_v32_dual_stream(args, workspace, config, use_ue8m0):
     top-k) on the current stream; forked and joined by two events (vLLM
     ``vllm/utils/multi_stream_utils.py::maybe_execute_in_parallel``).
 
-    Parameters
-    ----------
-    args : RegionArgs
-        The production region (``index_q`` / ``index_weights_raw`` / ``index_cos_sin_cache`` given,
-        ``rope_k_pe=False``; ``smpart.prep.to_production``), CUDA tensors; outputs as ``run_region``.
-    workspace : RegionWorkspace
-        Holds the vendor state (DeepGEMM schedule metadata, streams, events) between calls.
-    config : dict or None
-        ``topk_backend`` (vLLM's top-k kernel choice) and ``max_model_len`` (DeepGEMM's logits width;
-        default the workspace's ``max_len``).
-    use_ue8m0 : bool
-        Power-of-two FP8 scales (vLLM's ``use_ue8m0``).
-
-    Raises
-    ------
-    ValueError
-        ``args.rope_k_pe`` is True (the production ``fused_q`` does not rope ``k_pe``).
-    RuntimeError
-        vLLM's ``fused_q`` kernels file, DeepGEMM or vLLM's compiled ops are unavailable
-        (:func:`load_fused_q`, :func:`v32_available`).
+    Parameters and Raises: as :func:`run_vllm_v32` (same arguments, same errors).
     """
     _check(args)
     fused_q = load_fused_q()
