@@ -7,7 +7,9 @@ median with a cold L2 (``harness.time_graph``). Candidates: the cost model's spl
 (``cost_model.first_split``) scaled by 1/2 .. 2, a 50/50 split, the GEMM (all, half or a quarter of
 it) moved to the top-k launch (``gemm_in_tail``, tile height 128 or 256; the GEMM-less first launch
 with one program per logits item or 4 per SM), ``block_n`` 64/128,
-``blocks_per_item`` 2/4/8, the top-k fused or as a second launch, and the dynamic schedule; plus the
+``blocks_per_item`` 2/4/8, the top-k fused or as a second launch, the dynamic schedule, and where vLLM's
+compiled ops load (:func:`vllm_topk_available`) the hybrid: the standalone splits with vLLM's own top-k
+after the fused launch (``topk_impl="vllm"``); plus the
 ``sequential`` and ``dual_stream`` paths, and vLLM's own computation where it loads (``--region``:
 the production model's ``vllm_v32`` / ``vllm_v32_dual_stream`` on its region, ``smpart.prep``, or the
 generic model's ``vllm_sequential`` / ``vllm_dual_stream``). The fastest of all is recorded per bucket
@@ -41,8 +43,15 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
-def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[PartitionConfig]:
+def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int,
+               vllm_topk: bool = False) -> list[PartitionConfig]:
     """Partitioned configurations to try for one bucket, most promising first (model split first).
+
+    ``vllm_topk``: also the hybrid (``topk_impl="vllm"``: vLLM 0.33's decode top-k after the fused
+    launch) on the standalone splits (``gemm_in_tail=0``, ``fuse_topk=False``), the only ones it
+    takes: the model's split, the dense-first splits and a 50/50 split, tried early (vLLM's top-k
+    is 1.5-8x faster than the radix top-k, README). Pass it only where vLLM's ops load
+    (:func:`vllm_topk_available`); the radix candidates are the same either way.
 
     Returns
     -------
@@ -64,8 +73,10 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[
     dense = [dataclasses.replace(base, maxnreg=mr, gemm_programs=g, num_stages=st)
              for mr, g, st in ((168, 2 * num_sms, 3), (128, 2 * num_sms, 3), (168, num_sms, 4),
                                (128, 2 * num_sms, 4), (168, None, 3))]
+    one = dataclasses.replace(model, gemm_in_tail=0.0)
+    hybrid = [dataclasses.replace(c, topk_impl="vllm") for c in [one] + dense] if vllm_topk else []
     add(model)
-    for cfg in dense if T >= 64 else ():
+    for cfg in hybrid[:1] + (dense + hybrid[1:] if T >= 64 else []):
         add(cfg)
     # the top-k launch with the GEMM beside it (the logits get the whole GPU first)
     for tail in (1.0, 0.0, 0.5, 0.25):
@@ -77,8 +88,9 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[
     add(dataclasses.replace(model, gemm_in_tail=1.0, num_stages=4))
     for r in (2, 8):
         add(dataclasses.replace(model, blocks_per_item=r))
+    for cfg in hybrid:
+        add(cfg)
     # one-launch splits (the GEMM in the fused launch: the split and its tile matter there)
-    one = dataclasses.replace(model, gemm_in_tail=0.0)
     for f in (0.5, 0.75, 1.5, 2.0):
         n_idx = min(max(int(round(model.indexer_programs * f)), 1), total - 1)
         add(dataclasses.replace(one, indexer_programs=n_idx, gemm_programs=total - n_idx))
@@ -88,7 +100,26 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int) -> list[
     add(dataclasses.replace(one, fuse_topk=True))
     add(dataclasses.replace(one, dynamic=True, indexer_programs=total, gemm_programs=0))
     add(dataclasses.replace(one, dynamic=True, indexer_programs=total, gemm_programs=0, queue_chunk=16))
+    if vllm_topk:
+        add(dataclasses.replace(one, indexer_programs=total // 2, gemm_programs=total - total // 2,
+                                topk_impl="vllm"))
     return out
+
+
+def vllm_topk_available(available=None) -> tuple[bool, str]:
+    """Whether the hybrid candidates (``topk_impl="vllm"``) can run here: never without CUDA, else
+    what ``available`` says (default ``smpart.vendor.vendor_available``: vLLM's ops and DeepGEMM load
+    on an SM90+ GPU).
+
+    Returns
+    -------
+    (ok, reason), as ``vendor_available``.
+    """
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    if available is None:
+        from smpart.vendor import vendor_available as available
+    return available()
 
 
 def vendor_candidates(production: bool, available=None) -> tuple[list[str], str]:
@@ -146,6 +177,8 @@ def _name(cfg: PartitionConfig | None, path: str) -> str:
         tail += "-noprequant"
     if cfg.num_stages != 3:
         tail += f"-s{cfg.num_stages}"
+    if cfg.topk_impl != "radix":
+        tail += f"-{cfg.topk_impl}topk"
     split = (f"dense/{cfg.gemm_programs or 'tiles'}" if cfg.dense_first  # indexer_programs unused
              else f"{cfg.indexer_programs}/{cfg.gemm_programs}")
     return f"partitioned:{split}-bn{cfg.block_n}-r{cfg.blocks_per_item}{'-fusedtopk' if cfg.fuse_topk else ''}{tail}"
@@ -216,7 +249,8 @@ def main(argv=None) -> int:
                   + ", sequential, dual_stream")
         vend = {"production": "vllm_v32, vllm_v32_dual_stream", "generic": "vllm_sequential, vllm_dual_stream"}
         print("plus vLLM's own computation where it loads: " + (vend.get(a.region) or
-              f"{vend['production']} (production region), else {vend['generic']}"))
+              f"{vend['production']} (production region), else {vend['generic']}")
+              + "; and there the hybrid splits (topk_impl=vllm: vLLM's top-k after the fused launch)")
         return 0
 
     from tabulate import tabulate
@@ -245,8 +279,10 @@ def main(argv=None) -> int:
                   + ("" if vendor else f" without vLLM's candidates ({why_generic})"))
     elif not vendor:
         print(f"smpart-autotune: vLLM's candidates unavailable ({why}); tuning without them")
+    hybrid, why_hybrid = vllm_topk_available()
     print(f"smpart-autotune: {'production-model' if production else 'generic'} region; vLLM candidates: "
-          f"{', '.join(vendor) or 'none'}", flush=True)
+          f"{', '.join(vendor) or 'none'}; hybrid (topk_impl=vllm): "
+          f"{'yes' if hybrid else 'no (' + why_hybrid[:200] + ')'}", flush=True)
     flush = l2_flush_buffer(dev)
     num_sms = meta["num_sms"]
     per_bucket = a.budget_s / max(len(shapes), 1)
@@ -266,7 +302,8 @@ def main(argv=None) -> int:
         half = dataclasses.replace(model, indexer_programs=(model.indexer_programs + model.gemm_programs) // 2,
                                    gemm_programs=(model.indexer_programs + model.gemm_programs + 1) // 2)
         # streams, vLLM's own, the cost model's split and 50/50 first (always timed), then the rest
-        order, n_first = trials(model, half, candidates(B * n, H, n, ws.max_len, num_sms), vendor)
+        order, n_first = trials(model, half, candidates(B * n, H, n, ws.max_len, num_sms, hybrid),
+                                 vendor)
         times, configs = {}, {}
         for i, (path, cfg) in enumerate(order):
             if time.monotonic() - t0 > per_bucket and i >= n_first:

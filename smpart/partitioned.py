@@ -6,22 +6,27 @@ documented there).
 sizes the static split with the cost model (:mod:`smpart.cost_model`) and launches the fused
 kernel (whose logits role fills the radix top-k's per-row histograms, ``RegionWorkspace.radix``),
 then either the standalone radix top-k (``radix_topk(hist_ready=True)``) or the top-k + GEMM tail
-launch; with ``fuse_topk`` the top-k runs inside the fused launch.
+launch; with ``fuse_topk`` the top-k runs inside the fused launch. With ``topk_impl="vllm"`` (the
+hybrid) the fused launch fills no histogram and vLLM 0.33's own decode top-k follows it
+(:func:`_vllm_topk_launch`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
+import warnings
 
 import torch
 import triton
 
-from . import cost_model
+from . import cost_model, vendor
 from .prep import index_q_side
 from .triton_kernels import dims
 from .triton_kernels.mqa_logits import mqa_logits_runs_per_row
 from .triton_kernels.partitioned import (GRID_X_MAX, PROGRAMS_PER_SM_MAX, PartitionConfig, _partitioned_kernel,
-                                         _topk_gemm_tail_kernel)
+                                         _topk_gemm_tail_kernel, launch_vllm_topk_prep)
 from .triton_kernels.q_b_proj import default_block_t, launch_q_c_quant
 from .triton_kernels.radix_topk import TOPK_K, RadixTopkConfig, RadixTopkWorkspace, hist_fed, radix_chunk, radix_topk
 
@@ -51,11 +56,15 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     ws : RegionWorkspace (logits, zeroed counters, ``radix``: the radix top-k's histograms,
         counters and candidates for >= T rows).
     config : PartitionConfig; ``None`` = the tuned configuration of this shape bucket
-        (``tuning.choose``), else the defaults with the cost model's split.
+        (``tuning.choose``), else the defaults with the cost model's split. A tuned
+        ``topk_impl="vllm"`` runs as ``"radix"`` (one warning per process) where vLLM's ops do not load.
 
     Raises
     ------
     ValueError : a workspace without ``radix`` or with too few rows, a split out of bounds.
+    RuntimeError : ``config.topk_impl="vllm"`` and vLLM's compiled ops do not load
+        (``vendor.load_vllm_ops``), or its buffers are missing under CUDA-graph capture
+        (``RegionWorkspace.ensure_vllm_topk``); both before any launch.
     """
     T, H, next_n = args.num_tokens, args.num_heads, args.next_n
     dev = args.q_c.device
@@ -65,7 +74,12 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         from . import tuning  # the tuned config of this bucket, else the cost model's split
 
         config = tuning.choose(T, H, next_n, ws.max_len, dev).config
+        if config.topk_impl == "vllm" and _vllm_topk_ops(None) is None:
+            config = dataclasses.replace(config, topk_impl="radix")
     cfg = config  # field values were checked when it was made (PartitionConfig.__post_init__)
+    ops = _vllm_topk_ops(cfg) if cfg.topk_impl == "vllm" else None  # before any launch
+    if ops is not None:
+        ws.ensure_vllm_topk()
     N = H * dims.QK_HEAD_DIM
     # the schedule does not depend on ``roles`` (a role left out keeps its programs, idle)
     tail_cols = tail_columns(H, cfg.gemm_in_tail)
@@ -146,7 +160,11 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     # (the tail's and the fused top-k's items need it; a standalone top-k after the launch builds
     # its own above radix_topk.FED_MAX_POSITIONS, where the producer's atomics cost more)
     hist = bool(cfg.roles & 2) and bool(cfg.roles & 4) and (cfg.fuse_topk or bool(tail_cols) or hist_fed(T, cols))
+    hist = hist and ops is None  # vLLM's top-k reads no histogram (nothing would zero it)
     index_q_side(args)  # RegionArgs.index_q given: the index-q prep as a prologue launch (smpart.prep)
+    if ops is not None and cfg.roles & 4:
+        # each row's clamped length (vLLM's context_lens_2d) and the -1 fill, before vLLM's top-k
+        launch_vllm_topk_prep(args.context_lens, ws.vllm_topk_lens, args.topk_indices, next_n, cols)
     if first_pre:
         launch_q_c_quant(args.q_c, xq, xs, use_ue8m0, hw_cvt)
     extra = {} if cfg.maxnreg is None else dict(maxnreg=cfg.maxnreg)
@@ -172,13 +190,64 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     )
     if cfg.fuse_topk:
         return
-    if tail_cols:
+    if ops is not None:
+        if cfg.roles & 4:
+            _vllm_topk_launch(args, ws, ops, cols)
+    elif tail_cols:
         if cfg.roles & 12:
             _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, hw_cvt, prequant, xq, xs,
                          cols, topk_chunk)
     elif cfg.roles & 4:
         radix_topk(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=rw, max_len=cols,
                    hist_ready=hist, config=cfg.topk_config)
+
+
+_vllm_topk_missing: str | None = None  # why vLLM's ops did not load for a tuned topk_impl="vllm" (warned once)
+
+
+def _vllm_topk_ops(cfg: PartitionConfig | None):
+    """vLLM's compiled ops (``vendor.load_vllm_ops``) for ``topk_impl="vllm"``.
+
+    ``cfg`` given (an explicit config): the ops, or ``RuntimeError`` naming ``config.topk_impl``.
+    ``cfg`` None (a tuned config): the ops, or ``None`` after one warning per process (the caller
+    then runs the radix top-k; later calls do not retry the load).
+    """
+    global _vllm_topk_missing
+    if cfg is None and _vllm_topk_missing is not None:
+        return None
+    try:
+        ops = vendor.load_vllm_ops()
+        if ops.cooperative_topk is None and ops.persistent_topk is None and ops.top_k_per_row_decode is None:
+            raise RuntimeError("the loaded vLLM ops have none of cooperative_topk / persistent_topk / "
+                               "top_k_per_row_decode")
+    except RuntimeError as e:
+        if cfg is not None:
+            raise RuntimeError(f"config.topk_impl='vllm' runs vLLM 0.33's decode top-k, whose ops do not load "
+                               f"here: {e}") from e
+        _vllm_topk_missing = str(e)
+        warnings.warn(f"smpart: the tuned config's topk_impl='vllm' runs as 'radix' here: vLLM's ops do not load "
+                      f"({str(e)[:300]})", stacklevel=3)
+        return None
+    return ops
+
+
+def _vllm_topk_launch(args, ws, ops, cols: int) -> None:
+    """vLLM 0.33's decode top-k on ``ws.logits[:T]``, dispatched as the vendor paths dispatch it
+    (``vendor._vllm_topk``, ``auto``: ``cooperative_topk`` for <= 64 rows, else ``persistent_topk``;
+    vLLM ``model_executor/layers/indexer_topk.py``), into ``args.topk_indices``.
+
+    The ops read each row's length from ``ws.vllm_topk_lens`` viewed ``[B, next_n]`` (written by
+    ``launch_vllm_topk_prep``: the visible length clamped to ``cols``, the logits' bound, since
+    ``context_lens`` is not trusted under CUDA graphs); ``max_seq_len`` (a host int: vLLM passes
+    ``max(seq_lens)``, whose read would sync) is ``cols``, a bound of every row's length from
+    shapes only. They write each row's top positions and -1 past ``min(L, 2048)``; the prep's -1
+    fill covers any slot they leave unwritten.
+    """
+    T, next_n = args.num_tokens, args.next_n
+    lens = ws.vllm_topk_lens[:T].view(T // next_n, next_n)
+    vs = types.SimpleNamespace(device=args.q_c.device, ops=ops, topk_workspace=ws.vllm_topk_workspace,
+                               max_seq_len=max(cols, 1))
+    vendor._vllm_topk(vs, ws.logits[:T], lens, args.topk_indices, next_n, None, "partitioned (topk_impl='vllm')")
 
 
 def _bound(name: str, programs: int, items: int, busy: int) -> None:

@@ -141,7 +141,15 @@ def config_to_dict(cfg: PartitionConfig) -> dict:
 
 
 def config_from_dict(d: dict) -> PartitionConfig:
-    """Raises ``ValueError`` on unknown fields (a stale or foreign file)."""
+    """The :class:`PartitionConfig` of a file's ``config`` object; fields it lacks (a file written
+    before they existed) take their defaults, e.g. ``topk_impl="radix"``.
+
+    Raises
+    ------
+    ValueError : unknown fields (a stale or foreign file), or a value ``PartitionConfig`` refuses
+        (e.g. ``config.topk_impl`` not ``"radix"`` / ``"vllm"``).
+    TypeError : a value of the wrong type (``PartitionConfig.__post_init__``).
+    """
     names = {f.name for f in dataclasses.fields(PartitionConfig)}
     unknown = set(d) - names
     if unknown:

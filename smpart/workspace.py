@@ -36,6 +36,10 @@ class RegionWorkspace:
     q_c_fp8, q_c_scale : float8_e4m3fn [max_tokens, 1536] and fp32 [max_tokens, 12]: ``q_c``
         quantized once per token for the prequantized GEMM (``q_b_proj._q_c_quant_row``; written by
         the partitioned kernel's first launch, read by the GEMM tiles of its second).
+    vllm_topk_workspace, vllm_topk_lens : ``None``, or (made once by :meth:`ensure_vllm_topk`) uint8
+        [1 MiB] (vLLM ``RADIX_TOPK_WORKSPACE_SIZE``, the scratch of its ``cooperative_topk`` /
+        ``persistent_topk``) and int32 [max_tokens] (each row's clamped visible length, the
+        ``context_lens_2d`` those ops read): the buffers of ``PartitionConfig(topk_impl="vllm")``.
     """
 
     max_tokens: int
@@ -46,6 +50,8 @@ class RegionWorkspace:
     q_c_fp8: torch.Tensor = None
     q_c_scale: torch.Tensor = None
     extra: dict = dataclasses.field(default_factory=dict)
+    vllm_topk_workspace: torch.Tensor = None
+    vllm_topk_lens: torch.Tensor = None
 
     @classmethod
     def for_shape(cls, max_tokens: int, max_len: int, device) -> "RegionWorkspace":
@@ -114,6 +120,30 @@ class RegionWorkspace:
         """
         return min(self.max_len, args.block_table.shape[1] * dims.CACHE_BLOCK_SIZE)
 
+    def ensure_vllm_topk(self) -> None:
+        """Allocate, once, the buffers vLLM's decode top-k needs (``PartitionConfig(topk_impl="vllm")``):
+        ``vllm_topk_workspace`` uint8 [1 MiB] and ``vllm_topk_lens`` int32 [max_tokens], on the
+        logits' device; a no-op when they exist. The partitioned path calls it in eager mode; call it
+        yourself before capturing a CUDA graph with a fresh workspace (nothing is allocated under
+        capture).
+
+        Raises
+        ------
+        RuntimeError : the buffers are missing and a CUDA graph is being captured on this stream.
+        """
+        if self.vllm_topk_workspace is not None and self.vllm_topk_lens is not None:
+            return
+        from .validate import _is_capturing
+        from .vendor import RADIX_TOPK_WORKSPACE_SIZE
+
+        if _is_capturing():
+            raise RuntimeError("workspace.vllm_topk_workspace: config.topk_impl='vllm' needs vLLM's top-k buffers, "
+                               "which are not allocated under CUDA-graph capture; call workspace.ensure_vllm_topk() "
+                               "(or run the path once eagerly) before capturing")
+        dev = self.logits.device
+        self.vllm_topk_workspace = torch.empty(RADIX_TOPK_WORKSPACE_SIZE, dtype=torch.uint8, device=dev)
+        self.vllm_topk_lens = torch.zeros(self.max_tokens, dtype=torch.int32, device=dev)
+
     def reset(self) -> None:
         """Zero every arrival counter (``counters``, ``radix.counters``) and the radix top-k's
         histograms (``radix.hist``), on the current stream.
@@ -154,8 +184,9 @@ class RegionWorkspace:
         Checked: ``max_tokens``/``max_len`` are ints (``max_len`` a multiple of 64 in
         ``[64, 163840]``); ``logits`` fp32 ``[>= T, >= max_len]`` contiguous; ``counters`` int32
         ``[>= 64 + T]``; ``radix`` (:meth:`_check_radix`); ``q_c_fp8``/``q_c_scale``
-        (``q_b_proj.check_prequant_buffers``; both ``None`` is allowed: the fused-quant GEMM). Every
-        buffer contiguous and on the batch's device.
+        (``q_b_proj.check_prequant_buffers``; both ``None`` is allowed: the fused-quant GEMM);
+        ``vllm_topk_workspace`` uint8 ``[>= 1 MiB]`` and ``vllm_topk_lens`` int32 ``[>= T]`` where
+        present. Every buffer contiguous and on the batch's device.
 
         Raises
         ------
@@ -181,6 +212,13 @@ class RegionWorkspace:
             check_prequant_buffers(self.q_c_fp8, self.q_c_scale, args.num_tokens, prefix="workspace.")
             if self.q_c_fp8.device != args.q_c.device:
                 raise ValueError(f"workspace.q_c_fp8: on {self.q_c_fp8.device}, the batch is on {args.q_c.device}")
+        if self.vllm_topk_workspace is not None:  # None: made by ensure_vllm_topk when the hybrid first runs
+            from .vendor import RADIX_TOPK_WORKSPACE_SIZE
+
+            _check_buffer("workspace.vllm_topk_workspace", self.vllm_topk_workspace, torch.uint8, dev,
+                          (RADIX_TOPK_WORKSPACE_SIZE,))
+        if self.vllm_topk_lens is not None:
+            _check_buffer("workspace.vllm_topk_lens", self.vllm_topk_lens, torch.int32, dev, (T,))
 
     def _check_radix(self, T: int, dev) -> None:
         """The radix top-k's workspace: its geometry (``cand``, ``cp``: ints the kernels take as
@@ -213,7 +251,9 @@ class RegionWorkspace:
     def buffers(self) -> dict:
         """Every tensor the kernels write, by name (``workspace.logits``, ...; ``None`` skipped)."""
         out = {"workspace.logits": self.logits, "workspace.counters": self.counters,
-               "workspace.q_c_fp8": self.q_c_fp8, "workspace.q_c_scale": self.q_c_scale}
+               "workspace.q_c_fp8": self.q_c_fp8, "workspace.q_c_scale": self.q_c_scale,
+               "workspace.vllm_topk_workspace": self.vllm_topk_workspace,
+               "workspace.vllm_topk_lens": self.vllm_topk_lens}
         if self.radix is not None:  # check_fits refuses a missing one; this lists what there is
             out.update({f"workspace.radix.{n}": x for n, x in vars(self.radix).items() if isinstance(x, torch.Tensor)})
         return {k: v for k, v in out.items() if v is not None}

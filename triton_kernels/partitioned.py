@@ -10,7 +10,10 @@ Where the GEMM tiles run is a launch parameter: beside the logits in the first l
 top-k in the second (``gemm_in_tail``), or split between them; with ``first_prequant`` a small
 launch before the first quantizes ``q_c`` once per token for the first launch's tiles, with
 ``dense_first`` the first launch is one program per GEMM tile group and per logits item (GEMM
-programs numbered first) and ``maxnreg`` caps its registers so both share SMs.
+programs numbered first) and ``maxnreg`` caps its registers so both share SMs. With
+``topk_impl="vllm"`` (the hybrid) the fused launch has no top-k role and fills no histogram, and
+``launch_vllm_topk_prep`` (one program per row: clamped lengths, -1 fill) readies vLLM's own top-k,
+which the host side (``smpart/partitioned.py``) launches after it.
 
 Programs pick a role from ``tl.program_id(0)`` (static split) or claim chunks of a shared work
 list from an atomic queue (dynamic, POD-Attention style). The roles call the standalone kernels'
@@ -55,6 +58,7 @@ import numbers
 import triton
 import triton.language as tl
 
+from .fill import _fill_topk_item
 from .fp8 import quant_fp8_bytes, quant_scale
 from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item
@@ -66,6 +70,7 @@ from .radix_topk import (RADIX_RT, RadixTopkConfig, _NB as _HIST_NB, _f32_to_key
 GRID_X_MAX = 2**31 - 1  # CUDA's grid limit in x (65535 in y and z; every launch here is 1-D)
 QUEUE_CHUNK_MAX = 4096  # work items claimed per atomic (the tuned files use 4)
 PROGRAMS_PER_SM_MAX = 32  # resident CTAs per SM on sm_90: programs past this per SM only queue
+TOPK_IMPLS = ("radix", "vllm")  # PartitionConfig.topk_impl: our radix top-k, or vLLM 0.33's own (the hybrid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +138,14 @@ class PartitionConfig:
         logits items share SMs, and ``gemm_programs`` = ``num_sms`` or ``2 * num_sms`` so that the
         GEMM does not take every slot first. With ``fuse_topk`` the last arriving logits item of a
         row still runs its top-k; with no GEMM tile in the fused launch it is ignored.
+    topk_impl : ``"radix"`` (the default: this package's radix top-k, ``radix_topk.py``, in the split the
+        other fields choose) or ``"vllm"`` (the hybrid: the fused launch without the top-k role and
+        without the producer histogram, then vLLM 0.33's own decode top-k on ``RegionWorkspace.logits``:
+        ``cooperative_topk`` for <= 64 rows, else ``persistent_topk``, dispatched as
+        ``smpart.vendor._vllm_topk`` does; vLLM ``model_executor/layers/indexer_topk.py``). ``"vllm"``
+        needs the standalone split (``fuse_topk=False``, ``gemm_in_tail=0``) and vLLM's compiled ops
+        (``smpart.vendor.load_vllm_ops``; checked at launch, before any kernel runs); ``topk_config``
+        is then unused.
     first_programs : programs of a GEMM-less fused launch (``gemm_in_tail=1.0``), all on the key
         write and the logits, striding over the items; ``None`` = one per logits item of the bucket
         (``T * cdiv(max_len, 64 * blocks_per_item)``, at least ``indexer_programs + gemm_programs``),
@@ -176,6 +189,7 @@ class PartitionConfig:
     first_prequant: bool = False
     maxnreg: int | None = None
     dense_first: bool = False
+    topk_impl: str = "radix"
 
     def __post_init__(self):
         """Reject bad values when the config is made (a TypeError/ValueError naming the field),
@@ -224,6 +238,17 @@ class PartitionConfig:
             raise ValueError("config: dense_first needs the static schedule (dynamic=False)")
         if self.dense_first and self.gemm_programs == 0:
             raise ValueError("config.gemm_programs: dense_first needs >= 1 GEMM program, or None (one per tile)")
+        if not isinstance(self.topk_impl, str):
+            raise TypeError(f"config.topk_impl: expected a str, one of {TOPK_IMPLS}, got {self.topk_impl!r}")
+        if self.topk_impl not in TOPK_IMPLS:
+            raise ValueError(f"config.topk_impl: expected one of {TOPK_IMPLS}, got {self.topk_impl!r}")
+        if self.topk_impl == "vllm":  # vLLM's top-k is a launch of its own after the fused launch
+            if self.fuse_topk:
+                raise ValueError("config.fuse_topk: topk_impl='vllm' runs vLLM's top-k after the fused launch; "
+                                 "needs fuse_topk=False")
+            if g > 0:
+                raise ValueError(f"config.gemm_in_tail: topk_impl='vllm' has no top-k launch of ours to put GEMM "
+                                 f"tiles beside; needs gemm_in_tail=0, got {g}")
         if self.topk_config is not None and not isinstance(self.topk_config, RadixTopkConfig):
             raise TypeError(f"config.topk_config: expected a radix_topk.RadixTopkConfig or None, "
                             f"got {type(self.topk_config).__name__}")
@@ -515,3 +540,37 @@ def _topk_gemm_tail_kernel(
                 xq_ptr, xs_ptr, T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs,
                 USE_UE8M0, True, HW_CVT, BLOCK_N, BLOCK_T, NUM_STAGES, PREQUANT, ROPE_FUSED_Q, ROPE_K_PE,
             )
+
+
+@triton.jit
+def _vllm_topk_prep_kernel(context_lens_ptr, lens_ptr, topk_ptr, stride_topk, T, lmax,
+                           NEXT_N: tl.constexpr, TOPK_K: tl.constexpr, BLOCK: tl.constexpr):
+    """Row ``t = program_id(0)``: ``lens[t]`` = its visible length clamped to ``[0, lmax]`` (as the
+    logits role clamps it), and ``topk[t, :TOPK_K] = -1`` (``fill._fill_topk_item``)."""
+    t = tl.program_id(0)
+    b = t // NEXT_N
+    L = tl.load(context_lens_ptr + b) - NEXT_N + 1 + (t - b * NEXT_N)
+    tl.store(lens_ptr + t, tl.minimum(tl.maximum(L, 0), lmax))
+    _fill_topk_item(t, topk_ptr, stride_topk, T, TOPK_K, BLOCK)
+
+
+def launch_vllm_topk_prep(context_lens, lens, topk_indices, next_n: int, lmax: int) -> None:
+    """The inputs of vLLM's decode top-k for ``PartitionConfig(topk_impl="vllm")``, in one launch
+    (one program per row, nothing read on the host, so it is CUDA-graph capturable).
+
+    Parameters
+    ----------
+    context_lens : int32 [B] (vLLM ``seq_lens``). lens : int32 [>= T] contiguous, written: row
+        ``t = b * next_n + j`` gets ``clamp(context_lens[b] - next_n + 1 + j, 0, lmax)`` (viewed
+        ``[B, next_n]`` it is the ``context_lens_2d`` vLLM's top-k takes; ``reference.visible_lens``,
+        clamped as the logits are). topk_indices : int32 [T, K], unit column stride: rows ``[0, T)``
+        set to -1 (vLLM ``sparse_attn_indexer.py``'s fill before its top-k, so that a slot vLLM's op
+        leaves unwritten reads -1). next_n : 1 or 2. lmax : the rows' length bound
+        (``RegionWorkspace.visible_cols``).
+    """
+    T = topk_indices.shape[0]
+    if T == 0:
+        return
+    K = topk_indices.shape[1]
+    _vllm_topk_prep_kernel[(T,)](context_lens, lens, topk_indices, topk_indices.stride(0), T, lmax,
+                                 NEXT_N=next_n, TOPK_K=K, BLOCK=triton.next_power_of_2(K), num_warps=4)

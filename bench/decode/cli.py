@@ -34,7 +34,8 @@ def _kv_int(s: str) -> tuple[str, int]:
 
 
 def parse_partition_config(s: str):
-    """``KEY=VAL[,KEY=VAL]`` -> ``PartitionConfig`` (ints, ``true``/``false``, ``none``).
+    """``KEY=VAL[,KEY=VAL]`` -> ``PartitionConfig`` (ints, ``true``/``false``, ``none``; ``topk_impl``
+    takes its name, e.g. ``topk_impl=vllm``).
 
     Raises
     ------
@@ -51,7 +52,9 @@ def parse_partition_config(s: str):
         if k not in names or k == "topk_config":
             raise ValueError(f"--partitioned-config: unknown key {k!r}; choose from {sorted(names - {'topk_config'})}")
         low = v.lower()
-        if low == "none":
+        if k == "topk_impl":  # the one str field: PartitionConfig checks the name
+            kw[k] = v
+        elif low == "none":
             kw[k] = None
         elif low in ("true", "false"):
             kw[k] = low == "true"
