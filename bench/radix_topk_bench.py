@@ -54,9 +54,11 @@ def main(argv=None):
     p.add_argument("--replays", type=int, default=30)
     p.add_argument("--shapes", default=None)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--impl", default="sample", choices=("radix", "sample"), help="top-k of --sweep")
+    p.add_argument("--variants", default=None, help="comma list of the variants to time (default all)")
     a = p.parse_args(argv)
     if a.sweep:
-        sweep()
+        sweep(impl=a.impl)
         return
     from smpart.triton_kernels import radix_topk as rt
     from smpart.triton_kernels.mqa_logits import paged_mqa_logits
@@ -70,8 +72,18 @@ def main(argv=None):
     flush = l2_flush_buffer(torch.device("cuda"))
     gpu = torch.cuda.get_device_name()
     shapes = SHAPES if a.shapes is None else [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
-    variants = {"radix": rt.RadixTopkConfig(), "radix_s4k": rt.RadixTopkConfig(short_max=4096),
-                "radix_w8": rt.RadixTopkConfig(num_warps=8)}
+    from smpart.triton_kernels.sample_topk import sample_topk
+
+    C = rt.RadixTopkConfig
+    variants = {"radix": (rt.radix_topk, C()),
+                "sample": (sample_topk, C()),
+                "sample_c8k": (sample_topk, C(chunk=8192, short_max=16384)),
+                "sample_s16k": (sample_topk, C(short_max=16384)),
+                "sample_hist6": (sample_topk, C(count=0, bits=6)),
+                "sample_b3": (sample_topk, C(bits=3)),
+                "sample_w8": (sample_topk, C(num_warps=8))}
+    if a.variants:
+        variants = {k: v for k, v in variants.items() if k in a.variants.split(",")}
     rows = []
     for B, L in shapes:
         batch = make_decode_batch(L, batch_size=B, num_heads=16, seed=0, device="cuda").args
@@ -98,11 +110,11 @@ def main(argv=None):
                 r["logits_hist"] = t(lambda: logits_fn(rws.hist))
                 rws.hist.zero_()
                 torch.cuda.synchronize()
-            for name, cfg in variants.items():
+            for name, (topk_fn, cfg) in variants.items():
                 out.fill_(-7)
-                r[name] = t(lambda: rt.radix_topk(logits, lens, out, next_n=1, workspace=rws, config=cfg))
+                r[name] = t(lambda: topk_fn(logits, lens, out, next_n=1, workspace=rws, config=cfg))
                 r[name + "_ok"] = check_values(out, logits, lens.tolist(), name)
-            if src == "real":
+            if src == "real" and "radix" in variants:
                 out.fill_(-7)
 
                 def fed():
@@ -118,9 +130,9 @@ def main(argv=None):
                 out.fill_(-7)
                 r["vllm"] = t(lambda: fn(logits, ctx2d, out, vws, 2048, L))
                 r["vllm_ok"] = check_values(out, logits, lens.tolist(), "vllm")
-            best = min(r[k] for k in variants)
             if "vllm" in r:
-                r["best_radix_over_vllm"] = round(best / r["vllm"], 2)
+                for k in variants:
+                    r[k + "_over_vllm"] = round(r[k] / r["vllm"], 2)
                 if "radix_fed" in r:
                     r["fed_over_vllm"] = round(r["radix_fed"] / r["vllm"], 2)
             print(r, flush=True)
@@ -134,8 +146,11 @@ def main(argv=None):
         lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
         out = torch.full((B, 2048), -7, dtype=torch.int32, device="cuda")
         rws = rt.RadixTopkWorkspace(B, "cuda")
-        rt.radix_topk(x, lens, out, next_n=1, workspace=rws)
-        res = {"B": B, "L": L, "radix": check_values(out, x, lens.tolist(), "radix")}
+        res = {"B": B, "L": L}
+        for name in ("radix", "sample"):
+            out.fill_(-7)
+            (rt.radix_topk if name == "radix" else sample_topk)(x, lens, out, next_n=1, workspace=rws)
+            res[name] = check_values(out, x, lens.tolist(), name)
         if ops is not None:
             out.fill_(-7)
             (ops.cooperative_topk if B <= 64 else ops.persistent_topk)(x, lens.view(B, 1), out, vws, 2048, L)
@@ -156,9 +171,16 @@ def main(argv=None):
             json.dump(narrow, f)
 
 
-def sweep(n_batches=300, replays=1000, same=1000):
-    """GPU correctness: random batches; graph replays with changing lengths; one batch many times."""
+def sweep(n_batches=300, replays=1000, same=1000, impl="sample"):
+    """GPU correctness of ``impl`` (``radix``: ``radix_topk``; ``sample``: ``sample_topk``): random
+    batches; graph replays with changing lengths; one batch many times."""
+    import functools
+
     from smpart.triton_kernels import radix_topk as rt
+    from smpart.triton_kernels.sample_topk import sample_topk
+
+    topk = functools.partial(rt.radix_topk if impl == "radix" else sample_topk)
+    print(f"sweep of {impl}", flush=True)
 
     g = torch.Generator(device="cuda").manual_seed(1)
     ws = rt.RadixTopkWorkspace(64, "cuda")
@@ -177,7 +199,7 @@ def sweep(n_batches=300, replays=1000, same=1000):
             x = x * 2.0 ** 60
         lens = torch.randint(0, W + 1, (B,), device="cuda", generator=g, dtype=torch.int32)
         cfg = rt.RadixTopkConfig(short_max=4096) if i % 2 else None
-        rt.radix_topk(x, None, out[:B], next_n=1, workspace=ws, row_lens=lens, config=cfg)
+        topk(x, None, out[:B], next_n=1, workspace=ws, row_lens=lens, config=cfg)
         if check_values(out[:B], x, lens.tolist(), "sweep") != "ok":
             bad += 1
     reset = int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
@@ -186,7 +208,7 @@ def sweep(n_batches=300, replays=1000, same=1000):
     B, W = 16, 40000
     x = torch.randn(B, W, device="cuda", generator=g)
     lens = torch.full((B,), W, dtype=torch.int32, device="cuda")
-    fn = lambda: rt.radix_topk(x, None, out[:B], next_n=1, workspace=ws, row_lens=lens)  # noqa: E731
+    fn = lambda: topk(x, None, out[:B], next_n=1, workspace=ws, row_lens=lens)  # noqa: E731
     fn()
     torch.cuda.synchronize()
     gr = torch.cuda.CUDAGraph()
@@ -203,11 +225,11 @@ def sweep(n_batches=300, replays=1000, same=1000):
     # the same batch many times: identical index sets
     x = torch.round(torch.randn(B, W, device="cuda", generator=g) * 4) / 4  # ties everywhere
     lens.fill_(W)
-    rt.radix_topk(x, None, out[:B], next_n=1, workspace=ws, row_lens=lens)
+    topk(x, None, out[:B], next_n=1, workspace=ws, row_lens=lens)
     ref = out[:B].sort(dim=1).values.clone()
     diff = 0
     for _ in range(same):
-        rt.radix_topk(x, None, out[:B], next_n=1, workspace=ws, row_lens=lens)
+        topk(x, None, out[:B], next_n=1, workspace=ws, row_lens=lens)
         diff += int((out[:B].sort(dim=1).values != ref).any())
     print(f"same batch {same} times: {diff} differing index sets; exact={check_values(out[:B], x, lens.tolist(), 'same')}",
           flush=True)

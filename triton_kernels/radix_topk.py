@@ -49,7 +49,7 @@ from . import dims
 
 TOPK_K = dims.INDEX_TOPK  # 2048
 HIST_BINS = 2048  # bins per row histogram (the bin function below is written for 2048)
-RADIX_CAND = 4096  # candidate slots per row (threshold-bin members)
+RADIX_CAND = 8192  # candidate slots per row (threshold-bin members; the sampled top-k's values >= tau)
 RADIX_CP = 256  # members ranked pairwise (<= this after narrowing)
 RADIX_RT = 32  # rows of the pairwise rank tile
 RADIX_CHUNK = 4096  # positions per (row, chunk) program of long rows
@@ -404,12 +404,19 @@ class RadixTopkConfig:
     short_max : a launch whose length bound is <= this runs one program per row (its chunk is the
         bound rounded up to a power of two, >= 2048); no histogram pass (power of two).
     num_warps : warps of the select programs. hist_warps : warps of the histogram pass.
+    bits : sub-ranges per bisection round of the sampled top-k (``sample_topk``), as a power of two:
+        3 or 4 (or 1..6 with ``count=0``).
+    count : how a round counts: 0 ``tl.histogram``, 1 packed one-hot int64 sums.
+    sample : sampled values per long row (power of two in [256, 8192]); 0 = ``sample_topk.sample_size``.
     """
 
     chunk: int = RADIX_CHUNK
     short_max: int = RADIX_SHORT
     num_warps: int = 16
     hist_warps: int = 8
+    bits: int = 4
+    count: int = 1
+    sample: int = 0
 
     def __post_init__(self):
         """Reject bad values (ValueError naming the field)."""
@@ -418,6 +425,13 @@ class RadixTopkConfig:
             v = getattr(self, name)
             if type(v) is not int or not lo <= v <= hi or v & (v - 1):
                 raise ValueError(f"config.{name}: expected a power of two in [{lo}, {hi}], got {v!r}")
+        if type(self.count) is not int or self.count not in (0, 1):
+            raise ValueError(f"config.count: expected 0 (tl.histogram) or 1 (packed sums), got {self.count!r}")
+        if type(self.bits) is not int or not (1 <= self.bits <= 6 if self.count == 0 else 3 <= self.bits <= 4):
+            raise ValueError(f"config.bits: expected 3 or 4 (1..6 with count=0), got {self.bits!r}")
+        s = self.sample
+        if type(s) is not int or (s != 0 and (not 256 <= s <= 8192 or s & (s - 1))):
+            raise ValueError(f"config.sample: expected 0 or a power of two in [256, 8192], got {s!r}")
 
 
 class RadixTopkWorkspace:

@@ -1,0 +1,137 @@
+"""Sampled-cutoff top-2048 (``triton_kernels/sample_topk.py``), checked exactly.
+
+The same contract and cases as ``tests/test_radix_topk.py`` (its helpers build the logits, with
+garbage past each row's length, and check the -1 padding, unique in-range positions, the value
+multiset against ``torch.topk`` and the tie rule's set): lengths around 2048/4096/16384, 40,000 and
+163,840; equal rows, 3,000-way ties, exactly 2048 above a tie, 4 values, negatives, 2^100,
+subnormals, +-inf, narrow ranges (the exact fallback when more than ``CAND`` values reach the
+cutoff); next_n = 2 rows from ``context_lens`` with padding requests; repeated calls on one
+workspace (counters back to zero); both counting modes.
+
+CPU: ``TRITON_INTERPRET=1 python -m pytest --import-mode=importlib -q tests/test_sample_topk.py``.
+"""
+
+import pytest
+import torch
+
+from smpart.triton_kernels import radix_topk as rt
+from smpart.triton_kernels.sample_topk import sample_size, sample_topk
+
+from test_radix_topk import GUARD, K, check_exact, launches, make_logits
+
+# small chunks take the multi-chunk (sample, reservation, candidates, last arriver) path at CPU sizes
+SMALL = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4)
+HIST = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4, count=0, bits=6)
+B3 = rt.RadixTopkConfig(chunk=4096, short_max=4096, bits=3, sample=256)
+CFGS = [None, SMALL, HIST, B3]
+IDS = ["default", "small", "hist6", "bits3"]
+
+
+def run(lens, width, kind, *, config=None, seed=0, ws=None, device="cpu", garbage="mixed"):
+    logits = make_logits(lens, width, kind, seed, garbage).to(device)
+    T = len(lens)
+    ws = ws or rt.RadixTopkWorkspace(T, device)
+    buf = torch.full((T + 1, K + GUARD), -7, dtype=torch.int32, device=device)
+    out = buf[:T, :K]
+    vis = torch.tensor(lens, dtype=torch.int32)
+    sample_topk(logits, None, out, next_n=1, workspace=ws, row_lens=vis.to(device), config=config)
+    assert int(ws.counters.abs().sum()) == 0, "counters not reset"
+    assert bool((buf[:T, K:] == -7).all()) and bool((buf[T:] == -7).all()), "write outside the rows' K columns"
+    check_exact(out, logits, vis.clamp(max=width))
+    return out
+
+
+@launches
+@pytest.mark.parametrize("cfg", CFGS, ids=IDS)
+@pytest.mark.parametrize("lens", [[0, 1, 63, 2047, 2048, 2049], [4095, 4096, 4097, 5000],
+                                  [16383, 16384, 16385, 20000]], ids=["short", "4k", "16k"])
+def test_lengths(lens, cfg, device):
+    run(lens, max(lens) + 64, "randn", config=cfg, seed=lens[-1], device=device)
+
+
+@launches
+@pytest.mark.parametrize("L", [40000, 163840])
+def test_long_rows(L, device):
+    run([L, 3000], L, "randn", seed=L, device=device)
+
+
+@launches
+@pytest.mark.parametrize("cfg", [None, SMALL], ids=["default", "small"])
+@pytest.mark.parametrize("kind", ["equal", "tie3000", "exact_k", "four", "negative", "huge", "subnormal", "infs",
+                                  "narrow", "distinct", "quantized", "zeros", "heavy", "outliers"])
+def test_value_kinds(kind, cfg, device):
+    run([6000, 4100, 2500], 6000, kind, config=cfg, seed=3, device=device)
+
+
+@launches
+def test_fallback_when_the_cutoff_passes_too_many(device):
+    # 20000 equal or nearly equal values: more than CAND reach the cutoff, the exact fallback runs
+    run([20000, 9000], 20000, "narrow", config=SMALL, seed=5, device=device)
+    run([20000], 20000, "equal", config=SMALL, seed=5, device=device)
+
+
+@launches
+def test_sorted_rows_and_a_hot_tail(device):
+    # position-ordered values (a strided sample sees them all evenly) and a hot last chunk
+    L = 12000
+    x = torch.arange(L, dtype=torch.float32)[None].repeat(2, 1)
+    x[1] = torch.randn(L)
+    x[1, -2500:] += 100.0
+    lens = torch.tensor([L, L], dtype=torch.int32, device=device)
+    out = torch.full((2, K), -7, dtype=torch.int32, device=device)
+    ws = rt.RadixTopkWorkspace(2, device)
+    sample_topk(x.to(device), None, out, next_n=1, workspace=ws, row_lens=lens, config=SMALL)
+    check_exact(out, x, lens.cpu())
+    assert int(ws.counters.abs().sum()) == 0
+
+
+@launches
+@pytest.mark.parametrize("cfg", [None, SMALL], ids=["default", "small"])
+def test_next_n2_rows_from_context_lens_with_padding(cfg, device):
+    from smpart.reference import visible_lens
+
+    ctx = torch.tensor([5000, 2049, 0, 0], dtype=torch.int32)
+    vis = visible_lens(ctx, 2)
+    logits = make_logits(vis.tolist(), 5000, "randn", seed=2).to(device)
+    out = torch.full((8, K), -7, dtype=torch.int32, device=device)
+    ws = rt.RadixTopkWorkspace(8, device)
+    sample_topk(logits, ctx.to(device), out, next_n=2, workspace=ws, config=cfg)
+    check_exact(out, logits, vis)
+    assert bool((out[4:] == -1).all())
+
+
+@launches
+def test_repeated_calls_one_workspace(device):
+    ws = rt.RadixTopkWorkspace(3, device)
+    for i, (lens, kind) in enumerate([([9000, 3000, 5000], "randn"), ([2049, 9000, 100], "four"),
+                                      ([8000, 8000, 8000], "tie3000"), ([1, 2, 9000], "randn")]):
+        run(lens, 9000, kind, config=SMALL, seed=i, ws=ws, device=device)
+        run(lens, 9000, kind, seed=i, ws=ws, device=device)
+
+
+def test_sample_size_and_config_checks():
+    assert [sample_size(n) for n in (0, 4096, 65536, 163840, 1 << 22)] == [512, 512, 2048, 4096, 4096]
+    for bad, name in ((dict(bits=5), "bits"), (dict(count=2), "count"), (dict(sample=100), "sample"),
+                      (dict(bits=7, count=0), "bits"), (dict(sample=3000), "sample")):
+        with pytest.raises(ValueError, match=f"config.{name}"):
+            rt.RadixTopkConfig(**bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,L,next_n", [(128, 8192, 1), (128, 32768, 1), (64, 32768, 2), (1, 163840, 1),
+                                        (4, 163840, 2)])
+@pytest.mark.parametrize("kind", ["randn", "quantized", "narrow"])
+def test_gpu_large(B, L, next_n, kind):
+    from smpart.reference import visible_lens
+
+    gen = torch.Generator().manual_seed(B + L)
+    seq = torch.randint(max(L // 2, 1), L + 1, (B,), generator=gen).to(torch.int32)
+    seq[0] = L
+    vis = visible_lens(seq, next_n)
+    logits = make_logits(vis.tolist(), L, kind, seed=L).cuda()
+    ws = rt.RadixTopkWorkspace(B * next_n, "cuda")
+    out = torch.full((B * next_n, K), -7, dtype=torch.int32, device="cuda")
+    sample_topk(logits, seq.cuda(), out, next_n=next_n, workspace=ws, max_len=L)
+    torch.cuda.synchronize()
+    assert int(ws.counters.abs().sum()) == 0
+    check_exact(out, logits, vis)
