@@ -37,6 +37,26 @@ DEFAULT_PATHS = "sequential,dual_stream,partitioned,vllm_sequential,vllm_dual_st
 CPU_PATHS = ("sequential", "partitioned")
 V32_PATHS = ("vllm_v32", "vllm_v32_dual_stream")  # vLLM's production DSV3.2 model (smpart.vendor_v32)
 AUTO = "auto"  # the runtime's dispatch (tuning.choose) for each shape
+# ``partitioned+<variant>``: the bucket's partitioned config (tuned, else the cost model's) with one change
+PATH_VARIANTS = {
+    "radix": "the radix (histogram) top-k instead of the sampled one (topk_config.algo='radix')",
+    "vllmtopk": "vLLM's own top-k after the fused launch (topk_impl='vllm', standalone split)",
+}
+
+
+def variant_config(variant: str, config):
+    """The ``PartitionConfig`` of path ``partitioned+<variant>`` (:data:`PATH_VARIANTS`) from the
+    bucket's ``config`` (None: the defaults). Raises ValueError for an unknown variant."""
+    from smpart.triton_kernels.partitioned import PartitionConfig
+    from smpart.triton_kernels.radix_topk import RadixTopkConfig
+
+    cfg = config if isinstance(config, PartitionConfig) else PartitionConfig()
+    if variant == "radix":
+        return dataclasses.replace(cfg, topk_config=dataclasses.replace(cfg.topk_config or RadixTopkConfig(),
+                                                                        algo="radix"))
+    if variant == "vllmtopk":
+        return dataclasses.replace(cfg, topk_impl="vllm", fuse_topk=False, gemm_in_tail=0.0)
+    raise ValueError(f"--paths: unknown variant partitioned+{variant}; choose from {sorted(PATH_VARIANTS)}")
 CPU_SHAPE = dict(num_heads=16, batch_size=2, context=300, next_n=1)
 
 CSV_FIELDS = [
@@ -104,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--next-n", type=_int_list, default="1", help="rows per request (1, 2)")
     p.add_argument("--paths", type=_str_list, default=DEFAULT_PATHS,
                    help="paths to run; 'auto' = the path and config the runtime dispatches to for the shape "
-                        "(smpart.tuning.choose)")
+                        "(smpart.tuning.choose); 'partitioned+radix' / 'partitioned+vllmtopk' = the bucket's "
+                        "partitioned config with the radix top-k / vLLM's top-k after the fused launch")
     p.add_argument("--replays", type=int, default=50, help="timed CUDA-graph replays per path (>= 30 advised)")
     p.add_argument("--out", default="bench_out", help="output folder (CSV appended, MD and PNG rewritten)")
     p.add_argument("--seed", type=int, default=0, help="make_decode_batch seed")
@@ -232,9 +253,11 @@ def check_grid_args(parser: argparse.ArgumentParser, args) -> None:
     from smpart.triton_kernels import dims
     from smpart.region import PATHS
 
-    bad = [p for p in args.paths if (p not in PATHS and p != AUTO) or p == "reference"]
+    variants = [f"partitioned+{v}" for v in PATH_VARIANTS]
+    bad = [p for p in args.paths if (p not in PATHS and p != AUTO and p not in variants) or p == "reference"]
     if bad or not args.paths:
-        parser.error(f"--paths: unknown {bad}; choose from {[p for p in PATHS if p != 'reference'] + [AUTO]}")
+        parser.error(f"--paths: unknown {bad}; choose from {[p for p in PATHS if p != 'reference'] + [AUTO]}"
+                     f" + {variants}")
     if not args.heads or any(h not in dims.SUPPORTED_H for h in args.heads):
         parser.error(f"--heads: expected values in {dims.SUPPORTED_H}, got {args.heads}")
     if not args.next_n or any(n not in dims.SUPPORTED_NEXT_N for n in args.next_n):
@@ -350,6 +373,12 @@ def gpu_main(args) -> int:
             row = {**env, **shape, "path": path, "floor_us": floor_us, "floor_bytes": fb, "copy_bw_gbps": bw / 1e9,
                    "replays": args.replays, "status": "ok", "note": ""}
             run_path, cfg = path, None
+            if "+" in path:
+                from smpart import tuning
+
+                run_path, variant = path.split("+", 1)
+                cfg = variant_config(variant, tuning.choose(B * next_n, H, next_n, ws.max_len, dev).config)
+                row["note"] = PATH_VARIANTS[variant]
             if path == AUTO:
                 from smpart import tuning
 

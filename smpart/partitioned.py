@@ -4,9 +4,10 @@ documented there).
 
 ``partitioned_region`` resolves ``config=None`` through the tuning cache (:mod:`smpart.tuning`),
 sizes the static split with the cost model (:mod:`smpart.cost_model`) and launches the fused
-kernel (whose logits role fills the radix top-k's per-row histograms, ``RegionWorkspace.radix``),
-then either the standalone radix top-k (``radix_topk(hist_ready=True)``) or the top-k + GEMM tail
-launch; with ``fuse_topk`` the top-k runs inside the fused launch. With ``topk_impl="vllm"`` (the
+kernel, then either the standalone top-k (``radix_topk.radix_topk``) or the top-k + GEMM tail
+launch; with ``fuse_topk`` the top-k runs inside the fused launch. The top-k is the sampled one
+(``sample_topk``) unless ``config.topk_config.algo == "radix"``, whose per-row histograms the
+logits role fills (``RegionWorkspace.radix``). With ``topk_impl="vllm"`` (the
 hybrid) the fused launch fills no histogram and vLLM 0.33's own decode top-k follows it
 (:func:`_vllm_topk_launch`).
 """
@@ -29,6 +30,7 @@ from .triton_kernels.partitioned import (GRID_X_MAX, PROGRAMS_PER_SM_MAX, Partit
                                          _topk_gemm_tail_kernel, launch_vllm_topk_prep)
 from .triton_kernels.q_b_proj import default_block_t, launch_q_c_quant
 from .triton_kernels.radix_topk import TOPK_K, RadixTopkConfig, RadixTopkWorkspace, hist_fed, radix_chunk, radix_topk
+from .triton_kernels.sample_topk import topk_sample_constexprs
 
 
 _TAIL_ALIGN = 256  # gemm_in_tail moves output columns in multiples of this (any tile height divides it)
@@ -159,8 +161,10 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     # launch or the next): the top-k zeroes the histograms, so they never outlive a launch pair
     # (the tail's and the fused top-k's items need it; a standalone top-k after the launch builds
     # its own above radix_topk.FED_MAX_POSITIONS, where the producer's atomics cost more)
+    tcfg = cfg.topk_config or RadixTopkConfig()
     hist = bool(cfg.roles & 2) and bool(cfg.roles & 4) and (cfg.fuse_topk or bool(tail_cols) or hist_fed(T, cols))
-    hist = hist and ops is None  # vLLM's top-k reads no histogram (nothing would zero it)
+    hist = hist and ops is None and tcfg.algo == "radix"  # vLLM's and the sampled top-k read no histogram
+    topk_cx = topk_sample_constexprs(tcfg, cols)
     index_q_side(args)  # RegionArgs.index_q given: the index-q prep as a prologue launch (smpart.prep)
     if ops is not None and cfg.roles & 4:
         # each row's clamped length (vLLM's context_lens_2d) and the -1 fill, before vLLM's top-k
@@ -183,7 +187,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         BLOCK_N=cfg.block_n, BLOCK_T=block_t, T_PAD=triton.next_power_of_2(T),
         DYNAMIC=bool(cfg.dynamic),
         QUEUE_CHUNK=cfg.queue_chunk, HW_CVT=hw_cvt, HIST=hist,
-        TOPK_CHUNK=topk_chunk, TOPK_K=TOPK_K, CAND=rw.cand, CP=rw.cp,
+        TOPK_CHUNK=topk_chunk, TOPK_K=TOPK_K, CAND=rw.cand, CP=rw.cp, **topk_cx,
         ROLES=roles, QUANT_Q_C=prequant and not first_pre, DENSE=dense, GEMM_PREQUANT=first_pre, GEMM_FIRST=gemm_first,
         PATCH=bool(args.write_keys), ROPE_FUSED_Q=bool(args.rope_fused_q), ROPE_K_PE=bool(args.rope_k_pe),
         num_warps=cfg.num_warps, num_stages=1, **extra,
@@ -284,7 +288,7 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
         args.k_pe, args.q, xq, xs,
         T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
         gemm_lo, gemm_hi, max(n_gemm_p, 1),
-        NEXT_N=next_n, CHUNK=chunk, TOPK_K=TOPK_K, CAND=rw.cand, CP=rw.cp,
+        NEXT_N=next_n, CHUNK=chunk, TOPK_K=TOPK_K, CAND=rw.cand, CP=rw.cp, **topk_sample_constexprs(tcfg, cols),
         USE_UE8M0=bool(use_ue8m0), HW_CVT=hw_cvt, BLOCK_N=bn, BLOCK_T=block_t, NUM_STAGES=cfg.num_stages,
         PREQUANT=prequant, ROPE_FUSED_Q=bool(args.rope_fused_q), ROPE_K_PE=bool(args.rope_k_pe),
         num_warps=tcfg.num_warps, num_stages=1,

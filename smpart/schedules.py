@@ -39,21 +39,23 @@ def indexer_tail(args, ws, use_ue8m0: bool) -> None:
 
 
 def logits_and_topk(args, ws) -> None:
-    """Paged logits into ``ws.logits``, then the radix top-k into ``args.topk_indices`` (the part of
+    """Paged logits into ``ws.logits``, then the top-k (``radix_topk.radix_topk`` with the default
+    ``RadixTopkConfig``: the sampled top-k) into ``args.topk_indices`` (the part of
     :func:`indexer_tail` after the key write and the fill; ``smpart.bench.kernels`` times it).
 
-    Up to ``radix_topk.FED_MAX_POSITIONS`` rows x positions (``hist_fed``) the logits kernel also
+    With ``algo="radix"``, up to ``radix_topk.FED_MAX_POSITIONS`` rows x positions (``hist_fed``) the logits kernel also
     fills ``ws.radix``'s histograms and the top-k (``hist_ready=True``) selects from them and
     zeroes them; above it the top-k builds them in a pass of its own.
     """
     # each row's length is clamped (in the top-k kernel) to the workspace and to the block table's
     # capacity: the logits kernel never wrote past the table, whatever context_lens says
     cap = ws.visible_cols(args)
-    fed = hist_fed(args.num_tokens, cap)  # large shapes: the top-k's own histogram pass is cheaper
+    cfg = None  # RadixTopkConfig's defaults: the sampled top-k
+    fed = hist_fed(args.num_tokens, cap, cfg)  # radix only; large shapes: its own histogram pass is cheaper
     paged_mqa_logits(args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table, args.context_lens,
                      ws.logits, next_n=args.next_n, hist=ws.radix.hist if fed else None)
     radix_topk(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n, workspace=ws.radix,
-               max_len=cap, hist_ready=fed)
+               max_len=cap, hist_ready=fed, config=cfg)
 
 
 def q_side(args, use_ue8m0: bool, ws=None) -> None:

@@ -359,7 +359,7 @@ def test_top_k_without_producer_histogram(path, cfg, device, monkeypatch):
 
     seen = []
 
-    def never(num_rows, lmax):
+    def never(num_rows, lmax, config=None):
         seen.append((num_rows, lmax))
         return False
 

@@ -27,7 +27,8 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 launches = pytest.mark.skipif(not (ON_GPU or INTERPRET), reason="no CUDA device: run with TRITON_INTERPRET=1")
 # small chunks take the multi-chunk (reservation, candidates, last arriver) path at CPU sizes
-SMALL = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4)
+SMALL = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4, algo="radix")
+RADIX = rt.RadixTopkConfig(algo="radix")  # this file tests the histogram algorithm (the default is "sample")
 
 
 def make_values(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
@@ -125,7 +126,7 @@ def run(lens, width, kind, *, config=None, seed=0, ws=None, device="cpu", garbag
     buf = torch.full((T + 1, K + GUARD), -7, dtype=torch.int32, device=device)
     out = buf[:T, :K]
     vis = torch.tensor(lens, dtype=torch.int32)
-    rt.radix_topk(logits, None, out, next_n=1, workspace=ws, row_lens=vis.to(device), config=config)
+    rt.radix_topk(logits, None, out, next_n=1, workspace=ws, row_lens=vis.to(device), config=config or RADIX)
     assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0, "hist/counters not reset"
     assert bool((buf[:T, K:] == -7).all()) and bool((buf[T:] == -7).all()), "write outside the rows' K columns"
     check_exact(out, logits, vis.clamp(max=width))
@@ -172,14 +173,14 @@ def test_next_n2_context_lens_and_padding_rows(device):
     logits = make_logits([max(v, 0) for v in vis], 5000, "randn", 9).to(device)
     ws = rt.RadixTopkWorkspace(8, device)
     out = torch.full((8, K), -7, dtype=torch.int32, device=device)
-    for cfg in (None, SMALL):
+    for cfg in (RADIX, SMALL):
         rt.radix_topk(logits, ctx.to(device), out, next_n=2, workspace=ws, config=cfg)
         check_exact(out, logits, torch.tensor(vis))
         assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
 
 
 @launches
-@pytest.mark.parametrize("cfg", [None, SMALL], ids=["default", "small"])
+@pytest.mark.parametrize("cfg", [RADIX, SMALL], ids=["default", "small"])
 @pytest.mark.parametrize("L", [1, 2048, 2049, 5000, 9000])
 def test_next_n2_rows_from_context_lens(L, cfg, device):
     # requests of seq_len L and L // 3 + 1: rows see L - 1, L, L // 3, L // 3 + 1 positions
@@ -261,7 +262,7 @@ def test_producer_histogram(device):
         want = torch.bincount(torch.where(u >= 0, 1024 + c, 1023 - c), minlength=2048)
         assert torch.equal(ws.hist[t].cpu().long(), want), f"row {t}: producer histogram differs"
     out = torch.full((3, K), -7, dtype=torch.int32, device=device)
-    for cfg in (None, SMALL):
+    for cfg in (RADIX, SMALL):
         if cfg is SMALL:  # the first call zeroed it: build it again
             paged_mqa_logits(b.index_q_fp8, b.index_weights, b.kv_cache, b.block_table, b.context_lens, logits,
                              next_n=1, hist=ws.hist)
@@ -398,7 +399,7 @@ def test_gpu_large(B, L, next_n, kind):
     logits = make_logits(vis.tolist(), L, kind, seed=L).cuda()
     ws = rt.RadixTopkWorkspace(B * next_n, "cuda")
     out = torch.full((B * next_n, K), -7, dtype=torch.int32, device="cuda")
-    rt.radix_topk(logits, seq.cuda(), out, next_n=next_n, workspace=ws, max_len=L)
+    rt.radix_topk(logits, seq.cuda(), out, next_n=next_n, workspace=ws, max_len=L, config=RADIX)
     torch.cuda.synchronize()
     assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
     check_exact(out, logits, vis)
@@ -413,10 +414,10 @@ def test_gpu_cuda_graph_replay():
     ws = rt.RadixTopkWorkspace(B, "cuda")
     out = torch.full((B, K), -7, dtype=torch.int32, device="cuda")
     seq_d = seq.cuda()
-    rt.radix_topk(logits, seq_d, out, next_n=1, workspace=ws)  # compile outside the capture
+    rt.radix_topk(logits, seq_d, out, next_n=1, workspace=ws, config=RADIX)  # compile outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        rt.radix_topk(logits, seq_d, out, next_n=1, workspace=ws)
+        rt.radix_topk(logits, seq_d, out, next_n=1, workspace=ws, config=RADIX)
     for trial in range(3):
         out.fill_(-7)
         logits.copy_(make_logits(seq.tolist(), L, "randn", seed=100 + trial).cuda())

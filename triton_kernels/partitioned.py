@@ -63,8 +63,8 @@ from .fp8 import quant_fp8_bytes, quant_scale
 from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item
 from .q_b_proj import _q_b_proj_item, _q_c_quant_row
-from .radix_topk import (RADIX_RT, RadixTopkConfig, _NB as _HIST_NB, _f32_to_key, _hist_bin, _radix_row_len,
-                         _radix_topk_item)
+from .radix_topk import RADIX_RT, RadixTopkConfig, _NB as _HIST_NB, _f32_to_key, _hist_bin, _radix_row_len
+from .sample_topk import _topk_item
 
 
 GRID_X_MAX = 2**31 - 1  # CUDA's grid limit in x (65535 in y and z; every launch here is 1-D)
@@ -353,6 +353,7 @@ def _indexer_logits_and_topk_item(
     USE_UE8M0: tl.constexpr, NEXT_N: tl.constexpr, BLOCKS_PER_ITEM: tl.constexpr, NUM_STAGES: tl.constexpr,
     HIST: tl.constexpr, TOPK_CHUNK: tl.constexpr, TOPK_K: tl.constexpr, CAND: tl.constexpr, CP: tl.constexpr,
     ROLES: tl.constexpr, PATCH: tl.constexpr = True,
+    TOPK_S: tl.constexpr = 0, TOPK_BITS: tl.constexpr = 4, TOPK_COUNT: tl.constexpr = 1,
 ):
     """The logits item ``run`` of row ``t`` (blocks ``[run*BLOCKS_PER_ITEM, ...)``; with ``HIST``
     counted in the row's histogram), its new-key patch when it covers a new token, then (``ROLES &
@@ -386,8 +387,9 @@ def _indexer_logits_and_topk_item(
         # a row's real items: max(cdiv(blocks, BLOCKS_PER_ITEM), 1) (run 0 always runs)
         if _arrive(row_ctr_ptr + t, tl.maximum(tl.cdiv(nblk, BLOCKS_PER_ITEM), 1)):
             for c in range(0, tl.maximum(tl.cdiv(L, TOPK_CHUNK), 1)):
-                _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
-                                 cand_key_ptr, cand_pos_ptr, scratch_ptr, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, _RT)
+                _topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
+                           cand_key_ptr, cand_pos_ptr, scratch_ptr, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, _RT,
+                           TOPK_S, TOPK_BITS, TOPK_COUNT)
 
 
 @triton.jit
@@ -409,6 +411,7 @@ def _partitioned_kernel(
     ROLES: tl.constexpr, QUANT_Q_C: tl.constexpr,
     DENSE: tl.constexpr, GEMM_PREQUANT: tl.constexpr, GEMM_FIRST: tl.constexpr,
     PATCH: tl.constexpr = True, ROPE_FUSED_Q: tl.constexpr = False, ROPE_K_PE: tl.constexpr = True,
+    TOPK_S: tl.constexpr = 0, TOPK_BITS: tl.constexpr = 4, TOPK_COUNT: tl.constexpr = 1,
 ):
     """Whole region, one launch (module docstring). ``PATCH``: the logits items patch the new keys
     from ``index_k`` (off when the caller wrote the keys; ``RegionArgs.write_keys``); ``ROPE_FUSED_Q``
@@ -445,7 +448,7 @@ def _partitioned_kernel(
                         hist_ptr, rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr, stride_q, stride_w, stride_k,
                         stride_bt, stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row,
                         USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, ROLES,
-                        PATCH,
+                        PATCH, TOPK_S, TOPK_BITS, TOPK_COUNT,
                     )
                 elif ROLES & 8:
                     _q_b_proj_item(
@@ -491,7 +494,7 @@ def _partitioned_kernel(
                         hist_ptr, rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr, stride_q, stride_w, stride_k,
                         stride_bt, stride_logits, stride_topk, num_blocks, max_blocks, max_len, runs_per_row,
                         USE_UE8M0, NEXT_N, BLOCKS_PER_ITEM, NUM_STAGES, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, ROLES,
-                        PATCH,
+                        PATCH, TOPK_S, TOPK_BITS, TOPK_COUNT,
                     )
         elif ROLES & 8:
             # a constexpr test, so that a launch without GEMM tiles compiles no GEMM code: a loop
@@ -516,6 +519,7 @@ def _topk_gemm_tail_kernel(
     USE_UE8M0: tl.constexpr, HW_CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     NUM_STAGES: tl.constexpr, PREQUANT: tl.constexpr,
     ROPE_FUSED_Q: tl.constexpr = False, ROPE_K_PE: tl.constexpr = True,
+    TOPK_S: tl.constexpr = 0, TOPK_BITS: tl.constexpr = 4, TOPK_COUNT: tl.constexpr = 1,
 ):
     """The top-k launch with GEMM tiles beside it (``PartitionConfig.gemm_in_tail``): programs
     ``[0, num_topk_programs)`` take the radix top-k items (``item = chunk * T + row``,
@@ -531,8 +535,9 @@ def _topk_gemm_tail_kernel(
             c = (zero + item) // T
             t = (zero + item) - c * T
             L = _radix_row_len(t, context_lens_ptr, NEXT_N, lmax, False)
-            _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
-                             cand_key_ptr, cand_pos_ptr, scratch_ptr, True, CHUNK, TOPK_K, CAND, CP, _RT)
+            _topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
+                       cand_key_ptr, cand_pos_ptr, scratch_ptr, True, CHUNK, TOPK_K, CAND, CP, _RT,
+                       TOPK_S, TOPK_BITS, TOPK_COUNT)
     else:
         for item in range(gemm_lo + pid - num_topk_programs, gemm_hi, num_gemm_programs):
             _q_b_proj_item(

@@ -408,6 +408,8 @@ class RadixTopkConfig:
         3 or 4 (or 1..6 with ``count=0``).
     count : how a round counts: 0 ``tl.histogram``, 1 packed one-hot int64 sums.
     sample : sampled values per long row (power of two in [256, 8192]); 0 = ``sample_topk.sample_size``.
+    algo : ``"sample"`` (default: ``sample_topk``, a sampled cutoff, no histogram) or ``"radix"``
+        (this module: the 2048-bin histogram, built by the logits producer or a pass of its own).
     """
 
     chunk: int = RADIX_CHUNK
@@ -417,9 +419,14 @@ class RadixTopkConfig:
     bits: int = 4
     count: int = 1
     sample: int = 0
+    algo: str = "sample"
 
     def __post_init__(self):
-        """Reject bad values (ValueError naming the field)."""
+        """Reject bad values (ValueError naming the field; TypeError for a non-str ``algo``)."""
+        if not isinstance(self.algo, str):
+            raise TypeError(f"config.algo: expected a str, got {type(self.algo).__name__}")
+        if self.algo not in ("sample", "radix"):
+            raise ValueError(f"config.algo: expected 'sample' or 'radix', got {self.algo!r}")
         for name, lo, hi in (("chunk", 2048, 32768), ("short_max", 2048, 32768), ("num_warps", 1, 32),
                              ("hist_warps", 1, 32)):
             v = getattr(self, name)
@@ -470,19 +477,22 @@ class RadixTopkWorkspace:
                                                           self.scratch))
 
 
-def hist_fed(num_rows: int, lmax: int) -> bool:
+def hist_fed(num_rows: int, lmax: int, config: RadixTopkConfig | None = None) -> bool:
     """Whether the logits producer should build the radix histograms for ``num_rows`` rows of up to
     ``lmax`` positions (else the top-k runs its own histogram pass: ``radix_topk(hist_ready=False)``).
 
     Parameters
     ----------
     num_rows : int, rows T. lmax : int, the rows' length bound (positions).
+    config : the top-k's :class:`RadixTopkConfig` (None: its defaults).
 
     Returns
     -------
-    bool : ``num_rows * lmax <= FED_MAX_POSITIONS`` (the H100 measurement in this module's header).
+    bool : ``algo == "radix"`` and ``num_rows * lmax <= FED_MAX_POSITIONS`` (the H100 measurement in
+    this module's header); the sampled top-k reads no histogram.
     """
-    return num_rows * lmax <= FED_MAX_POSITIONS
+    cfg = config or RadixTopkConfig()
+    return cfg.algo == "radix" and num_rows * lmax <= FED_MAX_POSITIONS
 
 
 def radix_chunk(lmax: int, config: RadixTopkConfig | None = None) -> int:
@@ -541,7 +551,9 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
 def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_indices: torch.Tensor, *, next_n: int,
                workspace: RadixTopkWorkspace, row_lens: torch.Tensor | None = None, max_len: int | None = None,
                hist_ready: bool = False, config: RadixTopkConfig | None = None) -> None:
-    """Top-2048 positions of every decode row's visible logits, -1 padded (one or two launches).
+    """Top-2048 positions of every decode row's visible logits, -1 padded (one or two launches):
+    the top-k of every path. ``config.algo`` picks the algorithm: ``"sample"`` (the default) runs
+    ``sample_topk.sample_topk``; ``"radix"`` the histogram algorithm of this module.
 
     Parameters
     ----------
@@ -553,7 +565,7 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
     workspace : :class:`RadixTopkWorkspace` with ``max_tokens >= T``.
     row_lens : optional int32 [T] visible lengths (replaces ``context_lens``/``next_n``).
     max_len : optional host bound on every ``L_t``; lengths are clamped to ``lmax = min(W, max_len)``.
-    hist_ready : the producer already added each row's ``L_t`` visible values to
+    hist_ready : (``algo="radix"`` only) the producer already added each row's ``L_t`` visible values to
         ``workspace.hist`` (``mqa_logits.paged_mqa_logits(hist=workspace.hist)`` with the same
         lengths); else a histogram pass runs first when a row spans several chunks.
     config : :class:`RadixTopkConfig`.
@@ -564,7 +576,8 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
         class, a non-int ``next_n`` / ``max_len``).
     ValueError : wrong dtype / rank / device / last-dim stride, ``topk_indices`` not 2048 wide,
         ``logits`` or the lengths shorter than T rows, neither ``context_lens`` nor ``row_lens``,
-        ``next_n`` < 1, ``max_len`` < 0, workspace too small (metadata only: no host sync).
+        ``next_n`` < 1, ``max_len`` < 0, workspace too small (metadata only: no host sync),
+        ``hist_ready`` with ``algo="sample"``.
 
     Notes
     -----
@@ -572,6 +585,15 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
     """
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
     cfg = config or RadixTopkConfig()
+    if cfg.algo == "sample":
+        if hist_ready:
+            raise ValueError("hist_ready: the sampled top-k (config.algo='sample') reads no histogram; build "
+                             "none, or pass config.algo='radix'")
+        from .sample_topk import sample_topk
+
+        sample_topk(logits, context_lens, topk_indices, next_n=next_n, workspace=workspace, row_lens=row_lens,
+                    max_len=max_len, config=cfg)
+        return
     ws = workspace
     T = topk_indices.shape[0]
     if T == 0:

@@ -17,8 +17,8 @@ Algorithm
   positions with the same bisection over positions. One prefix sum then writes the selection.
 * A row of one chunk (``L <= CHUNK``) is one program holding the row in registers.
 * A longer row is split into ``(row, chunk)`` programs. Each computes the same cutoff ``tau`` from a
-  deterministic strided sample of the row (:func:`_row_cutoff`: ``S`` values at stride
-  ``L // S``; ``tau`` is a sample key whose sample count-above predicts between ``E_LO`` and
+  deterministic strided sample of the row (:func:`_row_cutoff`: ``S`` values in groups of 8
+  consecutive positions, one 32-byte sector each, spread evenly over the row; ``tau`` is a sample key whose sample count-above predicts between ``E_LO`` and
   ``E_HI`` values >= ``tau`` in the row, the idea of vLLM's ``sampled_topk``), writes its values
   ``>= tau`` (key, position) into the row's candidate buffer through ONE reservation atomic, and
   arrives on the row counter. The row's last arriver selects exactly among the candidates
@@ -37,7 +37,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .radix_topk import _INT_MAX, _INT_MIN, _f32_to_key, _narrow, _pick_desc, _radix_row_len, _stream_select
+from .radix_topk import (_INT_MAX, _INT_MIN, _f32_to_key, _narrow, _pick_desc, _radix_row_len, _radix_topk_item,
+                         _stream_select)
 
 SAMPLE_E_LO = 3328  # expected row values >= tau: the window the sample aims at (1.625 x 2048 ...)
 SAMPLE_E_HI = 4864  # (... 2.375 x 2048); with CAND = 8192 a 4-sigma miss on either side is rare
@@ -126,15 +127,20 @@ def _write_selection(k, p, valid, kth, pth, out_ptr):
 
 @triton.jit
 def _row_cutoff(row, L, K: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr, COUNT: tl.constexpr):
-    """Cutoff key ``tau`` of a row of ``L`` positions from ``n_s = min(S, L)`` values at stride
-    ``L // n_s`` (the same for every program of the row): a sample key whose sample count-above
+    """Cutoff key ``tau`` of a row of ``L`` positions from ``n_s = min(S, L)`` values (``S / 8``
+    groups of 8 consecutive positions at a stride of ``8 * floor(L / S)``; the same for every
+    program of the row): a sample key whose sample count-above
     ``c`` lies in ``[n_s * E_LO / L, n_s * E_HI / L]`` (``E_* = SAMPLE_E_* * K / 2048``) when ties allow
     it, else the largest key with ``c >= n_s * E_LO / L``."""
     n_s = tl.minimum(L, S)
-    stride = L // n_s
     i = tl.arange(0, S)
     v = i < n_s
-    ks = tl.where(v, _f32_to_key(tl.load(row + i * stride, mask=v, other=0.0, cache_modifier=".cg")), _INT_MIN)
+    # groups of 8 consecutive values (one 32-byte sector each) at a stride of whole sectors: every
+    # program of the row reads S / 8 sectors, not S (all of the row when it has fewer than S values)
+    G: tl.constexpr = 8
+    stride_g = tl.maximum(((L // (S // G)) // G) * G, G)
+    pos = tl.where(L >= S, (i // G) * stride_g + (i % G), i)
+    ks = tl.where(v, _f32_to_key(tl.load(row + pos, mask=v, other=0.0, cache_modifier=".cg")), _INT_MIN)
     e_lo = (_E_LO * K) // 2048
     e_hi = (_E_HI * K) // 2048
     c_lo = tl.minimum(tl.maximum((n_s * e_lo + L - 1) // L, 1), n_s)
@@ -209,6 +215,32 @@ def _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk,
                         scr = scratch_ptr + t64 * (2 * CP)
                         _stream_select(row, L, False, 0, L, L - L + K, out, L - L, ck, cpos, scr, CHUNK, CAND, CP,
                                        RT)
+
+
+@triton.jit
+def _topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, ctr_ptr, cand_key_ptr,
+               cand_pos_ptr, scratch_ptr, HAS_HIST: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr,
+               CAND: tl.constexpr, CP: tl.constexpr, RT: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr,
+               COUNT: tl.constexpr):
+    """The top-k item of the persistent kernels: ``S == 0`` the radix item
+    (``radix_topk._radix_topk_item``, histogram-fed with ``HAS_HIST``), else :func:`_sample_topk_item`
+    with ``S`` sampled values per long row (``RadixTopkConfig.algo``)."""
+    if S == 0:
+        _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, ctr_ptr, cand_key_ptr,
+                         cand_pos_ptr, scratch_ptr, HAS_HIST, CHUNK, K, CAND, CP, RT)
+    else:
+        _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, ctr_ptr, cand_key_ptr,
+                          cand_pos_ptr, scratch_ptr, CHUNK, K, CAND, CP, RT, S, BITS, COUNT)
+
+
+def topk_sample_constexprs(config, lmax: int) -> dict:
+    """``TOPK_S``/``TOPK_BITS``/``TOPK_COUNT`` of the persistent kernels for a ``RadixTopkConfig``
+    (None: its defaults) and rows of at most ``lmax`` positions: ``TOPK_S`` 0 selects the radix item."""
+    from .radix_topk import RadixTopkConfig
+
+    cfg = config or RadixTopkConfig()
+    s = 0 if cfg.algo == "radix" else (cfg.sample or sample_size(lmax))
+    return dict(TOPK_S=s, TOPK_BITS=cfg.bits, TOPK_COUNT=cfg.count)
 
 
 @triton.jit
