@@ -162,7 +162,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     # (the tail's and the fused top-k's items need it; a standalone top-k after the launch builds
     # its own above radix_topk.FED_MAX_POSITIONS, where the producer's atomics cost more)
     tcfg = cfg.topk_config or RadixTopkConfig()
-    hist = bool(cfg.roles & 2) and bool(cfg.roles & 4) and (cfg.fuse_topk or bool(tail_cols) or hist_fed(T, cols))
+    hist = bool(cfg.roles & 2) and bool(cfg.roles & 4) and (cfg.fuse_topk or bool(tail_cols) or hist_fed(T, cols, tcfg))
     hist = hist and ops is None and tcfg.algo == "radix"  # vLLM's and the sampled top-k read no histogram
     topk_cx = topk_sample_constexprs(tcfg, cols)
     index_q_side(args)  # RegionArgs.index_q given: the index-q prep as a prologue launch (smpart.prep)

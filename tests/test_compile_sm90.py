@@ -73,11 +73,13 @@ def _registers(constexprs: dict, tail: bool = False, num_warps: int = 4) -> tupl
 
 _BASE = dict(USE_UE8M0=True, NEXT_N=1, BLOCKS_PER_ITEM=4, NUM_STAGES=3, BLOCK_N=64, BLOCK_T=64,
              T_PAD=128, DYNAMIC=False, QUEUE_CHUNK=4, HW_CVT=True, HIST=True, TOPK_CHUNK=4096, TOPK_K=2048,
-             CAND=4096, CP=256, GEMM_PREQUANT=False, GEMM_FIRST=False, PATCH=True, ROPE_FUSED_Q=False, ROPE_K_PE=True)
+             CAND=8192, CP=256, GEMM_PREQUANT=False, GEMM_FIRST=False, PATCH=True, ROPE_FUSED_Q=False, ROPE_K_PE=True,
+             TOPK_S=0, TOPK_BITS=4, TOPK_COUNT=1)
 
 
-_TAIL = dict(NEXT_N=1, CHUNK=4096, TOPK_K=2048, CAND=4096, CP=256, USE_UE8M0=True, HW_CVT=True, BLOCK_N=128,
-             BLOCK_T=64, NUM_STAGES=3, PREQUANT=True, ROPE_FUSED_Q=False, ROPE_K_PE=True)
+_TAIL = dict(NEXT_N=1, CHUNK=4096, TOPK_K=2048, CAND=8192, CP=256, USE_UE8M0=True, HW_CVT=True, BLOCK_N=128,
+             BLOCK_T=64, NUM_STAGES=3, PREQUANT=True, ROPE_FUSED_Q=False, ROPE_K_PE=True, TOPK_S=0, TOPK_BITS=4,
+             TOPK_COUNT=1)
 
 
 def _variants() -> dict:
@@ -90,6 +92,14 @@ def _variants() -> dict:
     res["first fused top-k with GEMM"] = _registers(dict(_BASE, ROLES=15, QUANT_Q_C=False, DENSE=False))
     for chunk in (4096, 8192):
         res[f"tail CHUNK={chunk} 16w"] = _registers(dict(_TAIL, CHUNK=chunk), tail=True, num_warps=16)
+    # the sampled top-k (the default): no histogram
+    res["first GEMM-less sample"] = _registers(dict(_BASE, HIST=False, ROLES=3, QUANT_Q_C=True, DENSE=True,
+                                                   TOPK_S=2048))
+    res["first fused top-k GEMM-less sample"] = _registers(dict(_BASE, HIST=False, ROLES=7, QUANT_Q_C=False,
+                                                                DENSE=True, TOPK_S=2048))
+    for chunk in (4096, 8192):
+        res[f"tail sample CHUNK={chunk} 16w"] = _registers(dict(_TAIL, CHUNK=chunk, TOPK_S=2048), tail=True,
+                                                           num_warps=16)
     return res
 
 

@@ -102,16 +102,27 @@ def test_tail_split_has_no_quant_launch(launches):
     PartitionConfig(dynamic=True, indexer_programs=3, fuse_topk=True),
     PartitionConfig(first_prequant=True, dense_first=True, gemm_programs=2),
 ], ids=["standalone", "tail", "half-tail", "fused", "fused-dynamic", "dense-first"])
-def test_every_split_feeds_the_radix_topk(cfg, launches):
-    """Every split: the first launch's logits role fills ``ws.radix.hist`` (``HIST``) and the
-    top-k reads it: in the first launch (``fuse_topk``), the tail's radix items, or
-    ``radix_topk(hist_ready=True)`` on the workspace's radix buffers, with the rows' length bound
-    clamped to the block table (``min(max_len, max_blocks * 64)``)."""
+@pytest.mark.parametrize("algo", ["radix", "sample"])
+def test_every_split_feeds_the_topk(cfg, algo, launches):
+    """Every split runs the configured top-k: in the first launch (``fuse_topk``), the tail's
+    items, or ``radix_topk`` after it on the workspace's radix buffers, with the rows' length bound
+    clamped to the block table (``min(max_len, max_blocks * 64)``). With ``algo="radix"`` the first
+    launch's logits role fills ``ws.radix.hist`` (``HIST``) and the top-k reads it (``TOPK_S`` 0, or
+    ``hist_ready=True``); with ``"sample"`` no histogram is built and the items sample
+    (``TOPK_S`` > 0)."""
+    import dataclasses
+
+    from smpart.triton_kernels.radix_topk import RadixTopkConfig
+
+    cfg = dataclasses.replace(cfg, topk_config=RadixTopkConfig(algo=algo))
     a, ws = _batch()
     rw = ws.radix
     P.partitioned_region(a, ws, cfg)
     (grid, args, kw), = launches["first"].calls
-    assert kw["HIST"] and any(x is rw.hist for x in args) and any(x is rw.counters for x in args)
+    assert bool(kw["HIST"]) == (algo == "radix") and any(x is rw.counters for x in args)
+    assert (kw["TOPK_S"] == 0) == (algo == "radix")
+    if algo == "radix":
+        assert any(x is rw.hist for x in args)
     assert bool(kw["ROLES"] & 4) == cfg.fuse_topk
     cols = min(ws.max_len, a.block_table.shape[1] * 64)
     if cfg.fuse_topk:
@@ -119,11 +130,13 @@ def test_every_split_feeds_the_radix_topk(cfg, launches):
     elif cfg.gemm_in_tail:
         (tgrid, targs, tkw), = launches["tail"].calls
         assert targs[3] is rw.hist and targs[4] is rw.counters and tkw["CHUNK"] == kw["TOPK_CHUNK"]
+        assert tkw["TOPK_S"] == kw["TOPK_S"]
         assert targs[10] == cols and targs[11] == a.num_tokens * -(-cols // tkw["CHUNK"])  # lmax, top-k items
         assert not launches["topk"]
     else:
         (targs, tkw), = launches["topk"]
-        assert tkw["hist_ready"] and tkw["workspace"] is rw and tkw["max_len"] == cols
+        assert tkw["hist_ready"] == (algo == "radix") and tkw["workspace"] is rw and tkw["max_len"] == cols
+        assert tkw["config"].algo == algo
         assert not launches["tail"].calls
 
 
