@@ -126,6 +126,18 @@ def _write_selection(k, p, valid, kth, pth, out_ptr):
 
 
 @triton.jit
+def _select_candidates(ck, cpos, n_c, out, N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr,
+                       COUNT: tl.constexpr):
+    """Exact top-``K`` of the ``n_c <= N`` candidates (keys ``ck``, positions ``cpos``) into ``out``."""
+    rc = tl.arange(0, N)
+    vc = rc < n_c
+    kk = tl.load(ck + rc, mask=vc, other=_INT_MIN, cache_modifier=".cg")
+    pp = tl.load(cpos + rc, mask=vc, other=0, cache_modifier=".cg")
+    kth, pth = _select_exact(kk, pp, vc, n_c, n_c - n_c + K, BITS, COUNT)
+    _write_selection(kk, pp, vc, kth, pth, out)
+
+
+@triton.jit
 def _row_cutoff(row, L, K: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr, COUNT: tl.constexpr):
     """Cutoff key ``tau`` of a row of ``L`` positions from ``n_s = min(S, L)`` values (``S / 8``
     groups of 8 consecutive positions at a stride of ``8 * floor(L / S)``; the same for every
@@ -169,7 +181,7 @@ def _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk,
     """Top-k work of chunk ``c`` of row ``t`` (visible length ``L``); see the module docstring.
     Never calls ``tl.program_id``: usable from any role of a persistent kernel."""
     tl.static_assert(CHUNK >= K)
-    tl.static_assert(CAND >= K)
+    tl.static_assert(CAND >= 2 * K)
     nch = tl.maximum(tl.cdiv(L, CHUNK), 1)
     if c < nch:
         t64 = t.to(tl.int64)
@@ -204,13 +216,10 @@ def _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk,
                 if old == nch - 1:
                     n_c = tl.atomic_xchg(ctr, 0, sem="relaxed", scope="gpu")
                     tl.atomic_xchg(ctr + 1, 0, sem="relaxed", scope="gpu")
-                    if (n_c >= K) & (n_c <= CAND):
-                        rc = tl.arange(0, CAND)
-                        vc = rc < n_c
-                        kk = tl.load(ck + rc, mask=vc, other=_INT_MIN, cache_modifier=".cg")
-                        pp = tl.load(cpos + rc, mask=vc, other=0, cache_modifier=".cg")
-                        kth, pth = _select_exact(kk, pp, vc, n_c, L - L + K, BITS, COUNT)
-                        _write_selection(kk, pp, vc, kth, pth, out)
+                    if (n_c >= K) & (n_c <= CAND // 2):  # the usual case: half the lanes
+                        _select_candidates(ck, cpos, n_c, out, CAND // 2, K, BITS, COUNT)
+                    elif (n_c >= K) & (n_c <= CAND):
+                        _select_candidates(ck, cpos, n_c, out, CAND, K, BITS, COUNT)
                     else:  # exact fallback: one program streams the row
                         scr = scratch_ptr + t64 * (2 * CP)
                         _stream_select(row, L, False, 0, L, L - L + K, out, L - L, ck, cpos, scr, CHUNK, CAND, CP,
