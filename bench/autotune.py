@@ -34,6 +34,7 @@ import torch
 from smpart import tuning
 from smpart.triton_kernels import dims
 from smpart.triton_kernels.partitioned import PartitionConfig
+from smpart.triton_kernels.radix_topk import RadixTopkConfig
 
 
 def _ints(s: str) -> list[int]:
@@ -90,6 +91,11 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int,
         add(dataclasses.replace(model, blocks_per_item=r))
     for cfg in hybrid:
         add(cfg)
+    # the top-k's own knobs: the radix (histogram) algorithm; longer chunks of the sampled one
+    for tk in (RadixTopkConfig(algo="radix"), RadixTopkConfig(chunk=8192, short_max=16384),
+               RadixTopkConfig(num_warps=8)):
+        add(dataclasses.replace(model, topk_config=tk))
+        add(dataclasses.replace(one, topk_config=tk))
     # one-launch splits (the GEMM in the fused launch: the split and its tile matter there)
     for f in (0.5, 0.75, 1.5, 2.0):
         n_idx = min(max(int(round(model.indexer_programs * f)), 1), total - 1)
@@ -177,8 +183,11 @@ def _name(cfg: PartitionConfig | None, path: str) -> str:
         tail += "-noprequant"
     if cfg.num_stages != 3:
         tail += f"-s{cfg.num_stages}"
-    if cfg.topk_impl != "radix":
+    if cfg.topk_impl != "smpart":
         tail += f"-{cfg.topk_impl}topk"
+    tk = cfg.topk_config
+    if tk is not None and tk != RadixTopkConfig():
+        tail += f"-topk:{tk.algo}-c{tk.chunk}-s{tk.short_max}-w{tk.num_warps}"
     split = (f"dense/{cfg.gemm_programs or 'tiles'}" if cfg.dense_first  # indexer_programs unused
              else f"{cfg.indexer_programs}/{cfg.gemm_programs}")
     return f"partitioned:{split}-bn{cfg.block_n}-r{cfg.blocks_per_item}{'-fusedtopk' if cfg.fuse_topk else ''}{tail}"

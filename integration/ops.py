@@ -122,7 +122,8 @@ def workspace_for(num_tokens: int, max_len: int, device) -> RegionWorkspace:
 
     Any cached workspace with as many rows or more (same ``max_len`` and device) is reused, so
     after the profile run has reserved the largest bucket no step allocates. Otherwise one is made
-    for the power-of-two bucket of ``num_tokens`` (<= 256).
+    for the power-of-two bucket of ``num_tokens`` (<= 256), with the buffers of vLLM's top-k
+    (``RegionWorkspace.ensure_vllm_topk``) where vLLM's ops are registered.
     """
     device = torch.device(device)
     max_len = _round_up(min(max(int(max_len), 1), dims.MAX_MODEL_LEN), dims.CACHE_BLOCK_SIZE)
@@ -137,6 +138,10 @@ def workspace_for(num_tokens: int, max_len: int, device) -> RegionWorkspace:
         logger.warning("smpart: allocating a %d x %d region workspace during CUDA-graph capture "
                        "(no profile run reserved it)", rows, max_len)
     ws = RegionWorkspace.for_shape(rows, max_len, device)
+    from smpart.vendor import vllm_topk_registered
+
+    if vllm_topk_registered() and not _is_capturing():
+        ws.ensure_vllm_topk()  # the hybrid's buffers (tuning.model_config), allocated with the workspace
     _WORKSPACES[(rows, max_len, str(device))] = ws
     return ws
 

@@ -59,7 +59,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         counters and candidates for >= T rows).
     config : PartitionConfig; ``None`` = the tuned configuration of this shape bucket
         (``tuning.choose``), else the defaults with the cost model's split. A tuned
-        ``topk_impl="vllm"`` runs as ``"radix"`` (one warning per process) where vLLM's ops do not load.
+        ``topk_impl="vllm"`` runs as ``"smpart"`` (one warning per process) where vLLM's ops do not load.
 
     Raises
     ------
@@ -77,7 +77,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
 
         config = tuning.choose(T, H, next_n, ws.max_len, dev).config
         if config.topk_impl == "vllm" and _vllm_topk_ops(None) is None:
-            config = dataclasses.replace(config, topk_impl="radix")
+            config = dataclasses.replace(config, topk_impl="smpart")
     cfg = config  # field values were checked when it was made (PartitionConfig.__post_init__)
     ops = _vllm_topk_ops(cfg) if cfg.topk_impl == "vllm" else None  # before any launch
     if ops is not None:
@@ -229,7 +229,7 @@ def _vllm_topk_ops(cfg: PartitionConfig | None):
             raise RuntimeError(f"config.topk_impl='vllm' runs vLLM 0.33's decode top-k, whose ops do not load "
                                f"here: {e}") from e
         _vllm_topk_missing = str(e)
-        warnings.warn(f"smpart: the tuned config's topk_impl='vllm' runs as 'radix' here: vLLM's ops do not load "
+        warnings.warn(f"smpart: the tuned config's topk_impl='vllm' runs as 'smpart' here: vLLM's ops do not load "
                       f"({str(e)[:300]})", stacklevel=3)
         return None
     return ops

@@ -133,27 +133,40 @@ def _major_minor(v: str) -> str:
 
 
 def config_to_dict(cfg: PartitionConfig) -> dict:
-    """``cfg``'s fields as a JSON-ready dict (``dataclasses.asdict``), without ``topk_config`` (the
-    top-k launch keeps its defaults; not tuned). :func:`config_from_dict` reads it back."""
+    """``cfg``'s fields as a JSON-ready dict (``dataclasses.asdict``; ``topk_config`` as the dict of
+    its ``RadixTopkConfig``, omitted when None). :func:`config_from_dict` reads it back."""
     d = dataclasses.asdict(cfg)
-    d.pop("topk_config", None)  # the top-k launch keeps its defaults (not tuned yet)
+    if d.get("topk_config") is None:
+        d.pop("topk_config", None)
     return d
 
 
 def config_from_dict(d: dict) -> PartitionConfig:
     """The :class:`PartitionConfig` of a file's ``config`` object; fields it lacks (a file written
-    before they existed) take their defaults, e.g. ``topk_impl="radix"``.
+    before they existed) take their defaults, e.g. ``topk_impl="smpart"``.
 
     Raises
     ------
-    ValueError : unknown fields (a stale or foreign file), or a value ``PartitionConfig`` refuses
-        (e.g. ``config.topk_impl`` not ``"radix"`` / ``"vllm"``).
+    ValueError : unknown fields (a stale or foreign file; also inside ``topk_config``), or a value
+        ``PartitionConfig`` / ``RadixTopkConfig`` refuses (e.g. ``config.topk_impl`` not ``"smpart"`` /
+        ``"vllm"``, ``config.algo`` not ``"sample"`` / ``"radix"``).
     TypeError : a value of the wrong type (``PartitionConfig.__post_init__``).
     """
+    from .triton_kernels.radix_topk import RadixTopkConfig
+
     names = {f.name for f in dataclasses.fields(PartitionConfig)}
     unknown = set(d) - names
     if unknown:
         raise ValueError(f"config: unknown fields {sorted(unknown)}")
+    d = dict(d)
+    tk = d.get("topk_config")
+    if tk is not None:
+        if not isinstance(tk, dict):
+            raise TypeError(f"config.topk_config: expected an object, got {type(tk).__name__}")
+        tnames = {f.name for f in dataclasses.fields(RadixTopkConfig)}
+        if set(tk) - tnames:
+            raise ValueError(f"config.topk_config: unknown fields {sorted(set(tk) - tnames)}")
+        d["topk_config"] = RadixTopkConfig(**tk)  # fields it lacks (older files) take their defaults
     return PartitionConfig(**d)
 
 
@@ -300,12 +313,24 @@ def _shipped_cache(meta_items: tuple) -> TuningCache | None:
     return None
 
 
-def model_config(num_tokens: int, num_heads: int, next_n: int, max_len: int, num_sms: int) -> PartitionConfig:
+def model_config(num_tokens: int, num_heads: int, next_n: int, max_len: int, num_sms: int,
+                 vllm_topk: bool = False) -> PartitionConfig:
     """The cost model's static split for a bucket (every request at ``max_len``), with the GEMM
-    beside the top-k when the top-k is a few programs (``cost_model.gemm_in_tail``)."""
+    beside the top-k when the top-k is a few programs (``cost_model.gemm_in_tail``).
+
+    ``vllm_topk`` (vLLM's top-k ops are registered in this process: ``vendor.vllm_topk_registered``):
+    the hybrid instead, the same split with the top-k left to vLLM's own kernel after the fused
+    launch (``topk_impl="vllm"``, ``gemm_in_tail=0``). Why: measured per op on an H100
+    (2026-12-07, README), vLLM's top-k took 6.5-26.3 us where this package's radix top-k took
+    9.7-212 us, while this package's logits and q side were at or ahead of vLLM's; the sampled
+    top-k that replaced the radix one as the default has not been timed on a GPU yet.
+    """
     rb = cost_model.role_bytes(num_tokens, num_heads, next_n, [max_len] * max(num_tokens // next_n, 1))
     base = PartitionConfig()
     n_idx, n_gemm = cost_model.first_split(cost_model.resident_programs(num_sms, base.num_warps), rb)
+    if vllm_topk:
+        return dataclasses.replace(base, indexer_programs=n_idx, gemm_programs=n_gemm, gemm_in_tail=0.0,
+                                   topk_impl="vllm")
     return dataclasses.replace(base, indexer_programs=n_idx, gemm_programs=n_gemm,
                                gemm_in_tail=cost_model.gemm_in_tail(num_tokens, max_len, num_sms))
 
@@ -313,7 +338,8 @@ def model_config(num_tokens: int, num_heads: int, next_n: int, max_len: int, num
 def choose(num_tokens: int, num_heads: int, next_n: int, max_len: int, device=None) -> Choice:
     """What to run for one step: the tuned choice of its bucket, else the choice of the nearest
     tuned bucket of this GPU's file (:meth:`TuningCache.resolve`), else (no file for this GPU) the
-    partitioned kernel with the cost model's split.
+    partitioned kernel with the cost model's split (:func:`model_config`; the hybrid with vLLM's
+    top-k where vLLM's ops are registered in the process, as in a vLLM server).
 
     Parameters
     ----------
@@ -331,4 +357,7 @@ def choose(num_tokens: int, num_heads: int, next_n: int, max_len: int, device=No
     if hit is not None:
         return hit
     sms = meta["num_sms"] or 8
-    return Choice("partitioned", model_config(bucket.num_tokens, num_heads, next_n, bucket.max_len, sms), "model")
+    from .vendor import vllm_topk_registered
+
+    cfg = model_config(bucket.num_tokens, num_heads, next_n, bucket.max_len, sms, vllm_topk=vllm_topk_registered())
+    return Choice("partitioned", cfg, "model")

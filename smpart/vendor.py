@@ -211,6 +211,24 @@ def load_vllm_ops(lib_path: str | None = None) -> types.SimpleNamespace:
     )
 
 
+def vllm_topk_registered() -> bool:
+    """Whether vLLM's decode top-k ops (``torch.ops._C.cooperative_topk`` / ``persistent_topk``) are
+    already registered in this process on a CUDA machine: in a vLLM process (``vllm._custom_ops``
+    imported) or after :func:`load_vllm_ops`. Loads nothing; cheap enough to ask per step.
+
+    Returns
+    -------
+    bool
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        ns = torch.ops._C
+        return any(hasattr(ns, name) for name in ("cooperative_topk", "persistent_topk"))
+    except Exception:  # noqa: BLE001 - no _C namespace at all
+        return False
+
+
 def vendor_available() -> tuple[bool, str]:
     """Whether ``vllm_sequential`` / ``vllm_dual_stream`` can run here.
 

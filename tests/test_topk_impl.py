@@ -31,8 +31,8 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 
 # -- (1) the field, checked when a config is made -------------------------------------------------
-def test_default_is_radix_and_vllm_is_accepted():
-    assert PartitionConfig().topk_impl == "radix"
+def test_default_is_smpart_and_vllm_is_accepted():
+    assert PartitionConfig().topk_impl == "smpart"
     assert PartitionConfig(topk_impl="vllm", dense_first=True, first_prequant=True).topk_impl == "vllm"
 
 
@@ -173,21 +173,21 @@ def test_missing_ops_raise_before_any_launch(monkeypatch):
         checks.assert_equal_bytes(name, getattr(out.args, name), getattr(b.args, name))
 
 
-def test_tuned_vllm_config_runs_radix_where_ops_do_not_load(monkeypatch, launches):
-    """A tuning file's ``topk_impl="vllm"`` on a machine without vLLM's ops: the radix top-k, one
+def test_tuned_vllm_config_runs_smpart_where_ops_do_not_load(monkeypatch, launches):
+    """A tuning file's ``topk_impl="vllm"`` on a machine without vLLM's ops: smpart's top-k, one
     warning per process (the load is not retried every step)."""
     _no_vllm_ops(monkeypatch)
     tuned = dataclasses.replace(HYBRID, indexer_programs=3)
     monkeypatch.setattr(tuning, "choose", lambda *a, **k: tuning.Choice("partitioned", tuned, "tuned"))
     a = make_decode_batch([70, 2], num_heads=16, seed=1).args
     ws = RegionWorkspace.for_args(a)
-    with pytest.warns(UserWarning, match="topk_impl='vllm' runs as 'radix'"):
+    with pytest.warns(UserWarning, match="topk_impl='vllm' runs as 'smpart'"):
         P.partitioned_region(a, ws, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         P.partitioned_region(a, ws, None)
     assert len(launches["topk"]) == 2 and not launches["prep"] and ws.vllm_topk_workspace is None
-    # the radix split as usual: the histogram fed where the standalone radix top-k reads it
+    # the split as usual: a histogram fed only where the standalone top-k reads it (algo radix)
     assert [kw["HIST"] for _, _, kw in launches["first"].calls] == [k["hist_ready"] for _, k in launches["topk"]]
 
 
@@ -281,10 +281,10 @@ def test_tuning_round_trip_keeps_topk_impl(tmp_path):
     assert got.config == cfg and got.config.topk_impl == "vllm"
 
 
-def test_old_tuning_entries_load_as_radix():
+def test_old_tuning_entries_load_as_smpart():
     old = tuning.config_to_dict(PartitionConfig(indexer_programs=100, gemm_programs=164))
     del old["topk_impl"]  # a file written before the field existed
-    assert tuning.config_from_dict(old).topk_impl == "radix"
+    assert tuning.config_from_dict(old).topk_impl == "smpart"
     with pytest.raises(ValueError, match=r"config\.topk_impl"):
         tuning.config_from_dict(dict(old, topk_impl="fast"))
 
@@ -293,10 +293,10 @@ def test_autotune_hybrid_candidates_are_standalone_splits():
     from smpart.bench import autotune
 
     plain = autotune.candidates(32, 128, 1, 4096, 132)
-    assert all(c.topk_impl == "radix" for c in plain)
+    assert all(c.topk_impl == "smpart" for c in plain)
     both = autotune.candidates(32, 128, 1, 4096, 132, vllm_topk=True)
     hybrid = [c for c in both if c.topk_impl == "vllm"]
-    assert hybrid and [c for c in both if c.topk_impl == "radix"] == plain
+    assert hybrid and [c for c in both if c.topk_impl == "smpart"] == plain
     assert all(not c.fuse_topk and c.gemm_in_tail == 0 for c in hybrid)
     names = [autotune._name(c, "partitioned") for c in both]
     assert len(set(names)) == len(names) and all("vllmtopk" in autotune._name(c, "p") for c in hybrid)
@@ -362,3 +362,47 @@ def test_hybrid_real_vllm_topk_in_a_cuda_graph():
     with pytest.raises(RuntimeError, match="ensure_vllm_topk"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             run_region(live.args, path="partitioned", workspace=fresh, config=cfg)
+
+
+# -- the default where vLLM's top-k is registered (a vLLM server), the top-k config in tuning files --
+def test_cost_model_picks_the_hybrid_where_vllm_topk_is_registered(monkeypatch):
+    from smpart import vendor
+
+    monkeypatch.setattr(tuning, "_shipped_cache", lambda meta: None)  # no tuning file: the cost model
+    monkeypatch.setattr(vendor, "vllm_topk_registered", lambda: True)
+    c = tuning.choose(8, 128, 1, 4096)
+    assert c.source == "model" and c.config.topk_impl == "vllm" and c.config.gemm_in_tail == 0
+    assert not c.config.fuse_topk
+    monkeypatch.setattr(vendor, "vllm_topk_registered", lambda: False)
+    c = tuning.choose(8, 128, 1, 4096)
+    assert c.config.topk_impl == "smpart"
+
+
+def test_vllm_topk_registered_is_false_without_cuda():
+    from smpart import vendor
+
+    if not torch.cuda.is_available():
+        assert vendor.vllm_topk_registered() is False
+
+
+def test_topk_config_round_trips_through_the_tuning_file():
+    from smpart.triton_kernels.radix_topk import RadixTopkConfig
+
+    for tk in (None, RadixTopkConfig(algo="radix"), RadixTopkConfig(chunk=8192, short_max=16384, bits=3)):
+        cfg = PartitionConfig(indexer_programs=100, gemm_programs=164, topk_config=tk)
+        assert tuning.config_from_dict(tuning.config_to_dict(cfg)) == cfg
+    d = tuning.config_to_dict(PartitionConfig(topk_config=RadixTopkConfig(algo="radix")))
+    old = dict(d, topk_config={k: v for k, v in d["topk_config"].items() if k not in ("algo", "bits", "count",
+                                                                                        "sample")})
+    assert tuning.config_from_dict(old).topk_config.algo == "sample"  # written before the sampled top-k
+    with pytest.raises(ValueError, match=r"config\.topk_config"):
+        tuning.config_from_dict(dict(d, topk_config=dict(d["topk_config"], speed=1)))
+    with pytest.raises(ValueError, match=r"config\.algo"):
+        tuning.config_from_dict(dict(d, topk_config=dict(d["topk_config"], algo="fast")))
+
+
+def test_autotune_tries_both_topk_algorithms():
+    from smpart.bench import autotune
+
+    algos = {(c.topk_config.algo if c.topk_config else "sample") for c in autotune.candidates(32, 128, 1, 65536, 132)}
+    assert algos == {"sample", "radix"}

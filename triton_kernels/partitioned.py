@@ -70,7 +70,7 @@ from .sample_topk import _topk_item
 GRID_X_MAX = 2**31 - 1  # CUDA's grid limit in x (65535 in y and z; every launch here is 1-D)
 QUEUE_CHUNK_MAX = 4096  # work items claimed per atomic (the tuned files use 4)
 PROGRAMS_PER_SM_MAX = 32  # resident CTAs per SM on sm_90: programs past this per SM only queue
-TOPK_IMPLS = ("radix", "vllm")  # PartitionConfig.topk_impl: our radix top-k, or vLLM 0.33's own (the hybrid)
+TOPK_IMPLS = ("smpart", "vllm")  # PartitionConfig.topk_impl: this package's top-k, or vLLM 0.33's own (the hybrid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +138,9 @@ class PartitionConfig:
         logits items share SMs, and ``gemm_programs`` = ``num_sms`` or ``2 * num_sms`` so that the
         GEMM does not take every slot first. With ``fuse_topk`` the last arriving logits item of a
         row still runs its top-k; with no GEMM tile in the fused launch it is ignored.
-    topk_impl : ``"radix"`` (the default: this package's radix top-k, ``radix_topk.py``, in the split the
-        other fields choose) or ``"vllm"`` (the hybrid: the fused launch without the top-k role and
+    topk_impl : ``"smpart"`` (the default: this package's top-k, ``radix_topk.radix_topk`` with
+        ``topk_config``: the sampled top-k unless ``topk_config.algo="radix"``, in the split the other
+        fields choose) or ``"vllm"`` (the hybrid: the fused launch without the top-k role and
         without the producer histogram, then vLLM 0.33's own decode top-k on ``RegionWorkspace.logits``:
         ``cooperative_topk`` for <= 64 rows, else ``persistent_topk``, dispatched as
         ``smpart.vendor._vllm_topk`` does; vLLM ``model_executor/layers/indexer_topk.py``). ``"vllm"``
@@ -189,7 +190,7 @@ class PartitionConfig:
     first_prequant: bool = False
     maxnreg: int | None = None
     dense_first: bool = False
-    topk_impl: str = "radix"
+    topk_impl: str = "smpart"
 
     def __post_init__(self):
         """Reject bad values when the config is made (a TypeError/ValueError naming the field),
