@@ -406,3 +406,28 @@ def test_autotune_tries_both_topk_algorithms():
 
     algos = {(c.topk_config.algo if c.topk_config else "sample") for c in autotune.candidates(32, 128, 1, 65536, 132)}
     assert algos == {"sample", "radix"}
+
+
+@interpreted
+def test_hybrid_on_the_production_models_args(vllm_ops):
+    """The hybrid with the production model's region (index-q prep prologue, keys and fill already
+    done by vLLM, ``fused_q``-rounded q_pe): cache untouched, q equal to the plain partitioned run's,
+    top-k by the rule against float64 logits from the prep's outputs."""
+    from test_v32_region import H, _clone, _production
+
+    b = make_decode_batch([2100, 70, 3], num_heads=H, seed=11)
+    p = _production(b, seed=5)
+    plain, hyb = _clone(p), _clone(p)
+    run_region(plain, path="partitioned", workspace=RegionWorkspace.for_args(plain), use_ue8m0=b.use_ue8m0)
+    ws = RegionWorkspace.for_args(hyb)
+    run_region(hyb, path="partitioned", workspace=ws, config=HYBRID, use_ue8m0=b.use_ue8m0)
+    assert [c["name"] for c in vllm_ops.calls] == ["cooperative_topk"]
+    assert torch.equal(hyb.kv_cache, p.kv_cache), "write_keys=False: the cache must be untouched"
+    assert torch.equal(hyb.q.view(torch.int16), plain.q.view(torch.int16))
+    assert torch.equal(hyb.index_q_fp8.view(torch.uint8), plain.index_q_fp8.view(torch.uint8))
+    lens = reference.visible_lens(p.context_lens, p.next_n)
+    logits64 = reference.paged_mqa_logits(hyb.index_q_fp8, hyb.index_weights, p.kv_cache, p.block_table,
+                                          p.context_lens, p.next_n, int(lens.max()), dtype=torch.float64)
+    want = dataclasses.replace(p, index_q_fp8=hyb.index_q_fp8, index_weights=hyb.index_weights)
+    checks.check_topk(hyb.topk_indices, logits64, lens, checks.logits_tolerance(want, lens))
+    ws.check_clean()
