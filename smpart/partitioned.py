@@ -4,7 +4,7 @@ documented there).
 
 ``partitioned_region`` resolves ``config=None`` through the tuning cache (:mod:`smpart.tuning`),
 sizes the static split with the cost model (:mod:`smpart.cost_model`) and launches the fused
-kernel, then either the standalone top-k (``radix_topk.radix_topk``) or the top-k + GEMM tail
+kernel, then either the standalone top-k (``topk.topk``) or the top-k + GEMM tail
 launch; with ``fuse_topk`` the top-k runs inside the fused launch. The top-k is the sampled one
 (``sample_topk``) unless ``config.topk_config.algo == "radix"``, whose per-row histograms the
 logits role fills (``RegionWorkspace.radix``). With ``topk_impl="vllm"`` (the
@@ -29,8 +29,8 @@ from .triton_kernels.mqa_logits import mqa_logits_runs_per_row
 from .triton_kernels.partitioned import (GRID_X_MAX, PROGRAMS_PER_SM_MAX, PartitionConfig, _partitioned_kernel,
                                          _topk_gemm_tail_kernel, launch_vllm_topk_prep)
 from .triton_kernels.q_b_proj import default_block_t, launch_q_c_quant
-from .triton_kernels.radix_topk import TOPK_K, RadixTopkConfig, RadixTopkWorkspace, hist_fed, radix_chunk, radix_topk
-from .triton_kernels.sample_topk import topk_sample_constexprs
+from .triton_kernels.radix_topk import TOPK_K, RadixTopkConfig, RadixTopkWorkspace, hist_fed, radix_chunk
+from .triton_kernels.topk import topk, topk_sample_constexprs
 
 
 _TAIL_ALIGN = 256  # gemm_in_tail moves output columns in multiples of this (any tile height divides it)
@@ -202,7 +202,7 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
             _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, hw_cvt, prequant, xq, xs,
                          cols, topk_chunk)
     elif cfg.roles & 4:
-        radix_topk(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=rw, max_len=cols,
+        topk(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=rw, max_len=cols,
                    hist_ready=hist, config=cfg.topk_config)
 
 

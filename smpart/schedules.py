@@ -20,7 +20,8 @@ from .triton_kernels.fill import fill_topk_indices
 from .triton_kernels.indexer_cache import indexer_k_quant_and_cache
 from .triton_kernels.mqa_logits import paged_mqa_logits
 from .triton_kernels.q_b_proj import q_b_proj_rope
-from .triton_kernels.radix_topk import hist_fed, radix_topk
+from .triton_kernels.radix_topk import hist_fed
+from .triton_kernels.topk import topk
 
 
 def indexer_tail(args, ws, use_ue8m0: bool) -> None:
@@ -39,7 +40,7 @@ def indexer_tail(args, ws, use_ue8m0: bool) -> None:
 
 
 def logits_and_topk(args, ws) -> None:
-    """Paged logits into ``ws.logits``, then the top-k (``radix_topk.radix_topk`` with the default
+    """Paged logits into ``ws.logits``, then the top-k (``topk.topk`` with the default
     ``RadixTopkConfig``: the sampled top-k) into ``args.topk_indices`` (the part of
     :func:`indexer_tail` after the key write and the fill; ``smpart.bench.kernels`` times it).
 
@@ -54,7 +55,7 @@ def logits_and_topk(args, ws) -> None:
     fed = hist_fed(args.num_tokens, cap, cfg)  # radix only; large shapes: its own histogram pass is cheaper
     paged_mqa_logits(args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table, args.context_lens,
                      ws.logits, next_n=args.next_n, hist=ws.radix.hist if fed else None)
-    radix_topk(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n, workspace=ws.radix,
+    topk(ws.logits, args.context_lens, args.topk_indices, next_n=args.next_n, workspace=ws.radix,
                max_len=cap, hist_ready=fed, config=cfg)
 
 

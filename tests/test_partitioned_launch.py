@@ -33,7 +33,7 @@ def launches(monkeypatch):
     monkeypatch.setattr(P, "_partitioned_kernel", rec["first"])
     monkeypatch.setattr(P, "_topk_gemm_tail_kernel", rec["tail"])
     monkeypatch.setattr(P, "launch_q_c_quant", lambda *a: rec["quant"].append(a))
-    monkeypatch.setattr(P, "radix_topk", lambda *a, **k: rec["topk"].append((a, k)))
+    monkeypatch.setattr(P, "topk", lambda *a, **k: rec["topk"].append((a, k)))
     return rec
 
 

@@ -64,7 +64,7 @@ from .indexer_cache import _indexer_k_cache_item
 from .mqa_logits import _mqa_logits_item
 from .q_b_proj import _q_b_proj_item, _q_c_quant_row
 from .radix_topk import RADIX_RT, RadixTopkConfig, _NB as _HIST_NB, _f32_to_key, _hist_bin, _radix_row_len
-from .sample_topk import _topk_item
+from .topk import _topk_item
 
 
 GRID_X_MAX = 2**31 - 1  # CUDA's grid limit in x (65535 in y and z; every launch here is 1-D)

@@ -409,7 +409,8 @@ class RadixTopkConfig:
     count : how a round counts: 0 ``tl.histogram``, 1 packed one-hot int64 sums.
     sample : sampled values per long row (power of two in [256, 8192]); 0 = ``sample_topk.sample_size``.
     algo : ``"sample"`` (default: ``sample_topk``, a sampled cutoff, no histogram) or ``"radix"``
-        (this module: the 2048-bin histogram, built by the logits producer or a pass of its own).
+        (this module: the 2048-bin histogram, built by the logits producer or a pass of its own);
+        read by ``topk.topk`` and the persistent kernels.
     """
 
     chunk: int = RADIX_CHUNK
@@ -551,9 +552,9 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
 def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_indices: torch.Tensor, *, next_n: int,
                workspace: RadixTopkWorkspace, row_lens: torch.Tensor | None = None, max_len: int | None = None,
                hist_ready: bool = False, config: RadixTopkConfig | None = None) -> None:
-    """Top-2048 positions of every decode row's visible logits, -1 padded (one or two launches):
-    the top-k of every path. ``config.algo`` picks the algorithm: ``"sample"`` (the default) runs
-    ``sample_topk.sample_topk``; ``"radix"`` the histogram algorithm of this module.
+    """Top-2048 positions of every decode row's visible logits, -1 padded (one or two launches), by
+    this module's histogram algorithm whatever ``config.algo`` says (``topk.topk`` is the entry point
+    that dispatches on it).
 
     Parameters
     ----------
@@ -576,8 +577,7 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
         class, a non-int ``next_n`` / ``max_len``).
     ValueError : wrong dtype / rank / device / last-dim stride, ``topk_indices`` not 2048 wide,
         ``logits`` or the lengths shorter than T rows, neither ``context_lens`` nor ``row_lens``,
-        ``next_n`` < 1, ``max_len`` < 0, workspace too small (metadata only: no host sync),
-        ``hist_ready`` with ``algo="sample"``.
+        ``next_n`` < 1, ``max_len`` < 0, workspace too small (metadata only: no host sync).
 
     Notes
     -----
@@ -585,15 +585,6 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
     """
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
     cfg = config or RadixTopkConfig()
-    if cfg.algo == "sample":
-        if hist_ready:
-            raise ValueError("hist_ready: the sampled top-k (config.algo='sample') reads no histogram; build "
-                             "none, or pass config.algo='radix'")
-        from .sample_topk import sample_topk
-
-        sample_topk(logits, context_lens, topk_indices, next_n=next_n, workspace=workspace, row_lens=row_lens,
-                    max_len=max_len, config=cfg)
-        return
     ws = workspace
     T = topk_indices.shape[0]
     if T == 0:

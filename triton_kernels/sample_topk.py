@@ -37,8 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .radix_topk import (_INT_MAX, _INT_MIN, _f32_to_key, _narrow, _pick_desc, _radix_row_len, _radix_topk_item,
-                         _stream_select)
+from .radix_topk import _INT_MAX, _INT_MIN, _f32_to_key, _narrow, _pick_desc, _radix_row_len, _stream_select
 
 SAMPLE_E_LO = 3328  # expected row values >= tau: the window the sample aims at (1.625 x 2048 ...)
 SAMPLE_E_HI = 4864  # (... 2.375 x 2048); with CAND = 8192 a 4-sigma miss on either side is rare
@@ -224,32 +223,6 @@ def _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk,
                         scr = scratch_ptr + t64 * (2 * CP)
                         _stream_select(row, L, False, 0, L, L - L + K, out, L - L, ck, cpos, scr, CHUNK, CAND, CP,
                                        RT)
-
-
-@triton.jit
-def _topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, ctr_ptr, cand_key_ptr,
-               cand_pos_ptr, scratch_ptr, HAS_HIST: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr,
-               CAND: tl.constexpr, CP: tl.constexpr, RT: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr,
-               COUNT: tl.constexpr):
-    """The top-k item of the persistent kernels: ``S == 0`` the radix item
-    (``radix_topk._radix_topk_item``, histogram-fed with ``HAS_HIST``), else :func:`_sample_topk_item`
-    with ``S`` sampled values per long row (``RadixTopkConfig.algo``)."""
-    if S == 0:
-        _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, ctr_ptr, cand_key_ptr,
-                         cand_pos_ptr, scratch_ptr, HAS_HIST, CHUNK, K, CAND, CP, RT)
-    else:
-        _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, ctr_ptr, cand_key_ptr,
-                          cand_pos_ptr, scratch_ptr, CHUNK, K, CAND, CP, RT, S, BITS, COUNT)
-
-
-def topk_sample_constexprs(config, lmax: int) -> dict:
-    """``TOPK_S``/``TOPK_BITS``/``TOPK_COUNT`` of the persistent kernels for a ``RadixTopkConfig``
-    (None: its defaults) and rows of at most ``lmax`` positions: ``TOPK_S`` 0 selects the radix item."""
-    from .radix_topk import RadixTopkConfig
-
-    cfg = config or RadixTopkConfig()
-    s = 0 if cfg.algo == "radix" else (cfg.sample or sample_size(lmax))
-    return dict(TOPK_S=s, TOPK_BITS=cfg.bits, TOPK_COUNT=cfg.count)
 
 
 @triton.jit
