@@ -203,6 +203,65 @@ def order_keys(x: torch.Tensor) -> torch.Tensor:
     return torch.where(b < 0, -1 - (b & 0x7FFFFFFF), b)
 
 
+def sample_positions(L: int, S: int) -> torch.Tensor:
+    """Positions the sampled top-k samples in a row of ``L`` positions (``S`` sampled values; PyTorch
+    twin of ``triton_kernels/sample_topk.py::_row_cutoff``): all of the row when ``L < S``, else
+    ``S / 8`` groups of 8 consecutive positions, group ``g`` in the stretch
+    ``[g * stride, (g + 1) * stride)`` (``stride = 8 * floor(L / S)``) at the whole-sector offset
+    ``((g * 2654435761 mod 2**32) >> 16) mod (stride / 8)``.
+
+    Returns
+    -------
+    int64 [min(L, S)], each in [0, L).
+    """
+    n_s = min(L, S)
+    i = torch.arange(n_s, dtype=torch.int64)
+    if L < S:
+        return i
+    G = 8
+    stride_g = max(((L // (S // G)) // G) * G, G)
+    g = i // G
+    off = (((g * 2654435761) & 0xFFFFFFFF) >> 16) % (stride_g // G)
+    return g * stride_g + off * G + i % G
+
+
+def sample_cutoff_torch(row: torch.Tensor, S: int, k: int = dims.INDEX_TOPK, e_lo: int = 3584,
+                        e_hi: int = 5120) -> int:
+    """PyTorch twin of ``triton_kernels/sample_topk.py::_row_cutoff``: the cutoff key of a row.
+
+    Parameters
+    ----------
+    row : fp32 [L], the row's visible logits. S : sampled values (``sample_topk.sample_size``).
+    k : the top-k's k. e_lo, e_hi : ``sample_topk.SAMPLE_E_LO`` / ``SAMPLE_E_HI`` (for k = 2048).
+
+    Returns
+    -------
+    int : a key (:func:`order_keys`) whose count of sampled keys at or above it lies in
+    ``[ceil(n_s * e_lo' / L), floor(n_s * e_hi' / L)]`` (``e_*' = e_* * k / 2048``) when ties allow,
+    found by the kernel's 16-way bisection step for step (so the key is the kernel's).
+    """
+    L = row.shape[0]
+    ks = order_keys(row[sample_positions(L, S)]).clamp(min=-(2**31) + 1)
+    n_s = ks.shape[0]
+    lo_e, hi_e = (e_lo * k) // 2048, (e_hi * k) // 2048
+    c_lo = min(max((n_s * lo_e + L - 1) // L, 1), n_s)
+    c_hi = min(max((n_s * hi_e) // L, c_lo), n_s)
+    lo, hi = int(ks.min()), int(ks.max())
+    above, cnt, need = 0, n_s, c_lo
+    while above + cnt > c_hi and lo < hi:
+        span = torch.tensor([hi - lo], dtype=torch.float32).view(torch.int32).item()
+        s = max(((span >> 23) & 0xFF) - 127 - 3, 0)  # _span_shift(BITS=4): fp32 exponent - 4 + 1
+        m = (ks >= lo) & (ks <= hi)
+        h = torch.bincount((ks[m] - lo) >> s, minlength=16)[:16]
+        ab = h.sum() - torch.cumsum(h, 0)
+        b = int((ab >= need).sum())
+        a, cnt = int(ab[b]), int(h[b])
+        need -= a
+        above += a
+        lo, hi = lo + (b << s), min(hi, lo + (b << s) + (1 << s) - 1)
+    return lo
+
+
 def radix_topk_torch(logits: torch.Tensor, lens: torch.Tensor, k: int = dims.INDEX_TOPK) -> torch.Tensor:
     """PyTorch twin of ``triton_kernels/radix_topk.py::radix_topk`` with its tie rule: the
     ``min(L, k)`` best positions by (value desc, position asc), -0.0 == +0.0; -1 padded.

@@ -13,9 +13,11 @@ CPU: ``TRITON_INTERPRET=1 python -m pytest --import-mode=importlib -q tests/test
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from smpart.triton_kernels import radix_topk as rt
-from smpart.triton_kernels.sample_topk import sample_size, sample_topk
+from smpart.triton_kernels.sample_topk import _row_cutoff, sample_size, sample_topk
 
 from test_radix_topk import GUARD, K, check_exact, launches, make_logits
 
@@ -135,3 +137,64 @@ def test_gpu_large(B, L, next_n, kind):
     torch.cuda.synchronize()
     assert int(ws.counters.abs().sum()) == 0
     check_exact(out, logits, vis)
+
+
+# -- the sample: the kernel's cutoff equals its PyTorch twin; the twin's cutoff keeps the candidates
+# -- within [2048, CAND] on rows with structure (the design's claim; a fixed stride once aliased with
+# -- periodic rows and sent every long row to the exact fallback)
+def _structured(kind, L, g):
+    x = torch.randn(L, generator=g)
+    if kind == "recent":
+        x[-2500:] += 3
+    elif kind == "sink":
+        x[:64] += 10
+        x[-256:] += 2
+    elif kind == "period64":
+        x = 0.3 * x + 2 * torch.sin(torch.arange(L) * 2 * torch.pi / 64)
+    elif kind == "period128":
+        x = 0.1 * x + 3 * (torch.arange(L) % 128 < 8).float()
+    elif kind == "smooth":
+        x = torch.nn.functional.conv1d(x[None, None], torch.ones(1, 1, 255) / 16, padding=127)[0, 0]
+    elif kind == "quantized":
+        x = torch.round(x * 4) / 4
+    elif kind == "relu":
+        x = x.clamp(min=0)
+    return x.float()
+
+
+
+@triton.jit
+def _cutoff_kernel(x_ptr, lens_ptr, out_ptr, stride, S: tl.constexpr):
+    """Row ``program_id``'s sampled cutoff key (``sample_topk._row_cutoff``) into ``out_ptr``."""
+    t = tl.program_id(0)
+    tl.store(out_ptr + t, _row_cutoff(x_ptr + t * stride, tl.load(lens_ptr + t), 2048, S, 4, 1))
+
+
+@launches
+def test_kernel_cutoff_equals_the_torch_twin(device):
+    from smpart import reference
+
+    g = torch.Generator().manual_seed(7)
+    lens = [5000, 9000, 20000, 40000]
+    W = max(lens)
+    x = torch.stack([_structured(k, W, g) for k in ("randn", "period64", "quantized", "smooth")])
+    out = torch.zeros(len(lens), dtype=torch.int32, device=device)
+    S = sample_size(W)
+    _cutoff_kernel[(len(lens),)](x.to(device), torch.tensor(lens, dtype=torch.int32, device=device), out, W, S=S)
+    want = [reference.sample_cutoff_torch(x[t, :L], S) for t, L in enumerate(lens)]
+    assert out.cpu().tolist() == want
+
+
+@pytest.mark.parametrize("L", [9000, 16384, 65536, 163840])
+def test_sampled_cutoff_keeps_the_candidates_in_range(L):
+    from smpart import reference
+
+    g = torch.Generator().manual_seed(L)
+    bad = []
+    for kind in ("randn", "recent", "sink", "period64", "period128", "smooth", "quantized", "relu"):
+        for trial in range(4):
+            x = _structured(kind, L, g)
+            n = int((reference.order_keys(x) >= reference.sample_cutoff_torch(x, sample_size(L))).sum())
+            if not rt.TOPK_K <= n <= rt.RADIX_CAND:
+                bad.append((kind, trial, n))
+    assert not bad, f"rows whose sampled cutoff leaves candidates outside [2048, {rt.RADIX_CAND}]: {bad}"

@@ -17,8 +17,9 @@ Algorithm
   positions with the same bisection over positions. One prefix sum then writes the selection.
 * A row of one chunk (``L <= CHUNK``) is one program holding the row in registers.
 * A longer row is split into ``(row, chunk)`` programs. Each computes the same cutoff ``tau`` from a
-  deterministic strided sample of the row (:func:`_row_cutoff`: ``S`` values in groups of 8
-  consecutive positions, one 32-byte sector each, spread evenly over the row; ``tau`` is a sample key whose sample count-above predicts between ``E_LO`` and
+  deterministic sample of the row (:func:`_row_cutoff`: ``S`` values in groups of 8 consecutive
+  positions, one 32-byte sector each, one group per equal stretch of the row at a hashed offset;
+  ``tau`` is a sample key whose sample count-above predicts between ``E_LO`` and
   ``E_HI`` values >= ``tau`` in the row, the idea of vLLM's ``sampled_topk``), writes its values
   ``>= tau`` (key, position) into the row's candidate buffer through ONE reservation atomic, and
   arrives on the row counter. The row's last arriver selects exactly among the candidates
@@ -39,8 +40,13 @@ import triton.language as tl
 
 from .radix_topk import _INT_MAX, _INT_MIN, _f32_to_key, _narrow, _pick_desc, _radix_row_len, _stream_select
 
-SAMPLE_E_LO = 3328  # expected row values >= tau: the window the sample aims at (1.625 x 2048 ...)
-SAMPLE_E_HI = 4864  # (... 2.375 x 2048); with CAND = 8192 a 4-sigma miss on either side is rare
+# expected row values >= tau: the window the sample aims at (1.75 x 2048 ... 2.5 x 2048). The PyTorch
+# twin of _row_cutoff (smpart.reference.sample_cutoff_torch) on 60 rows each of N(0, 1), a hot recent
+# window, attention sinks, period-64 and period-128 patterns, 256-wide smoothing, quantized values
+# and ReLU'd values, at L = 5000 ... 163840: between 2142 and 7064 values reached tau, no fallback
+# (tests/test_sample_topk.py::test_sampled_cutoff_keeps_the_candidates_in_range keeps a smaller set).
+SAMPLE_E_LO = 3584
+SAMPLE_E_HI = 5120
 _E_LO = tl.constexpr(SAMPLE_E_LO)
 _E_HI = tl.constexpr(SAMPLE_E_HI)
 
@@ -139,18 +145,23 @@ def _select_candidates(ck, cpos, n_c, out, N: tl.constexpr, K: tl.constexpr, BIT
 @triton.jit
 def _row_cutoff(row, L, K: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr, COUNT: tl.constexpr):
     """Cutoff key ``tau`` of a row of ``L`` positions from ``n_s = min(S, L)`` values (``S / 8``
-    groups of 8 consecutive positions at a stride of ``8 * floor(L / S)``; the same for every
-    program of the row): a sample key whose sample count-above
+    groups of 8 consecutive positions, one per stretch of ``8 * floor(L / S)`` positions at a hashed
+    offset; the same for every program of the row): a sample key whose sample count-above
     ``c`` lies in ``[n_s * E_LO / L, n_s * E_HI / L]`` (``E_* = SAMPLE_E_* * K / 2048``) when ties allow
     it, else the largest key with ``c >= n_s * E_LO / L``."""
     n_s = tl.minimum(L, S)
     i = tl.arange(0, S)
     v = i < n_s
-    # groups of 8 consecutive values (one 32-byte sector each) at a stride of whole sectors: every
-    # program of the row reads S / 8 sectors, not S (all of the row when it has fewer than S values)
+    # groups of 8 consecutive values (one 32-byte sector each), one group per stretch of
+    # ``stride_g`` positions at a hashed whole-sector offset inside it: every program of the row reads
+    # S / 8 sectors, not S, and no periodic pattern of the row aliases with a fixed stride (all of
+    # the row when it has fewer than S values)
     G: tl.constexpr = 8
     stride_g = tl.maximum(((L // (S // G)) // G) * G, G)
-    pos = tl.where(L >= S, (i // G) * stride_g + (i % G), i)
+    g = i // G
+    h = (g.to(tl.int64) * 2654435761) & 0xFFFFFFFF
+    off = ((h >> 16) % (stride_g // G).to(tl.int64)).to(tl.int32)
+    pos = tl.where(L >= S, g * stride_g + off * G + (i % G), i)
     ks = tl.where(v, _f32_to_key(tl.load(row + pos, mask=v, other=0.0, cache_modifier=".cg")), _INT_MIN)
     e_lo = (_E_LO * K) // 2048
     e_hi = (_E_HI * K) // 2048
