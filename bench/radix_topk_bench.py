@@ -1,16 +1,18 @@
-"""Top-k timing: the radix top-k (``radix_topk.py``) vs vLLM 0.33's ``cooperative_topk`` (<= 64 rows) /
+"""Top-k timing: the sampled top-k (``sample_topk.py``, the default, in several configurations) and
+the radix top-k (``radix_topk.py``) vs vLLM 0.33's ``cooperative_topk`` (<= 64 rows) /
 ``persistent_topk``, one process, same logits.
 
-``python -m smpart.bench.radix_topk_bench [--vllm-so PATH] [--out DIR]`` (GPU). Per shape (B x L; the
-top-k does not depend on H) and logits source (``real``: our logits kernel over a random cache;
-``gauss``: N(0, 1)): CUDA-graph median of cold-L2 replays, us (``smpart.bench.harness.time_graph`` with
-``l2_flush_buffer``: a read sweep of 2x L2 before each).
-Columns: logits without / with the producer histogram; radix standalone (histogram
-pass where a row spans several chunks); radix fed by the producer (``logits+hist+select`` minus
-``logits``); vLLM. Also checks every top-k's output (value multiset vs ``torch.topk``) and vLLM's on
-narrow-range rows (vLLM issue #51782).
+``python -m smpart.bench.radix_topk_bench [--vllm-so PATH] [--out DIR] [--variants a,b]`` (GPU). Per
+shape (B x L; the top-k does not depend on H) and logits source (``real``: our logits kernel over a
+random cache; ``gauss``: N(0, 1)): CUDA-graph median of cold-L2 replays, us
+(``smpart.bench.harness.time_graph`` with ``l2_flush_buffer``: a read sweep of 2x L2 before each).
+Columns: logits without / with the radix producer histogram; each variant (``radix``: its own
+histogram pass where a row spans several chunks; ``sample*``: the sampled top-k's configurations);
+the radix top-k fed by the producer (``logits+hist+select`` minus ``logits``); vLLM; each variant
+over vLLM. Also checks every top-k's output (value multiset vs ``torch.topk``) and both ours and
+vLLM's on narrow-range rows (vLLM issue #51782). ``--sweep [--impl sample|radix]``: the GPU
+correctness sweep instead.
 """
-
 from __future__ import annotations
 
 import argparse
