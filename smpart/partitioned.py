@@ -24,6 +24,7 @@ import triton
 
 from . import cost_model, vendor
 from .prep import index_q_side
+from .validate import _is_capturing
 from .triton_kernels import dims
 from .triton_kernels.mqa_logits import mqa_logits_runs_per_row
 from .triton_kernels.partitioned import (GRID_X_MAX, PROGRAMS_PER_SM_MAX, PartitionConfig, _partitioned_kernel,
@@ -59,7 +60,8 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         counters and candidates for >= T rows).
     config : PartitionConfig; ``None`` = the tuned configuration of this shape bucket
         (``tuning.choose``), else the defaults with the cost model's split. A tuned
-        ``topk_impl="vllm"`` runs as ``"smpart"`` (one warning per process) where vLLM's ops do not load.
+        ``topk_impl="vllm"`` runs as ``"smpart"`` where vLLM's ops do not load (one warning per process),
+        and under CUDA-graph capture with a workspace whose vLLM top-k buffers were never made.
 
     Raises
     ------
@@ -76,7 +78,10 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         from . import tuning  # the tuned config of this bucket, else the cost model's split
 
         config = tuning.choose(T, H, next_n, ws.max_len, dev).config
-        if config.topk_impl == "vllm" and _vllm_topk_ops(None) is None:
+        # vLLM's ops do not load, or a workspace made under capture (no profile run reserved it:
+        # integration.ops.workspace_for) lacks their buffers, which are not allocated under capture
+        if config.topk_impl == "vllm" and (_vllm_topk_ops(None) is None or (
+                (ws.vllm_topk_workspace is None or ws.vllm_topk_lens is None) and _is_capturing())):
             config = dataclasses.replace(config, topk_impl="smpart")
     cfg = config  # field values were checked when it was made (PartitionConfig.__post_init__)
     ops = _vllm_topk_ops(cfg) if cfg.topk_impl == "vllm" else None  # before any launch

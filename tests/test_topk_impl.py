@@ -191,6 +191,30 @@ def test_tuned_vllm_config_runs_smpart_where_ops_do_not_load(monkeypatch, launch
     assert [kw["HIST"] for _, _, kw in launches["first"].calls] == [k["hist_ready"] for _, k in launches["topk"]]
 
 
+
+def test_tuned_vllm_config_under_capture_without_buffers_runs_smpart(monkeypatch, launches, vllm_ops):
+    """The default in a vLLM server (the cost model's hybrid) on a workspace made during CUDA-graph
+    capture (``integration.ops.workspace_for`` when no profile run reserved one: nothing allocates vLLM's
+    top-k buffers there): smpart's top-k, not a RuntimeError that would abort the capture. With the
+    buffers made beforehand the hybrid runs under capture; an explicit hybrid config is still refused."""
+    from smpart import validate
+
+    monkeypatch.setattr(tuning, "choose", lambda *a, **k: tuning.Choice("partitioned", HYBRID, "model"))
+    monkeypatch.setattr(P, "_is_capturing", lambda: True)
+    monkeypatch.setattr(validate, "_is_capturing", lambda: True)  # RegionWorkspace.ensure_vllm_topk's
+    a = make_decode_batch([70, 2], num_heads=16, seed=1).args
+    ws = RegionWorkspace.for_args(a)
+    P.partitioned_region(a, ws, None)
+    assert len(launches["topk"]) == 1 and not launches["prep"] and not vllm_ops.calls
+    assert ws.vllm_topk_workspace is None
+    with pytest.raises(RuntimeError, match="ensure_vllm_topk"):
+        P.partitioned_region(a, ws, HYBRID)
+    monkeypatch.setattr(validate, "_is_capturing", lambda: False)
+    ws.ensure_vllm_topk()
+    monkeypatch.setattr(validate, "_is_capturing", lambda: True)
+    P.partitioned_region(a, ws, None)
+    assert len(launches["topk"]) == 1 and len(launches["prep"]) == 1 and len(vllm_ops.calls) == 1
+
 # -- the workspace's buffers ----------------------------------------------------------------------
 def test_workspace_buffers_checked_and_listed():
     a = make_decode_batch([70, 2], num_heads=16, seed=1).args
