@@ -405,7 +405,7 @@ class RadixTopkConfig:
         bound rounded up to a power of two, >= 2048); no histogram pass (power of two).
     num_warps : warps of the select programs. hist_warps : warps of the histogram pass.
     bits : sub-ranges per bisection round of the sampled top-k (``sample_topk``), as a power of two:
-        3 or 4 (or 1..6 with ``count=0``).
+        3 or 4 (2..6 with ``count=0``; 1 never narrows a bracket whose fp32 log2 rounds up: ``_span_shift``).
     count : how a round counts: 0 ``tl.histogram``, 1 packed one-hot int64 sums.
     sample : sampled values per long row (power of two in [256, 8192]); 0 = ``sample_topk.sample_size``.
     algo : ``"sample"`` (default: ``sample_topk``, a sampled cutoff, no histogram) or ``"radix"``
@@ -435,8 +435,8 @@ class RadixTopkConfig:
                 raise ValueError(f"config.{name}: expected a power of two in [{lo}, {hi}], got {v!r}")
         if type(self.count) is not int or self.count not in (0, 1):
             raise ValueError(f"config.count: expected 0 (tl.histogram) or 1 (packed sums), got {self.count!r}")
-        if type(self.bits) is not int or not (1 <= self.bits <= 6 if self.count == 0 else 3 <= self.bits <= 4):
-            raise ValueError(f"config.bits: expected 3 or 4 (1..6 with count=0), got {self.bits!r}")
+        if type(self.bits) is not int or not (2 <= self.bits <= 6 if self.count == 0 else 3 <= self.bits <= 4):
+            raise ValueError(f"config.bits: expected 3 or 4 (2..6 with count=0), got {self.bits!r}")
         s = self.sample
         if type(s) is not int or (s != 0 and (not 256 <= s <= 8192 or s & (s - 1))):
             raise ValueError(f"config.sample: expected 0 or a power of two in [256, 8192], got {s!r}")
