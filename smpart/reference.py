@@ -206,9 +206,8 @@ def order_keys(x: torch.Tensor) -> torch.Tensor:
 def sample_positions(L: int, S: int) -> torch.Tensor:
     """Positions the sampled top-k samples in a row of ``L`` positions (``S`` sampled values; PyTorch
     twin of ``triton_kernels/sample_topk.py::_row_cutoff``): all of the row when ``L < S``, else
-    ``S / 8`` groups of 8 consecutive positions, group ``g`` in the stretch
-    ``[g * stride, (g + 1) * stride)`` (``stride = 8 * floor(L / S)``) at the whole-sector offset
-    ``((g * 2654435761 mod 2**32) >> 16) mod (stride / 8)``.
+    ``S / 8`` groups of 8 consecutive positions, group ``g`` at ``8 * floor(floor(g * L / (S/8)) / 8)``
+    plus the whole-sector offset ``8 * (((g * 2654435761 mod 2**32) >> 16) mod floor(L / S))``.
 
     Returns
     -------
@@ -219,10 +218,11 @@ def sample_positions(L: int, S: int) -> torch.Tensor:
     if L < S:
         return i
     G = 8
-    stride_g = max(((L // (S // G)) // G) * G, G)
+    NG = S // G
     g = i // G
-    off = (((g * 2654435761) & 0xFFFFFFFF) >> 16) % (stride_g // G)
-    return g * stride_g + off * G + i % G
+    start = (g * L) // NG // G * G
+    off = (((g * 2654435761) & 0xFFFFFFFF) >> 16) % max(L // (NG * G), 1)
+    return start + off * G + i % G
 
 
 def sample_cutoff_torch(row: torch.Tensor, S: int, k: int = dims.INDEX_TOPK, e_lo: int = 3584,

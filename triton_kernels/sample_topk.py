@@ -145,23 +145,24 @@ def _select_candidates(ck, cpos, n_c, out, N: tl.constexpr, K: tl.constexpr, BIT
 @triton.jit
 def _row_cutoff(row, L, K: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr, COUNT: tl.constexpr):
     """Cutoff key ``tau`` of a row of ``L`` positions from ``n_s = min(S, L)`` values (``S / 8``
-    groups of 8 consecutive positions, one per stretch of ``8 * floor(L / S)`` positions at a hashed
-    offset; the same for every program of the row): a sample key whose sample count-above
+    groups of 8 consecutive positions, group ``g`` in the stretch ``[g * L / (S/8), (g+1) * L / (S/8))``
+    at a hashed whole-sector offset; the same for every program of the row): a sample key whose sample count-above
     ``c`` lies in ``[n_s * E_LO / L, n_s * E_HI / L]`` (``E_* = SAMPLE_E_* * K / 2048``) when ties allow
     it, else the largest key with ``c >= n_s * E_LO / L``."""
     n_s = tl.minimum(L, S)
     i = tl.arange(0, S)
     v = i < n_s
-    # groups of 8 consecutive values (one 32-byte sector each), one group per stretch of
-    # ``stride_g`` positions at a hashed whole-sector offset inside it: every program of the row reads
-    # S / 8 sectors, not S, and no periodic pattern of the row aliases with a fixed stride (all of
-    # the row when it has fewer than S values)
+    # groups of 8 consecutive values (one 32-byte sector each), one group per equal stretch of the
+    # row at a hashed whole-sector offset inside it: every program of the row reads S / 8 sectors,
+    # not S, the whole row is covered, and no periodic pattern of the row aliases with a fixed
+    # stride (all of the row when it has fewer than S values)
     G: tl.constexpr = 8
-    stride_g = tl.maximum(((L // (S // G)) // G) * G, G)
+    NG: tl.constexpr = S // G
     g = i // G
+    start = (((g.to(tl.int64) * L) // NG) // G * G).to(tl.int32)  # stretch g: [g * L / NG, (g + 1) * L / NG)
     h = (g.to(tl.int64) * 2654435761) & 0xFFFFFFFF
-    off = ((h >> 16) % (stride_g // G).to(tl.int64)).to(tl.int32)
-    pos = tl.where(L >= S, g * stride_g + off * G + (i % G), i)
+    off = ((h >> 16) % tl.maximum(L // (NG * G), 1).to(tl.int64)).to(tl.int32)  # whole sectors inside it
+    pos = tl.where(L >= S, start + off * G + (i % G), i)
     ks = tl.where(v, _f32_to_key(tl.load(row + pos, mask=v, other=0.0, cache_modifier=".cg")), _INT_MIN)
     e_lo = (_E_LO * K) // 2048
     e_hi = (_E_HI * K) // 2048
