@@ -33,27 +33,20 @@ Algorithm
   value ranges: vLLM issue #51782's case) or the histogram does not count the row's ``L`` values,
   the last arriver selects by streaming 64-bin narrowing passes over the row (slow, exact).
 
+Configuration, workspace and argument checks: ``topk_config.py`` (re-exported here).
 Workspace (:class:`RadixTopkWorkspace`): ``hist`` int32 [T, 2048] and ``counters`` int32 [T, 2]
 (zero between launches), ``cand_key``/``cand_pos`` int32 [T, CAND], ``scratch`` int32 [T, 2*CP].
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
-from . import dims
+from .topk_config import (RADIX_CAND, RADIX_CHUNK, RADIX_CP, RADIX_RT, RADIX_SHORT, TOPK_K,  # noqa: F401
+                          HIST_BINS, RadixTopkConfig, RadixTopkWorkspace, _check_radix_args, radix_chunk)
 
-TOPK_K = dims.INDEX_TOPK  # 2048
-HIST_BINS = 2048  # bins per row histogram (the bin function below is written for 2048)
-RADIX_CAND = 8192  # candidate slots per row (threshold-bin members; the sampled top-k's values >= tau)
-RADIX_CP = 256  # members ranked pairwise (<= this after narrowing)
-RADIX_RT = 32  # rows of the pairwise rank tile
-RADIX_CHUNK = 4096  # positions per (row, chunk) program of long rows
-RADIX_SHORT = 8192  # rows up to this many positions: one program per row
 # Largest rows x positions for which the logits producer builds the histograms (``hist_fed``).
 # Measured on an H100 (2026-12-07, bench/results/nvidia_h100/2026-12-07/topk.csv, us, cold L2):
 # logits + producer histogram + select = 16.5 / 40.3 / 160.8 at 1x4K / 32x8K / 128x16K against
@@ -394,90 +387,6 @@ def _radix_select_kernel(logits_ptr, lens_ptr, topk_ptr, hist_ptr, ctr_ptr, cand
 # --------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class RadixTopkConfig:
-    """Launch parameters of :func:`radix_topk`.
-
-    Attributes
-    ----------
-    chunk : positions per (row, chunk) program of long rows (power of two in [2048, 32768]).
-    short_max : a launch whose length bound is <= this runs one program per row (its chunk is the
-        bound rounded up to a power of two, >= 2048); no histogram pass (power of two).
-    num_warps : warps of the select programs. hist_warps : warps of the histogram pass.
-    bits : sub-ranges per bisection round of the sampled top-k (``sample_topk``), as a power of two:
-        3 or 4 (2..6 with ``count=0``; 1 never narrows a bracket whose fp32 log2 rounds up: ``_span_shift``).
-    count : how a round counts: 0 ``tl.histogram``, 1 packed one-hot int64 sums.
-    sample : sampled values per long row (power of two in [256, 8192]); 0 = ``sample_topk.sample_size``.
-    algo : ``"sample"`` (default: ``sample_topk``, a sampled cutoff, no histogram) or ``"radix"``
-        (this module: the 2048-bin histogram, built by the logits producer or a pass of its own);
-        read by ``topk.topk`` and the persistent kernels.
-    """
-
-    chunk: int = RADIX_CHUNK
-    short_max: int = RADIX_SHORT
-    num_warps: int = 16
-    hist_warps: int = 8
-    bits: int = 4
-    count: int = 1
-    sample: int = 0
-    algo: str = "sample"
-
-    def __post_init__(self):
-        """Reject bad values (ValueError naming the field; TypeError for a non-str ``algo``)."""
-        if not isinstance(self.algo, str):
-            raise TypeError(f"config.algo: expected a str, got {type(self.algo).__name__}")
-        if self.algo not in ("sample", "radix"):
-            raise ValueError(f"config.algo: expected 'sample' or 'radix', got {self.algo!r}")
-        for name, lo, hi in (("chunk", 2048, 32768), ("short_max", 2048, 32768), ("num_warps", 1, 32),
-                             ("hist_warps", 1, 32)):
-            v = getattr(self, name)
-            if type(v) is not int or not lo <= v <= hi or v & (v - 1):
-                raise ValueError(f"config.{name}: expected a power of two in [{lo}, {hi}], got {v!r}")
-        if type(self.count) is not int or self.count not in (0, 1):
-            raise ValueError(f"config.count: expected 0 (tl.histogram) or 1 (packed sums), got {self.count!r}")
-        if type(self.bits) is not int or not (2 <= self.bits <= 6 if self.count == 0 else 3 <= self.bits <= 4):
-            raise ValueError(f"config.bits: expected 3 or 4 (2..6 with count=0), got {self.bits!r}")
-        s = self.sample
-        if type(s) is not int or (s != 0 and (not 256 <= s <= 8192 or s & (s - 1))):
-            raise ValueError(f"config.sample: expected 0 or a power of two in [256, 8192], got {s!r}")
-
-
-class RadixTopkWorkspace:
-    """Buffers of :func:`radix_topk` for up to ``max_tokens`` rows (allocated once).
-
-    Parameters
-    ----------
-    max_tokens : rows T the buffers hold. device : torch device.
-
-    Attributes
-    ----------
-    hist : int32 [max_tokens, 2048], zero between launches (the row's last program zeroes it).
-    counters : int32 [max_tokens, 2] (slot reservation, arrivals), zero between launches.
-    cand_key, cand_pos : int32 [max_tokens, CAND] threshold-bin members.
-    scratch : int32 [max_tokens, 2 * CP].
-
-    Raises
-    ------
-    ValueError : ``max_tokens`` not a positive int.
-    """
-
-    def __init__(self, max_tokens: int, device, *, cand: int = RADIX_CAND, cp: int = RADIX_CP):
-        if type(max_tokens) is not int or max_tokens < 1:
-            raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
-        self.max_tokens, self.cand, self.cp = max_tokens, int(cand), int(cp)
-        self.hist = torch.zeros(max_tokens, HIST_BINS, dtype=torch.int32, device=device)
-        self.counters = torch.zeros(max_tokens, 2, dtype=torch.int32, device=device)
-        self.cand_key = torch.empty(max_tokens, self.cand, dtype=torch.int32, device=device)
-        self.cand_pos = torch.empty(max_tokens, self.cand, dtype=torch.int32, device=device)
-        self.scratch = torch.empty(max_tokens, 2 * self.cp, dtype=torch.int32, device=device)
-
-    @property
-    def nbytes(self) -> int:
-        """Device bytes held by the five buffers (int32 each: ``4 * T * (2048 + 2 + 2 * cand + 2 * cp)``)."""
-        return sum(x.numel() * x.element_size() for x in (self.hist, self.counters, self.cand_key, self.cand_pos,
-                                                          self.scratch))
-
-
 def hist_fed(num_rows: int, lmax: int, config: RadixTopkConfig | None = None) -> bool:
     """Whether the logits producer should build the radix histograms for ``num_rows`` rows of up to
     ``lmax`` positions (else the top-k runs its own histogram pass: ``radix_topk(hist_ready=False)``).
@@ -494,59 +403,6 @@ def hist_fed(num_rows: int, lmax: int, config: RadixTopkConfig | None = None) ->
     """
     cfg = config or RadixTopkConfig()
     return cfg.algo == "radix" and num_rows * lmax <= FED_MAX_POSITIONS
-
-
-def radix_chunk(lmax: int, config: RadixTopkConfig | None = None) -> int:
-    """Positions per program (``CHUNK``) for a launch whose rows see at most ``lmax`` positions:
-    ``lmax <= config.short_max`` gives one program per row (``lmax`` rounded up to a power of two,
-    at least 2048), else ``config.chunk``. ``config`` None: :class:`RadixTopkConfig` defaults."""
-    cfg = config or RadixTopkConfig()
-    if lmax <= cfg.short_max:
-        return max(TOPK_K, triton.next_power_of_2(max(lmax, 1)))
-    return cfg.chunk
-
-
-def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config) -> None:
-    """Metadata checks of :func:`radix_topk` (no device reads; capturable). Raises naming the argument."""
-    for name, x in (("logits", logits), ("topk_indices", topk_indices)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(workspace, RadixTopkWorkspace):
-        raise TypeError(f"workspace: expected a RadixTopkWorkspace, got {type(workspace).__name__}")
-    if config is not None and not isinstance(config, RadixTopkConfig):
-        raise TypeError(f"config: expected a RadixTopkConfig or None, got {type(config).__name__}")
-    for name, v, lo in (("next_n", next_n, 1), ("max_len", 0 if max_len is None else max_len, 0)):
-        if type(v) is not int:
-            raise TypeError(f"{name}: expected an int, got {v!r}")
-        if v < lo:
-            raise ValueError(f"{name}: expected >= {lo}, got {v}")
-    if topk_indices.dim() != 2 or topk_indices.dtype != torch.int32 or topk_indices.shape[1] != TOPK_K:
-        raise ValueError(f"topk_indices: expected int32 [T, {TOPK_K}] ({TOPK_K} columns), got "
-                         f"{topk_indices.dtype} {tuple(topk_indices.shape)}")
-    T = topk_indices.shape[0]
-    if logits.dim() != 2 or logits.dtype != torch.float32:
-        raise ValueError(f"logits: expected fp32 [>= T, W], got {logits.dtype} {tuple(logits.shape)}")
-    if logits.shape[0] < T:
-        raise ValueError(f"logits: {logits.shape[0]} rows, fewer than topk_indices' {T}")
-    for name, x in (("logits", logits), ("topk_indices", topk_indices)):
-        if x.shape[1] > 1 and x.stride(1) != 1:
-            raise ValueError(f"{name}: the last dim must have unit stride, got strides {tuple(x.stride())}")
-        if x.device != workspace.hist.device:
-            raise ValueError(f"{name}: on {x.device}, the workspace on {workspace.hist.device}")
-    if row_lens is not None:
-        lens_name, lens, need = "row_lens", row_lens, T
-    elif context_lens is not None:
-        lens_name, lens, need = "context_lens", context_lens, -(-T // next_n)
-    else:
-        raise ValueError("context_lens: give context_lens (with next_n) or row_lens, got neither")
-    if not isinstance(lens, torch.Tensor):
-        raise TypeError(f"{lens_name}: expected a torch.Tensor, got {type(lens).__name__}")
-    if lens.dim() != 1 or lens.dtype != torch.int32 or lens.shape[0] < need:
-        raise ValueError(f"{lens_name}: expected int32 [>= {need}], got {lens.dtype} {tuple(lens.shape)}")
-    if lens.device != workspace.hist.device:
-        raise ValueError(f"{lens_name}: on {lens.device}, the workspace on {workspace.hist.device}")
-    if T > workspace.max_tokens:
-        raise ValueError(f"workspace: holds {workspace.max_tokens} rows, the batch has {T}")
 
 
 def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_indices: torch.Tensor, *, next_n: int,

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .radix_topk import _INT_MAX, _INT_MIN, _f32_to_key, _narrow, _pick_desc, _radix_row_len, _stream_select
+from .topk_config import RADIX_RT, TOPK_K, RadixTopkConfig, _check_radix_args, radix_chunk
 
 # expected row values >= tau: the window the sample aims at (1.75 x 2048 ... 2.5 x 2048). The PyTorch
 # twin of _row_cutoff (smpart.reference.sample_cutoff_torch) on 60 rows each of N(0, 1), a hot recent
@@ -285,8 +286,6 @@ def sample_topk(logits, context_lens, topk_indices, *, next_n: int, workspace, r
     -----
     No host sync, no allocation; the grid depends on T and lmax only (CUDA-graph capturable).
     """
-    from .radix_topk import TOPK_K, RADIX_RT, RadixTopkConfig, _check_radix_args, radix_chunk
-
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
     cfg = config or RadixTopkConfig()
     ws = workspace

@@ -8,7 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .radix_topk import RadixTopkConfig, _check_radix_args, _radix_topk_item, radix_topk
+from .radix_topk import _radix_topk_item, radix_topk
+from .topk_config import RadixTopkConfig, _check_radix_args
 from .sample_topk import _sample_topk_item, sample_size, sample_topk
 
 
