@@ -44,7 +44,9 @@ from .topk_config import RADIX_RT, TOPK_K, RadixTopkConfig, _check_radix_args, r
 # expected row values >= tau: the window the sample aims at (1.75 x 2048 ... 2.5 x 2048). The PyTorch
 # twin of _row_cutoff (smpart.reference.sample_cutoff_torch) on 60 rows each of N(0, 1), a hot recent
 # window, attention sinks, period-64 and period-128 patterns, 256-wide smoothing, quantized values
-# and ReLU'd values, at L = 5000 ... 163840: between 2142 and 7064 values reached tau, no fallback
+# and ReLU'd values, at L = 5000, 9000, 16384, 40000, 65536, 163840 (2,880 rows): between 1893 and
+# 7342 values reached tau; one row (256-wide smoothing: neighbours strongly correlated) fell under
+# 2048 and would take the exact fallback
 # (tests/test_sample_topk.py::test_sampled_cutoff_keeps_the_candidates_in_range keeps a smaller set).
 SAMPLE_E_LO = 3584
 SAMPLE_E_HI = 5120
