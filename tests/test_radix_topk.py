@@ -333,9 +333,27 @@ def test_workspace_layout():
         assert tuple(x.shape) == shape and x.dtype == torch.int32 and x.is_contiguous(), n
     assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
     assert ws.nbytes == 4 * 4 * (rt.HIST_BINS + 2 + 2 * rt.RADIX_CAND + 2 * rt.RADIX_CP)
-    for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match="max_tokens"):
+    with pytest.raises(ValueError, match="max_tokens"):
+        rt.RadixTopkWorkspace(0, "cpu")
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="max_tokens"):
             rt.RadixTopkWorkspace(bad, "cpu")
+
+
+@pytest.mark.parametrize("name,bad,exc", [
+    ("cand", 8192.0, TypeError), ("cand", True, TypeError), ("cand", 2048, ValueError), ("cand", 6144, ValueError),
+    ("cand", 65536, ValueError), ("cand", 0, ValueError), ("cp", 256.0, TypeError), ("cp", False, TypeError),
+    ("cp", 16, ValueError), ("cp", 100, ValueError), ("cp", 2048, ValueError), ("cp", -256, ValueError)])
+def test_workspace_geometry_refused(name, bad, exc):
+    with pytest.raises(exc, match=name):
+        rt.RadixTopkWorkspace(1, "cpu", **{name: bad})
+
+
+def test_workspace_geometry_bounds_accepted():
+    for cand, cp in ((4096, 32), (32768, 1024)):
+        ws = rt.RadixTopkWorkspace(1, "cpu", cand=cand, cp=cp)
+        assert (ws.cand, ws.cp) == (cand, cp)
+        assert tuple(ws.cand_key.shape) == (1, cand) and tuple(ws.scratch.shape) == (1, 2 * cp)
 
 
 def test_bad_arguments():

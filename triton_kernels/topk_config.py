@@ -72,7 +72,13 @@ class RadixTopkWorkspace:
 
     Parameters
     ----------
-    max_tokens : rows T the buffers hold. device : torch device.
+    max_tokens : rows T the buffers hold (int >= 1). device : torch device.
+    cand : candidate slots per row (``CAND``): a power of two in [4096, 32768] (default
+        ``RADIX_CAND``). The kernels load ``cand // 2`` or ``cand`` lanes with ``tl.arange``
+        (``sample_topk._bin_counts``, ``radix_topk._resolve_regs``), which needs a power of two;
+        ``sample_topk`` needs ``cand >= 2 * 2048`` and packs counts of up to ``cand`` lanes into
+        16-bit fields.
+    cp : members ranked pairwise (``CP``): a power of two in [32, 1024] (default ``RADIX_CP``).
 
     Attributes
     ----------
@@ -83,13 +89,21 @@ class RadixTopkWorkspace:
 
     Raises
     ------
-    ValueError : ``max_tokens`` not a positive int.
+    TypeError : ``max_tokens``, ``cand`` or ``cp`` not an int (a bool included).
+    ValueError : ``max_tokens`` < 1; ``cand`` not a power of two in [4096, 32768]; ``cp`` not a
+        power of two in [32, 1024].
     """
 
     def __init__(self, max_tokens: int, device, *, cand: int = RADIX_CAND, cp: int = RADIX_CP):
-        if type(max_tokens) is not int or max_tokens < 1:
+        for name, v in (("max_tokens", max_tokens), ("cand", cand), ("cp", cp)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+        if max_tokens < 1:
             raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
-        self.max_tokens, self.cand, self.cp = max_tokens, int(cand), int(cp)
+        for name, v, lo, hi in (("cand", cand, 2 * TOPK_K, 32768), ("cp", cp, 32, 1024)):
+            if not lo <= v <= hi or v & (v - 1):
+                raise ValueError(f"{name}: expected a power of two in [{lo}, {hi}], got {v!r}")
+        self.max_tokens, self.cand, self.cp = int(max_tokens), int(cand), int(cp)
         self.hist = torch.zeros(max_tokens, HIST_BINS, dtype=torch.int32, device=device)
         self.counters = torch.zeros(max_tokens, 2, dtype=torch.int32, device=device)
         self.cand_key = torch.empty(max_tokens, self.cand, dtype=torch.int32, device=device)
