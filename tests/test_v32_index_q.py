@@ -139,6 +139,24 @@ def test_bad_arguments_are_named(bad, match):
         index_q_prep(pos, iq, cs, w, torch.empty_like(iq, dtype=torch.float8_e4m3fn), torch.empty(2, 64), block_h=3)
 
 
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(block_h=True), TypeError, "block_h"), (dict(block_h=False), TypeError, "block_h"),
+    (dict(block_h=8.0), TypeError, "block_h"), (dict(block_h="8"), TypeError, "block_h"),
+    (dict(block_h=0), ValueError, "block_h"), (dict(block_h=-8), ValueError, "block_h"),
+    (dict(block_h=128), ValueError, "block_h"), (dict(num_warps=True), TypeError, "num_warps"),
+    (dict(num_warps=4.0), TypeError, "num_warps"), (dict(num_warps=3), ValueError, "num_warps"),
+    (dict(num_warps=64), ValueError, "num_warps"), (dict(num_warps=0), ValueError, "num_warps"),
+])
+def test_bad_launch_parameters_are_named(kw, exc, match):
+    """block_h / num_warps: a bool or non-int is a TypeError, a bad int a ValueError, before any launch
+    (outputs untouched)."""
+    pos, cs, iq, w, _, _ = _inputs(2, torch.float32, seed=1, dev="cpu")
+    out8, out_w = torch.zeros_like(iq, dtype=torch.float8_e4m3fn), torch.full((2, 64), 7.0)
+    with pytest.raises(exc, match=match):
+        index_q_prep(pos, iq, cs, w, out8, out_w, **kw)
+    assert int(out8.view(torch.uint8).abs().sum()) == 0 and bool((out_w == 7.0).all())
+
+
 # ---------------------------------------------------------------------------------------------
 # q_pe RoPE: our q_b_proj epilogue vs fused_q pid 0 (bf16 query path, quantize_mqa=False)
 # ---------------------------------------------------------------------------------------------

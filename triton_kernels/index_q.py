@@ -186,15 +186,23 @@ def index_q_prep(positions: torch.Tensor, index_q: torch.Tensor, cos_sin_cache: 
     index_q_fp8 : float8_e4m3fn ``[T, 64, 128]`` (written). index_weights_out : fp32 ``[T, 64]`` (written).
     rope_interleave : the model's ``indexer_rope_interleave`` (DeepSeek-V3.2: False, NeoX pairs).
     softmax_scale, head_scale : ``128 ** -0.5`` and ``64 ** -0.5`` (as vLLM passes them).
-    block_h : heads per program (divides 64). num_warps : per program.
+    block_h : heads per program, an int dividing 64 (1, 2, 4, ..., 64).
+    num_warps : warps per program, an int power of two in [1, 32].
 
     Raises
     ------
-    TypeError / ValueError : bad arguments (before any launch).
+    TypeError / ValueError : bad tensor arguments (before any launch; :func:`check_index_q_prep_args`).
+    TypeError : ``block_h`` or ``num_warps`` not an int (a bool included).
+    ValueError : ``block_h`` not a positive divisor of 64; ``num_warps`` not a power of two in [1, 32].
     """
     check_index_q_prep_args(positions, index_q, cos_sin_cache, index_weights, index_q_fp8, index_weights_out)
-    if not isinstance(block_h, int) or block_h <= 0 or dims.INDEX_N_HEADS % block_h:
+    for name, v in (("block_h", block_h), ("num_warps", num_warps)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    if block_h <= 0 or dims.INDEX_N_HEADS % block_h:
         raise ValueError(f"block_h: expected a power of two dividing {dims.INDEX_N_HEADS}, got {block_h!r}")
+    if not 1 <= num_warps <= 32 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps: expected a power of two in [1, 32], got {num_warps!r}")
     T = index_q.shape[0]
     if T == 0:
         return
