@@ -227,16 +227,38 @@ class TuningCache:
         Parameters
         ----------
         bucket : Bucket. path : str, one of ``TUNABLE_PATHS``. config : PartitionConfig, the
-        bucket's best partitioned config (kept even when another path won). times_us : dict,
-        candidate name -> measured time in microseconds. model_config : PartitionConfig or None,
-        the cost model's pick (recorded for comparison).
+        bucket's best partitioned config (kept even when another path won; the file's ``config``
+        object, so never None). times_us : dict, candidate name (str) -> measured time in
+        microseconds (int or float, finite, > 0); may be empty. model_config : PartitionConfig or
+        None, the cost model's pick (recorded for comparison).
 
         Raises
         ------
-        ValueError : ``path`` not in ``TUNABLE_PATHS``.
+        TypeError : ``bucket`` not a :class:`Bucket`; ``path`` not a str; ``config`` not a
+            ``PartitionConfig``; ``times_us`` not a dict, or a key not a str, or a value not an int or
+            float (a bool included); ``model_config`` neither a ``PartitionConfig`` nor None.
+        ValueError : ``path`` not in ``TUNABLE_PATHS``; a ``times_us`` value not finite or <= 0.
+        Nothing is stored when it raises.
         """
+        if not isinstance(bucket, Bucket):
+            raise TypeError(f"bucket: expected a Bucket, got {type(bucket).__name__}")
+        if not isinstance(path, str):
+            raise TypeError(f"path: expected a str (one of {TUNABLE_PATHS}), got {type(path).__name__} {path!r}")
         if path not in TUNABLE_PATHS:
             raise ValueError(f"path: expected one of {TUNABLE_PATHS}, got {path!r}")
+        if not isinstance(config, PartitionConfig):
+            raise TypeError(f"config: expected a PartitionConfig, got {type(config).__name__}")
+        if model_config is not None and not isinstance(model_config, PartitionConfig):
+            raise TypeError(f"model_config: expected a PartitionConfig or None, got {type(model_config).__name__}")
+        if not isinstance(times_us, dict):
+            raise TypeError(f"times_us: expected a dict (name -> us), got {type(times_us).__name__}")
+        for k, v in times_us.items():
+            if not isinstance(k, str):
+                raise TypeError(f"times_us: expected str keys, got {type(k).__name__} {k!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"times_us[{k!r}]: expected an int or float (us), got {type(v).__name__} {v!r}")
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"times_us[{k!r}]: expected a finite time > 0 us, got {v!r}")
         self._resolved.clear()
         self.entries[bucket.key] = {
             "path": path, "config": config_to_dict(config), "times_us": dict(times_us),

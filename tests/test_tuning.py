@@ -157,3 +157,45 @@ def test_gemm_in_tail_rule():
     for T in (8, 128):
         cfg = tuning.model_config(T, 128, 1, 4096, 132)
         assert cfg.gemm_in_tail == 1.0 and not cfg.fuse_topk and cfg.tail_prequant
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(bucket="H128-n1-T32-L8192"), TypeError, "bucket"),
+    (dict(bucket=None), TypeError, "bucket"),
+    (dict(path=None), TypeError, "path"),
+    (dict(path="green_ctx"), ValueError, "path"),
+    (dict(config=None), TypeError, "config"),
+    (dict(config={"indexer_programs": 100}), TypeError, "config"),
+    (dict(model_config={"indexer_programs": 100}), TypeError, "model_config"),
+    (dict(times_us=[("partitioned", 40.0)]), TypeError, "times_us"),
+    (dict(times_us=None), TypeError, "times_us"),
+    (dict(times_us={3: 40.0}), TypeError, "times_us"),
+    (dict(times_us={"partitioned": "40"}), TypeError, "times_us"),
+    (dict(times_us={"partitioned": True}), TypeError, "times_us"),
+    (dict(times_us={"partitioned": float("nan")}), ValueError, "times_us"),
+    (dict(times_us={"partitioned": float("inf")}), ValueError, "times_us"),
+    (dict(times_us={"partitioned": 0.0}), ValueError, "times_us"),
+    (dict(times_us={"partitioned": 40.0, "dual_stream": -1}), ValueError, "times_us"),
+])
+def test_put_refuses_bad_values_and_stores_nothing(over, exc, match):
+    cache = tuning.TuningCache(meta=dict(H200))
+    kw = dict(bucket=tuning.Bucket.of(32, 128, 1, 8192), path="partitioned", config=PartitionConfig(),
+              times_us={"partitioned": 40.0}, model_config=None)
+    kw.update(over)
+    with pytest.raises(exc, match=match):
+        cache.put(**kw)
+    assert cache.entries == {}
+
+
+def test_put_accepts_int_times_empty_times_and_a_model_config(tmp_path):
+    cache = tuning.TuningCache(meta=dict(H200, date="x"))
+    b = tuning.Bucket.of(32, 128, 1, 8192)
+    cache.put(b, "partitioned", PartitionConfig(), {"partitioned": 40, "dual_stream": 45.5},
+              model_config=PartitionConfig(indexer_programs=90, gemm_programs=174))
+    cache.put(tuning.Bucket.of(1, 128, 1, 4096), "dual_stream", PartitionConfig(), {})
+    path = tmp_path / "c.json"
+    tuning.save_cache(cache, str(path))
+    raw = json.loads(path.read_text())
+    assert raw["entries"][b.key]["times_us"] == {"partitioned": 40, "dual_stream": 45.5}
+    assert raw["entries"][b.key]["model_config"]["indexer_programs"] == 90
+    assert tuning.load_cache(str(path), H200).lookup(b).path == "partitioned"
