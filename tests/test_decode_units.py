@@ -90,6 +90,12 @@ def test_buckets():
     assert dl.batch_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert dl.batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
     assert dl.bucket_for(3, dl.batch_buckets(4)) == 4 and dl.bucket_for(33, dl.batch_buckets(48)) == 48
+    for bad in (0, -4):
+        with pytest.raises(ValueError, match="max_batch"):
+            dl.batch_buckets(bad)
+    for bad in (True, 4.0, "4", None):
+        with pytest.raises(TypeError, match="max_batch"):
+            dl.batch_buckets(bad)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -188,7 +188,26 @@ class RequestMix:
 
 
 def batch_buckets(max_batch: int) -> list[int]:
-    """CUDA-graph batch-size buckets: the powers of two below ``max_batch``, then ``max_batch``."""
+    """CUDA-graph batch-size buckets: the powers of two below ``max_batch``, then ``max_batch``.
+
+    Parameters
+    ----------
+    max_batch : the largest batch (requests per step), an int >= 1 (``LoopConfig.max_batch``; the
+        loop never runs an empty step, so there is no bucket 0).
+
+    Returns
+    -------
+    list[int] : ascending, ending with ``max_batch`` (e.g. 48 -> ``[1, 2, 4, 8, 16, 32, 48]``).
+
+    Raises
+    ------
+    TypeError : ``max_batch`` not an int (a bool included).
+    ValueError : ``max_batch`` < 1.
+    """
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int):
+        raise TypeError(f"max_batch: expected an int, got {type(max_batch).__name__} {max_batch!r}")
+    if max_batch < 1:
+        raise ValueError(f"max_batch: expected >= 1 (a batch of requests), got {max_batch}")
     out, b = [], 1
     while b < max_batch:
         out.append(b)
