@@ -113,19 +113,40 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int,
 
 
 def vllm_topk_available(available=None) -> tuple[bool, str]:
-    """Whether the hybrid candidates (``topk_impl="vllm"``) can run here: never without CUDA, else
-    what ``available`` says (default ``smpart.vendor.vendor_available``: vLLM's ops and DeepGEMM load
-    on an SM90+ GPU).
+    """Whether the hybrid candidates (``PartitionConfig(topk_impl="vllm")``) can run here: never
+    without CUDA, else what ``available`` says. The default asks exactly what the hybrid needs: an
+    SM90+ GPU and vLLM's compiled decode top-k ops (``smpart.vendor.load_vllm_ops``, with at least one
+    of ``cooperative_topk`` / ``persistent_topk`` / ``top_k_per_row_decode``, as
+    ``smpart.partitioned._vllm_topk_ops`` requires). DeepGEMM is not needed (the hybrid's GEMM and
+    logits are this package's; only the vendor paths, ``vendor_available``, need it).
+
+    Parameters
+    ----------
+    available : callable ``() -> (ok, reason)`` or None (the default check above); tests inject one.
 
     Returns
     -------
-    (ok, reason), as ``vendor_available``.
+    (ok, reason) : ``reason`` says what is missing, or which top-k ops loaded and from where.
     """
     if not torch.cuda.is_available():
         return False, "needs a CUDA GPU (torch.cuda.is_available() is False)"
-    if available is None:
-        from smpart.vendor import vendor_available as available
-    return available()
+    if available is not None:
+        return available()
+    from smpart import vendor
+
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        return False, f"needs an SM90+ GPU for vLLM's decode top-k, got sm_{major}{minor}"
+    try:
+        ops = vendor.load_vllm_ops()
+    except RuntimeError as e:
+        return False, str(e)
+    names = [n for n in ("cooperative_topk", "persistent_topk", "top_k_per_row_decode")
+             if getattr(ops, n, None) is not None]
+    if not names:
+        return False, (f"vLLM's ops from {ops.source} have none of cooperative_topk / persistent_topk / "
+                       "top_k_per_row_decode")
+    return True, f"vLLM's top-k ops ({', '.join(names)}) from {ops.source}"
 
 
 def vendor_candidates(production: bool, available=None) -> tuple[list[str], str]:

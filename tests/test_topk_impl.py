@@ -328,6 +328,45 @@ def test_autotune_hybrid_candidates_are_standalone_splits():
         assert autotune.vllm_topk_available() == (False, "needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 
+def test_vllm_topk_available_needs_only_vllms_topk_ops_on_sm90(monkeypatch):
+    """The hybrid's availability: SM90+ and vLLM's top-k ops; DeepGEMM is never asked (CPU: faked CUDA)."""
+    from smpart.bench import autotune
+
+    def no_deep_gemm():
+        raise AssertionError("vllm_topk_available must not load DeepGEMM")
+
+    def ops(**have):
+        names = ("cooperative_topk", "persistent_topk", "top_k_per_row_decode")
+        return types.SimpleNamespace(source="fake", **{n: have.get(n) for n in names})
+
+    monkeypatch.setattr(vendor, "load_deep_gemm", no_deep_gemm)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cap = [(8, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: cap[0])
+    loaded = [ops(persistent_topk=object())]
+
+    def load_vllm_ops():
+        if isinstance(loaded[0], Exception):
+            raise loaded[0]
+        return loaded[0]
+
+    monkeypatch.setattr(vendor, "load_vllm_ops", load_vllm_ops)
+    ok, why = autotune.vllm_topk_available()
+    assert not ok and "SM90" in why and "sm_80" in why
+    cap[0] = (9, 0)
+    ok, why = autotune.vllm_topk_available()
+    assert ok and "persistent_topk" in why and "fake" in why
+    loaded[0] = RuntimeError("vLLM's compiled ops are not available (nothing)")
+    assert autotune.vllm_topk_available() == (False, "vLLM's compiled ops are not available (nothing)")
+    loaded[0] = ops()
+    ok, why = autotune.vllm_topk_available()
+    assert not ok and "cooperative_topk" in why
+    # the injection point is still asked as given (after the CUDA check)
+    assert autotune.vllm_topk_available(available=lambda: (False, "injected")) == (False, "injected")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert autotune.vllm_topk_available(available=lambda: (True, "injected"))[0] is False
+
+
 # -- on a GPU: vLLM's real ops -----------------------------------------------------------------------
 def _real_ops_or_skip():
     try:
