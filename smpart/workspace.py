@@ -221,12 +221,13 @@ class RegionWorkspace:
             _check_buffer("workspace.vllm_topk_lens", self.vllm_topk_lens, torch.int32, dev, (T,))
 
     def _check_radix(self, T: int, dev) -> None:
-        """The radix top-k's workspace: its geometry (``cand``, ``cp``: ints the kernels take as
-        constexprs, powers of two) and every buffer's dtype, device, shape and contiguity:
+        """The top-k's workspace: its geometry (``cand``, ``cp``: ints the kernels take as constexprs,
+        powers of two in ``topk_config.CAND_RANGE`` / ``CP_RANGE``) and every buffer's dtype, device, shape and contiguity:
         ``hist`` int32 ``[>= T, 2048]``, ``counters`` int32 ``[>= T, 2]``, ``cand_key``/``cand_pos``
         int32 ``[>= T, cand]``, ``scratch`` int32 ``[>= T, 2 * cp]``; any other tensor it holds:
         contiguous, on the batch's device, ``>= T`` rows."""
         from .triton_kernels.radix_topk import HIST_BINS, RadixTopkWorkspace
+        from .triton_kernels.topk_config import CAND_RANGE, CP_RANGE
 
         rw = self.radix
         if not isinstance(rw, RadixTopkWorkspace):
@@ -235,10 +236,10 @@ class RegionWorkspace:
             v = getattr(rw, name, None)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"workspace.radix.{name}: expected an int, got {v!r}")
-        for name in ("cand", "cp"):
+        for name, (lo, hi) in (("cand", CAND_RANGE), ("cp", CP_RANGE)):
             v = getattr(rw, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"workspace.radix.{name}: expected a power of two, got {v}")
+            if not lo <= v <= hi or v & (v - 1):
+                raise ValueError(f"workspace.radix.{name}: expected a power of two in [{lo}, {hi}], got {v}")
         if rw.max_tokens < T:
             raise ValueError(f"workspace.radix.max_tokens: holds {rw.max_tokens} rows, the batch has {T}")
         want = {"hist": HIST_BINS, "counters": 2, "cand_key": rw.cand, "cand_pos": rw.cand, "scratch": 2 * rw.cp}

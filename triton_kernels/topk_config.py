@@ -18,6 +18,11 @@ RADIX_CP = 256  # members ranked pairwise (<= this after narrowing)
 RADIX_RT = 32  # rows of the pairwise rank tile
 RADIX_CHUNK = 4096  # positions per (row, chunk) program of long rows
 RADIX_SHORT = 8192  # rows up to this many positions: one program per row
+# the workspace geometry the kernels accept: sample_topk packs counts of up to CAND lanes into 16-bit
+# fields and its last arriver loads CAND // 2 or CAND lanes (a power of two, >= 2 * 2048); CP lanes
+# of the pairwise rank
+CAND_RANGE = (2 * TOPK_K, 32768)
+CP_RANGE = (32, 1024)
 
 @dataclasses.dataclass(frozen=True)
 class RadixTopkConfig:
@@ -100,7 +105,7 @@ class RadixTopkWorkspace:
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
-        for name, v, lo, hi in (("cand", cand, 2 * TOPK_K, 32768), ("cp", cp, 32, 1024)):
+        for name, v, (lo, hi) in (("cand", cand, CAND_RANGE), ("cp", cp, CP_RANGE)):
             if not lo <= v <= hi or v & (v - 1):
                 raise ValueError(f"{name}: expected a power of two in [{lo}, {hi}], got {v!r}")
         self.max_tokens, self.cand, self.cp = int(max_tokens), int(cand), int(cp)
