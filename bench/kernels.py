@@ -4,9 +4,9 @@
 Markdown table (us, CUDA-graph median, cold L2 before every replay; docs/RESULTS.md, "Method") with, per shape:
 key write, fill, paged logits, top-k (each on its own kernel's logits), q side (ours: one fused
 launch; vLLM: activation quant + DeepGEMM GEMM + RoPE), and the whole partitioned launch.
-Our top-k is the radix top-k as the stream paths run it (``schedules.logits_and_topk``: the
-logits kernel builds the per-row histograms up to ``radix_topk.hist_fed``'s bound, else the top-k
-builds them itself), minus the plain logits, so the histogram's cost counts as top-k time.
+Our top-k is the top-k as the stream paths run it (``schedules.logits_and_topk``: the sampled top-k
+by default; with the radix algorithm the logits kernel also builds the per-row histograms up to
+``radix_topk.hist_fed``'s bound), minus the plain logits, so a histogram's cost counts as top-k time.
 Vendor columns need DeepGEMM and vLLM's ops (``smpart.vendor``); without them they
 read "n/a".
 """
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
             paged_mqa_logits(args.index_q_fp8, args.index_weights, args.kv_cache, args.block_table,
                              args.context_lens, ws.logits, next_n=args.next_n, hist=hist)
 
-        def logits_topk():  # what the stream paths run (the producer histogram up to hist_fed's bound)
+        def logits_topk():  # what the stream paths run (the default top-k: sampled, no histogram)
             schedules.logits_and_topk(args, ws)
 
         logits_us = t(logits_fn)
