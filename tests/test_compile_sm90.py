@@ -14,6 +14,13 @@ With the radix top-k (2026-12-07, Triton 3.6, registers / stack bytes): GEMM-les
 214 / 0; the in-launch top-k (``fuse_topk``, 4 warps, 4096-position chunks) 255 / 624 GEMM-less and
 255 / 608 with GEMM tiles (spills: an opt-in split); the tail launch (radix items beside
 128-row GEMM tiles, 16 warps) 128 / 120 at 4096-position chunks, 128 / 488 at 8192.
+
+With the sampled top-k and 8192 candidate slots (2026-12-08): GEMM-less first launch 96 / 0 (no
+histogram); the tail launch 128 / 448 at 4096-position chunks, 128 / 512 at 8192; the in-launch
+top-k 255 / 3128 (4 warps holding 8192 candidate lanes; never picked by the tuner); the standalone
+sampled top-k kernel (16 warps) 128 / 128 at 4096-position chunks, 128 / 144 at 8192; its parts
+alone do not spill (exact select over 4096 / 8192 lanes 84 / 107 registers, the cutoff over 2048
+samples 59): the spills come from holding them together with the 8192-lane final select.
 """
 
 import os
@@ -95,11 +102,7 @@ def _variants() -> dict:
     # the sampled top-k (the default): no histogram
     res["first GEMM-less sample"] = _registers(dict(_BASE, HIST=False, ROLES=3, QUANT_Q_C=True, DENSE=True,
                                                    TOPK_S=2048))
-    res["first fused top-k GEMM-less sample"] = _registers(dict(_BASE, HIST=False, ROLES=7, QUANT_Q_C=False,
-                                                                DENSE=True, TOPK_S=2048))
-    for chunk in (4096, 8192):
-        res[f"tail sample CHUNK={chunk} 16w"] = _registers(dict(_TAIL, CHUNK=chunk, TOPK_S=2048), tail=True,
-                                                           num_warps=16)
+    res["tail sample CHUNK=4096 16w"] = _registers(dict(_TAIL, CHUNK=4096, TOPK_S=2048), tail=True, num_warps=16)
     return res
 
 
