@@ -119,14 +119,18 @@ def check_exact(out, logits, lens):
         assert set(sel.tolist()) == set(want[t, :n].tolist()), f"row {t} (L={L}): not the tie rule's set"
 
 
-def run(lens, width, kind, *, config=None, seed=0, ws=None, device="cpu", garbage="mixed"):
+def run(lens, width, kind, *, config=None, seed=0, ws=None, device="cpu", garbage="mixed", topk=None):
+    """One launch of ``topk`` (default: the radix top-k with ``config or RADIX``) over ``make_logits``
+    rows: exact (``check_exact``), hist/counters back to zero, nothing written past the rows' K columns."""
     logits = make_logits(lens, width, kind, seed, garbage).to(device)
     T = len(lens)
     ws = ws or rt.RadixTopkWorkspace(T, device)
     buf = torch.full((T + 1, K + GUARD), -7, dtype=torch.int32, device=device)
     out = buf[:T, :K]
     vis = torch.tensor(lens, dtype=torch.int32)
-    rt.radix_topk(logits, None, out, next_n=1, workspace=ws, row_lens=vis.to(device), config=config or RADIX)
+    if topk is None:
+        topk, config = rt.radix_topk, config or RADIX
+    topk(logits, None, out, next_n=1, workspace=ws, row_lens=vis.to(device), config=config)
     assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0, "hist/counters not reset"
     assert bool((buf[:T, K:] == -7).all()) and bool((buf[T:] == -7).all()), "write outside the rows' K columns"
     check_exact(out, logits, vis.clamp(max=width))

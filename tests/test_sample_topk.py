@@ -19,7 +19,8 @@ import triton.language as tl
 from smpart.triton_kernels import radix_topk as rt
 from smpart.triton_kernels.sample_topk import _row_cutoff, sample_size, sample_topk
 
-from test_radix_topk import GUARD, K, check_exact, launches, make_logits
+from test_radix_topk import K, check_exact, launches, make_logits
+from test_radix_topk import run as radix_run
 
 # small chunks take the multi-chunk (sample, reservation, candidates, last arriver) path at CPU sizes
 SMALL = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4)
@@ -29,18 +30,9 @@ CFGS = [None, SMALL, HIST, B3]
 IDS = ["default", "small", "hist6", "bits3"]
 
 
-def run(lens, width, kind, *, config=None, seed=0, ws=None, device="cpu", garbage="mixed"):
-    logits = make_logits(lens, width, kind, seed, garbage).to(device)
-    T = len(lens)
-    ws = ws or rt.RadixTopkWorkspace(T, device)
-    buf = torch.full((T + 1, K + GUARD), -7, dtype=torch.int32, device=device)
-    out = buf[:T, :K]
-    vis = torch.tensor(lens, dtype=torch.int32)
-    sample_topk(logits, None, out, next_n=1, workspace=ws, row_lens=vis.to(device), config=config)
-    assert int(ws.counters.abs().sum()) == 0, "counters not reset"
-    assert bool((buf[:T, K:] == -7).all()) and bool((buf[T:] == -7).all()), "write outside the rows' K columns"
-    check_exact(out, logits, vis.clamp(max=width))
-    return out
+def run(lens, width, kind, **kw):
+    """``test_radix_topk.run`` with the sampled top-k."""
+    return radix_run(lens, width, kind, topk=sample_topk, **kw)
 
 
 @launches

@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from .topk_config import (RADIX_CAND, RADIX_CHUNK, RADIX_CP, RADIX_RT, RADIX_SHORT, TOPK_K,  # noqa: F401
-                          HIST_BINS, RadixTopkConfig, RadixTopkWorkspace, _check_radix_args, radix_chunk)
+                          HIST_BINS, RadixTopkConfig, RadixTopkWorkspace, _check_radix_args, launch_geometry,
+                          radix_chunk)
 
 # Largest rows x positions for which the logits producer builds the histograms (``hist_fed``).
 # Measured on an H100 (2026-12-07, bench/results/nvidia_h100/2026-12-07/topk.csv, us, cold L2):
@@ -445,10 +446,7 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
     T = topk_indices.shape[0]
     if T == 0:
         return
-    lmax = logits.shape[1] if max_len is None else min(logits.shape[1], int(max_len))
-    lmax = max(lmax, 0)
-    chunk = radix_chunk(lmax, cfg)
-    n_chunks = max(triton.cdiv(lmax, chunk), 1)
+    lmax, chunk, n_chunks = launch_geometry(logits, max_len, cfg)
     per_row = row_lens is not None
     lens = row_lens if per_row else context_lens
     has_hist = bool(hist_ready) or n_chunks > 1

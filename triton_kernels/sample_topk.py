@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .radix_topk import _INT_MAX, _INT_MIN, _f32_to_key, _narrow, _pick_desc, _radix_row_len, _stream_select
-from .topk_config import RADIX_RT, TOPK_K, RadixTopkConfig, _check_radix_args, radix_chunk
+from .topk_config import RADIX_RT, TOPK_K, RadixTopkConfig, _check_radix_args, launch_geometry
 
 # expected row values >= tau: the window the sample aims at (1.75 x 2048 ... 2.5 x 2048). The PyTorch
 # twin of _row_cutoff (smpart.reference.sample_cutoff_torch) on 60 rows each of N(0, 1), a hot recent
@@ -294,10 +294,7 @@ def sample_topk(logits, context_lens, topk_indices, *, next_n: int, workspace, r
     T = topk_indices.shape[0]
     if T == 0:
         return
-    lmax = logits.shape[1] if max_len is None else min(logits.shape[1], int(max_len))
-    lmax = max(lmax, 0)
-    chunk = radix_chunk(lmax, cfg)
-    n_chunks = max(triton.cdiv(lmax, chunk), 1)
+    lmax, chunk, n_chunks = launch_geometry(logits, max_len, cfg)
     per_row = row_lens is not None
     _sample_topk_kernel[(T * n_chunks,)](
         logits, row_lens if per_row else context_lens, topk_indices, ws.counters, ws.cand_key, ws.cand_pos,

@@ -173,3 +173,13 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
         raise ValueError(f"{lens_name}: on {lens.device}, the workspace on {workspace.hist.device}")
     if T > workspace.max_tokens:
         raise ValueError(f"workspace: holds {workspace.max_tokens} rows, the batch has {T}")
+
+
+def launch_geometry(logits, max_len, config: RadixTopkConfig | None) -> tuple[int, int, int]:
+    """``(lmax, chunk, n_chunks)`` of a top-k launch over ``logits`` [T, W]: the rows' length bound
+    ``lmax = max(min(W, max_len), 0)`` (``max_len`` None: W), the positions per program
+    (:func:`radix_chunk`) and the programs per row (>= 1); both algorithms launch ``T * n_chunks``."""
+    lmax = logits.shape[1] if max_len is None else min(logits.shape[1], int(max_len))
+    lmax = max(lmax, 0)
+    chunk = radix_chunk(lmax, config)
+    return lmax, chunk, max(triton.cdiv(lmax, chunk), 1)
