@@ -204,6 +204,9 @@ def cpu_main(args) -> int:
           f"timings; a CPU checks correctness only)", flush=True)
     shape = CPU_SHAPE
     cpu_paths = [p for p in CPU_PATHS if p in args.paths]
+    gpu_only = [p for p in args.paths if p not in CPU_PATHS]
+    if gpu_only and cpu_paths:
+        print(f"smpart-bench (CPU): not checked here (GPU only): {gpu_only}", flush=True)
     if not cpu_paths:
         print(f"smpart-bench (CPU): none of --paths {args.paths} runs without a GPU (CPU mode checks "
               f"{list(CPU_PATHS)}); nothing was checked")

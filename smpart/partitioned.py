@@ -230,6 +230,8 @@ def _vllm_topk_ops(cfg: PartitionConfig | None):
             raise RuntimeError("the loaded vLLM ops have none of cooperative_topk / persistent_topk / "
                                "top_k_per_row_decode")
     except RuntimeError as e:
+        if not torch.cuda.is_available():  # say the first thing first: the hybrid needs a CUDA GPU
+            e = RuntimeError(f"vLLM's top-k ops are CUDA kernels and this machine has no CUDA GPU ({e})")
         if cfg is not None:
             raise RuntimeError(f"config.topk_impl='vllm' runs vLLM 0.33's decode top-k, whose ops do not load "
                                f"here: {e}") from e

@@ -114,6 +114,55 @@ def test_sample_size_and_config_checks():
             rt.RadixTopkConfig(**bad)
 
 
+def test_direct_calls_refuse_what_the_kernels_cannot_take():
+    """Found by a fresh user: strided lengths were read as their storage (a wrong top-k); next_n 3,
+    a non-bool hist_ready, a bad device, and the dirty-counter reset."""
+    from smpart.triton_kernels.topk import topk
+
+    ws = rt.RadixTopkWorkspace(2, "cpu")
+    out = torch.full((2, K), -7, dtype=torch.int32)
+    x = torch.randn(2, 5000)
+    strided = torch.tensor([5000, 111, 3000, 222], dtype=torch.int32)[::2]
+    with pytest.raises(ValueError, match="context_lens: expected a contiguous"):
+        topk(x, strided, out, next_n=1, workspace=ws)
+    with pytest.raises(ValueError, match="row_lens: expected a contiguous"):
+        sample_topk(x, None, out, next_n=1, workspace=ws, row_lens=strided)
+    with pytest.raises(ValueError, match="next_n"):
+        topk(x, torch.tensor([5000], dtype=torch.int32), out, next_n=3, workspace=ws)
+    with pytest.raises(TypeError, match="hist_ready"):
+        topk(x, torch.tensor([5000, 3000], dtype=torch.int32), out, next_n=1, workspace=ws, hist_ready=1)
+    with pytest.raises(TypeError, match="hist_ready"):
+        rt.radix_topk(x, torch.tensor([5000, 3000], dtype=torch.int32), out, next_n=1, workspace=ws,
+                      hist_ready="yes")
+    assert bool((out == -7).all()), "a refused call wrote"
+    with pytest.raises(ValueError, match="device"):
+        rt.RadixTopkWorkspace(2, "bogus")
+    ws.counters.fill_(5)
+    ws.hist.fill_(1)
+    ws.reset()
+    assert int(ws.counters.abs().sum()) == 0 and int(ws.hist.abs().sum()) == 0
+
+
+@launches
+def test_dirty_counters_never_write_out_of_bounds(device):
+    """Counters left dirty (negative or huge reservations) make the selection wrong, never a store
+    outside the row's 2048 columns or its candidate slots (both algorithms)."""
+    from smpart.triton_kernels.topk import topk
+
+    L = 9000
+    for algo in ("sample", "radix"):
+        for dirty in (-100000, 1 << 20):
+            x = torch.randn(2, L, device=device)
+            ws = rt.RadixTopkWorkspace(2, device)
+            ws.counters[0, 0] = dirty
+            buf = torch.full((3, K + 64), -7, dtype=torch.int32, device=device)
+            cand = ws.cand_key.clone()
+            topk(x, None, buf[:2, :K], next_n=1, workspace=ws, row_lens=torch.tensor([L, L], dtype=torch.int32,
+                 device=device), config=rt.RadixTopkConfig(chunk=2048, short_max=2048, algo=algo))
+            assert bool((buf[:2, K:] == -7).all()) and bool((buf[2] == -7).all()), (algo, dirty)
+            assert cand.shape == ws.cand_key.shape
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,L,next_n", [(128, 8192, 1), (128, 32768, 1), (64, 32768, 2), (1, 163840, 1),
                                         (4, 163840, 2)])

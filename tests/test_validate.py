@@ -244,9 +244,11 @@ def test_args_and_config_types(batch):
             PartitionConfig(**bad)
     from smpart.triton_kernels.radix_topk import RadixTopkConfig
 
-    for bad in (dict(chunk=3000), dict(chunk=1024), dict(short_max=65536), dict(num_warps=3), dict(hist_warps=0),
-                dict(chunk=4096.0), dict(num_warps=True)):
+    for bad in (dict(chunk=3000), dict(chunk=1024), dict(short_max=65536), dict(num_warps=3), dict(hist_warps=0)):
         with pytest.raises(ValueError, match=f"config.{next(iter(bad))}"):
+            RadixTopkConfig(**bad)
+    for bad in (dict(chunk=4096.0), dict(num_warps=True), dict(sample=None), dict(bits="4")):
+        with pytest.raises(TypeError, match=f"config.{next(iter(bad))}"):
             RadixTopkConfig(**bad)
     # the partitioned path's top-k config must be a radix_topk.RadixTopkConfig, refused when the
     # config is made, naming the field

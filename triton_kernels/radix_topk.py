@@ -56,6 +56,7 @@ from .topk_config import (RADIX_CAND, RADIX_CHUNK, RADIX_CP, RADIX_RT, RADIX_SHO
 FED_MAX_POSITIONS = 1 << 21
 
 _NB = tl.constexpr(HIST_BINS)
+_K_OUT = tl.constexpr(TOPK_K)  # columns of a topk_indices row
 _INT_MAX = tl.constexpr(2147483647)
 _INT_MIN = tl.constexpr(-2147483648)
 
@@ -144,7 +145,7 @@ def _resolve_regs(k, p, valid, lo, hi, cnt, need, out_ptr, base, scratch_ptr,
         m = valid & (k == lo)
         plo = tl.min(tl.where(m, p, _INT_MAX), 0)
         phi = tl.max(tl.where(m, p, -1), 0)
-        while cnt > CP:
+        while (cnt > CP) & (plo < phi):  # (plo == phi with cnt > 1 only from garbage candidates)
             s = _shift64(plo, phi)
             m = valid & (k == lo) & (p >= plo) & (p <= phi)
             h = tl.histogram(_sub_bin(p, plo, s, m), 64, mask=m)
@@ -160,7 +161,9 @@ def _resolve_regs(k, p, valid, lo, hi, cnt, need, out_ptr, base, scratch_ptr,
     packed = sure.to(tl.int32) * 65536 + member.to(tl.int32)
     cs = tl.cumsum(packed, 0)
     n_sure = tl.sum(sure.to(tl.int32), 0)
-    tl.store(out_ptr + base + (cs >> 16) - 1, p, mask=sure)
+    # the row's K columns bound every store (consistent inputs stay below; dirty counters or garbage
+    # candidates must not write past the row)
+    tl.store(out_ptr + base + (cs >> 16) - 1, p, mask=sure & (base + (cs >> 16) - 1 < _K_OUT))
     tl.store(scratch_ptr + (cs & 0xFFFF) - 1, k, mask=member)
     tl.store(scratch_ptr + CP + (cs & 0xFFFF) - 1, p, mask=member)
     tl.debug_barrier()  # every warp's scratch stores precede the loads below
@@ -175,7 +178,7 @@ def _resolve_regs(k, p, valid, lo, hi, cnt, need, out_ptr, base, scratch_ptr,
         pi = tl.load(scratch_ptr + CP + ci, mask=vi, other=_INT_MAX, cache_modifier=".cg")
         better = (kj[None, :] > ki[:, None]) | ((kj[None, :] == ki[:, None]) & (pj[None, :] < pi[:, None]))
         rank = tl.sum((better & vj[None, :]).to(tl.int32), 1)
-        tl.store(out_ptr + base + n_sure + rank, pi, mask=vi & (rank < need))
+        tl.store(out_ptr + base + n_sure + rank, pi, mask=vi & (rank < need) & (base + n_sure + rank < _K_OUT))
 
 
 @triton.jit
@@ -322,10 +325,13 @@ def _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, 
                     tot = tl.sum(packed, 0)
                     # one reservation per program: above-count in bits 0..11 (< 2048), members above
                     res = tl.atomic_add(ctr, (tot >> 16) + ((tot & 0xFFFF) << 12), sem="relaxed", scope="gpu")
-                    tl.store(out + (res & 0xFFF) + (cs >> 16) - 1, offs, mask=a)
+                    # the bounds masks only matter for dirty counters (a launch that did not complete):
+                    # no leftover state writes past the row's K columns or its CAND slots
+                    opos = (res & 0xFFF) + (cs >> 16) - 1
+                    tl.store(out + opos, offs, mask=a & (opos < K))
                     mpos = (res >> 12) + (cs & 0xFFFF) - 1
-                    tl.store(ck + mpos, k, mask=m)
-                    tl.store(cpos + mpos, offs, mask=m)
+                    tl.store(ck + mpos, k, mask=m & (mpos >= 0) & (mpos < CAND))
+                    tl.store(cpos + mpos, offs, mask=m & (mpos >= 0) & (mpos < CAND))
                     tl.debug_barrier()  # every thread's stores precede the release
                     old = tl.atomic_add(ctr + 1, 1, sem="acq_rel", scope="gpu")
                     if old == nch - 1:
@@ -440,6 +446,8 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
     -----
     No host sync, no allocation; the grid depends on T and lmax only (CUDA-graph capturable).
     """
+    if not isinstance(hist_ready, bool):
+        raise TypeError(f"hist_ready: expected a bool, got {type(hist_ready).__name__}")
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
     cfg = config or RadixTopkConfig()
     ws = workspace

@@ -112,7 +112,7 @@ def _select_exact(k, p, valid, n, need, BITS: tl.constexpr, COUNT: tl.constexpr)
         m = valid & (k == lo)
         plo = tl.min(tl.where(m, p, _INT_MAX), 0)
         phi = tl.max(tl.where(m, p, -1), 0)
-        while cnt > need:
+        while (cnt > need) & (plo < phi):  # (plo == phi with cnt > 1 only from garbage candidates)
             s = _span_shift(plo, phi, BITS)
             h = _bin_counts(p, m & (p >= plo) & (p <= phi), plo, s, BITS, COUNT)
             cum = tl.cumsum(h, 0)
@@ -126,11 +126,12 @@ def _select_exact(k, p, valid, n, need, BITS: tl.constexpr, COUNT: tl.constexpr)
 
 
 @triton.jit
-def _write_selection(k, p, valid, kth, pth, out_ptr):
-    """Store the positions of the selection of :func:`_select_exact` to ``out_ptr[0:need]``."""
+def _write_selection(k, p, valid, kth, pth, out_ptr, K: tl.constexpr):
+    """Store the positions of the selection of :func:`_select_exact` to ``out_ptr[0:need]``; never
+    past ``out_ptr[K - 1]`` (only garbage candidates, e.g. after dirty counters, could select more)."""
     sel = valid & ((k > kth) | ((k == kth) & (p <= pth)))
     cs = tl.cumsum(sel.to(tl.int32), 0)
-    tl.store(out_ptr + cs - 1, p, mask=sel)
+    tl.store(out_ptr + cs - 1, p, mask=sel & (cs <= K))
 
 
 @triton.jit
@@ -142,7 +143,7 @@ def _select_candidates(ck, cpos, n_c, out, N: tl.constexpr, K: tl.constexpr, BIT
     kk = tl.load(ck + rc, mask=vc, other=_INT_MIN, cache_modifier=".cg")
     pp = tl.load(cpos + rc, mask=vc, other=0, cache_modifier=".cg")
     kth, pth = _select_exact(kk, pp, vc, n_c, n_c - n_c + K, BITS, COUNT)
-    _write_selection(kk, pp, vc, kth, pth, out)
+    _write_selection(kk, pp, vc, kth, pth, out, K)
 
 
 @triton.jit
@@ -212,7 +213,7 @@ def _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk,
             k = tl.where(msk, _f32_to_key(tl.load(row + offs, mask=msk, other=0.0, cache_modifier=".cg")), _INT_MIN)
             if nch == 1:
                 kth, pth = _select_exact(k, offs, msk, L, L - L + K, BITS, COUNT)
-                _write_selection(k, offs, msk, kth, pth, out)
+                _write_selection(k, offs, msk, kth, pth, out, K)
             else:
                 ctr = ctr_ptr + t64 * 2
                 ck = cand_key_ptr + t64 * CAND
@@ -222,7 +223,7 @@ def _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk,
                 cs = tl.cumsum(m.to(tl.int32), 0)
                 res = tl.atomic_add(ctr, tl.sum(m.to(tl.int32), 0), sem="relaxed", scope="gpu")
                 slot = res + cs - 1
-                ok = m & (slot < CAND)
+                ok = m & (slot >= 0) & (slot < CAND)  # (slot < 0 only from dirty counters)
                 tl.store(ck + slot, k, mask=ok)
                 tl.store(cpos + slot, offs, mask=ok)
                 tl.debug_barrier()  # every thread's stores precede the release

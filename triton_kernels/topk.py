@@ -30,6 +30,8 @@ def topk(logits, context_lens, topk_indices, *, next_n: int, workspace, row_lens
         ``hist_ready`` with ``algo="sample"`` (the sampled top-k reads no histogram, so nothing would
         zero it).
     """
+    if not isinstance(hist_ready, bool):
+        raise TypeError(f"hist_ready: expected a bool, got {type(hist_ready).__name__}")
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
     cfg = config or RadixTopkConfig()
     if cfg.algo == "radix":

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import triton
@@ -53,9 +54,14 @@ class RadixTopkConfig:
     algo: str = "sample"
 
     def __post_init__(self):
-        """Reject bad values (ValueError naming the field; TypeError for a non-str ``algo``)."""
+        """Reject bad values: TypeError naming the field for a wrong type (a non-int, a bool, a
+        non-str ``algo``), ValueError for a value out of range."""
         if not isinstance(self.algo, str):
             raise TypeError(f"config.algo: expected a str, got {type(self.algo).__name__}")
+        for name in ("chunk", "short_max", "num_warps", "hist_warps", "bits", "count", "sample"):
+            v = getattr(self, name)
+            if type(v) is not int:
+                raise TypeError(f"config.{name}: expected an int, got {type(v).__name__} {v!r}")
         if self.algo not in ("sample", "radix"):
             raise ValueError(f"config.algo: expected 'sample' or 'radix', got {self.algo!r}")
         for name, lo, hi in (("chunk", 2048, 32768), ("short_max", 2048, 32768), ("num_warps", 1, 32),
@@ -108,12 +114,23 @@ class RadixTopkWorkspace:
         for name, v, (lo, hi) in (("cand", cand, CAND_RANGE), ("cp", cp, CP_RANGE)):
             if not lo <= v <= hi or v & (v - 1):
                 raise ValueError(f"{name}: expected a power of two in [{lo}, {hi}], got {v!r}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: not a torch device ({e})") from None
         self.max_tokens, self.cand, self.cp = int(max_tokens), int(cand), int(cp)
         self.hist = torch.zeros(max_tokens, HIST_BINS, dtype=torch.int32, device=device)
         self.counters = torch.zeros(max_tokens, 2, dtype=torch.int32, device=device)
         self.cand_key = torch.empty(max_tokens, self.cand, dtype=torch.int32, device=device)
         self.cand_pos = torch.empty(max_tokens, self.cand, dtype=torch.int32, device=device)
         self.scratch = torch.empty(max_tokens, 2 * self.cp, dtype=torch.int32, device=device)
+
+    def reset(self) -> None:
+        """Zero ``hist`` and ``counters`` (both are zero between launches; a launch that did not
+        complete, e.g. an interrupted graph replay, leaves them dirty and the next launch's
+        selection wrong; never out of bounds: every store is masked to its row and slots)."""
+        self.hist.zero_()
+        self.counters.zero_()
 
     @property
     def nbytes(self) -> int:
@@ -133,7 +150,9 @@ def radix_chunk(lmax: int, config: RadixTopkConfig | None = None) -> int:
 
 
 def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config) -> None:
-    """Metadata checks of :func:`radix_topk` (no device reads; capturable). Raises naming the argument."""
+    """Metadata checks of both top-k launchers (no device reads; capturable): TypeError / ValueError
+    naming the argument (types, dtypes, shapes, devices, contiguous lengths, ``next_n`` 1 or 2, the
+    workspace's rows), then RuntimeError for CPU tensors without ``TRITON_INTERPRET=1``."""
     for name, x in (("logits", logits), ("topk_indices", topk_indices)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -146,6 +165,8 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
             raise TypeError(f"{name}: expected an int, got {v!r}")
         if v < lo:
             raise ValueError(f"{name}: expected >= {lo}, got {v}")
+    if next_n not in dims.SUPPORTED_NEXT_N:
+        raise ValueError(f"next_n: expected one of {dims.SUPPORTED_NEXT_N}, got {next_n}")
     if topk_indices.dim() != 2 or topk_indices.dtype != torch.int32 or topk_indices.shape[1] != TOPK_K:
         raise ValueError(f"topk_indices: expected int32 [T, {TOPK_K}] ({TOPK_K} columns), got "
                          f"{topk_indices.dtype} {tuple(topk_indices.shape)}")
@@ -169,10 +190,16 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
         raise TypeError(f"{lens_name}: expected a torch.Tensor, got {type(lens).__name__}")
     if lens.dim() != 1 or lens.dtype != torch.int32 or lens.shape[0] < need:
         raise ValueError(f"{lens_name}: expected int32 [>= {need}], got {lens.dtype} {tuple(lens.shape)}")
+    if not lens.is_contiguous():
+        raise ValueError(f"{lens_name}: expected a contiguous tensor (the kernels index its storage), got strides "
+                         f"{tuple(lens.stride())}")
     if lens.device != workspace.hist.device:
         raise ValueError(f"{lens_name}: on {lens.device}, the workspace on {workspace.hist.device}")
     if T > workspace.max_tokens:
         raise ValueError(f"workspace: holds {workspace.max_tokens} rows, the batch has {T}")
+    if logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("logits: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing "
+                           "triton), or pass CUDA tensors")
 
 
 def launch_geometry(logits, max_len, config: RadixTopkConfig | None) -> tuple[int, int, int]:
