@@ -15,12 +15,13 @@ With the radix top-k (2026-12-07, Triton 3.6, registers / stack bytes): GEMM-les
 255 / 608 with GEMM tiles (spills: an opt-in split); the tail launch (radix items beside
 128-row GEMM tiles, 16 warps) 128 / 120 at 4096-position chunks, 128 / 488 at 8192.
 
-With the sampled top-k and 8192 candidate slots (2026-12-08): GEMM-less first launch 96 / 0 (no
-histogram); the tail launch 128 / 448 at 4096-position chunks, 128 / 512 at 8192; the in-launch
-top-k 255 / 3128 (4 warps holding 8192 candidate lanes; never picked by the tuner); the standalone
-sampled top-k kernel (16 warps) 128 / 128 at 4096-position chunks, 128 / 144 at 8192; its parts
-alone do not spill (exact select over 4096 / 8192 lanes 84 / 107 registers, the cutoff over 2048
-samples 59): the spills come from holding them together with the 8192-lane final select.
+With the sampled top-k and 8192 candidate slots (2026-12-08, final code): GEMM-less first launch
+96 / 0 (no histogram); the tail launch 128 / 488 at 4096-position chunks; the in-launch top-k
+(4 warps holding 8192 candidate lanes; never picked by the tuner) 255 / 4136 GEMM-less with the
+radix algorithm; the radix tail 128 / 352 (4096) and 128 / 384 (8192); the standalone sampled top-k
+kernel (16 warps) 128 / 56 at 4096-position chunks, 128 / 120 at 8192. Its parts alone do not
+spill (exact select over 4096 / 8192 lanes 84 / 107 registers, the cutoff over 2048 samples 59):
+the spills come from holding them together with the 8192-lane final select.
 """
 
 import os
