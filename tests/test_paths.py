@@ -232,6 +232,19 @@ def test_path_full_shapes_gpu(path, H, B, L, next_n):
     _run_and_check(b, path, "cuda")
 
 
+def load_into(live, nb) -> None:
+    """Copy batch ``nb``'s inputs into the captured buffers of ``live`` (same shapes; the block table
+    and the cache zero-padded past ``nb``'s): what a graph replay with new metadata reads."""
+    for name in ("q_c", "q_b_proj_weight", "q_b_proj_weight_scale", "positions", "k_pe", "index_q_fp8",
+                 "index_weights", "index_k", "slot_mapping", "context_lens", "cos_sin_cache"):
+        src, dst = getattr(nb.args, name), getattr(live.args, name)
+        dst[: src.shape[0]].copy_(src) if name == "cos_sin_cache" else dst.copy_(src)
+    live.args.block_table.zero_()
+    live.args.block_table[:, : nb.args.block_table.shape[1]].copy_(nb.args.block_table)
+    live.args.kv_cache.zero_()
+    live.args.kv_cache[: nb.args.kv_cache.shape[0]].copy_(nb.args.kv_cache)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["sequential", "partitioned"])
 def test_graph_replays_with_changing_metadata_gpu(path):
@@ -248,16 +261,7 @@ def test_graph_replays_with_changing_metadata_gpu(path):
     for step in range(20):
         lens = torch.randint(1, max_len + 1, (B,)).tolist()
         nb = make_decode_batch(lens, num_heads=H, seed=100 + step, device="cuda")
-        # same shapes as the captured batch: copy every input into the captured buffers
-        for name in ("q_c", "q_b_proj_weight", "q_b_proj_weight_scale", "positions", "k_pe", "index_q_fp8",
-                     "index_weights", "index_k", "slot_mapping",
-                     "context_lens", "cos_sin_cache"):
-            src, dst = getattr(nb.args, name), getattr(live.args, name)
-            dst[: src.shape[0]].copy_(src) if name == "cos_sin_cache" else dst.copy_(src)
-        live.args.block_table.zero_()
-        live.args.block_table[:, : nb.args.block_table.shape[1]].copy_(nb.args.block_table)
-        live.args.kv_cache.zero_()
-        live.args.kv_cache[: nb.args.kv_cache.shape[0]].copy_(nb.args.kv_cache)
+        load_into(live, nb)  # same shapes as the captured batch: every input into the captured buffers
         ref = nb.clone()
         run_region(ref.args, path="reference")
         graph.replay()

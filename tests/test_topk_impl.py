@@ -23,6 +23,8 @@ from smpart.batch import make_decode_batch
 from smpart.region import run_region
 from smpart.triton_kernels.partitioned import PartitionConfig
 from smpart.workspace import RegionWorkspace
+from test_partitioned_launch import _Recorder  # tests/ is on pytest's path
+from test_paths import load_into
 
 HYBRID = PartitionConfig(topk_impl="vllm", indexer_programs=2, gemm_programs=2)
 # the kernels on CPU tensors: Triton's interpreter (a GPU run without it covers the real ops below)
@@ -107,14 +109,6 @@ def _no_vllm_ops(monkeypatch):
 
 
 # -- (2a) the launches, recorded (no kernel runs) --------------------------------------------------
-class _Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
-
-
 @pytest.fixture
 def launches(monkeypatch):
     rec = dict(first=_Recorder(), tail=_Recorder(), prep=[], topk=[])
@@ -403,14 +397,7 @@ def test_hybrid_real_vllm_topk_in_a_cuda_graph():
     for step in range(4):
         lens = torch.randint(1, max_len + 1, (B,)).tolist()
         nb = make_decode_batch(lens, num_heads=H, seed=100 + step, device="cuda")
-        for name in ("q_c", "q_b_proj_weight", "q_b_proj_weight_scale", "positions", "k_pe", "index_q_fp8",
-                     "index_weights", "index_k", "slot_mapping", "context_lens", "cos_sin_cache"):
-            src, dst = getattr(nb.args, name), getattr(live.args, name)
-            dst[: src.shape[0]].copy_(src) if name == "cos_sin_cache" else dst.copy_(src)
-        live.args.block_table.zero_()
-        live.args.block_table[:, : nb.args.block_table.shape[1]].copy_(nb.args.block_table)
-        live.args.kv_cache.zero_()
-        live.args.kv_cache[: nb.args.kv_cache.shape[0]].copy_(nb.args.kv_cache)
+        load_into(live, nb)  # same shapes as the captured batch: every input into the captured buffers
         ref = nb.clone()
         run_region(ref.args, path="reference")
         live.args.topk_indices.fill_(12345)
