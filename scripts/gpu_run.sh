@@ -23,7 +23,9 @@ else
   test -f /tmp/vso/_C_stable_libtorch.abi3.so || echo "no /tmp/vso: run stage ops first (vLLM columns skip)"
   mkdir -p .dg && tar -C .dg -xJf .dgx/dg.tar.xz
   export PYTHONPATH=$PWD/.dg SMPART_VLLM_V32_KERNELS=$PWD/.vllm_v32/kernels.py
-  timeout "${TEST_TIMEOUT:-200}" python -m pytest -q -x -n 4 -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_sample_topk.py} 2>&1 \
+  # -o addopts=: pyproject.toml adds -n auto, which needs pytest-xdist (maybe absent on the GPU machine)
+  timeout "${TEST_TIMEOUT:-200}" python -m pytest -o addopts= --import-mode=importlib -q -x -rs -m gpu -p no:cacheprovider \
+    ${GPU_TESTS:-tests/test_sample_topk.py} 2>&1 \
     | tail -15 | tee "$OUT/pytest.log"
   timeout "${GRID_TIMEOUT:-300}" python -m smpart.bench --out "$OUT/grid" "$@" 2>&1 | grep -v Warning | tail -60
 fi
