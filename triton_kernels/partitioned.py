@@ -138,7 +138,7 @@ class PartitionConfig:
         logits items share SMs, and ``gemm_programs`` = ``num_sms`` or ``2 * num_sms`` so that the
         GEMM does not take every slot first. With ``fuse_topk`` the last arriving logits item of a
         row still runs its top-k; with no GEMM tile in the fused launch it is ignored.
-    topk_impl : ``"smpart"`` (the default: this package's top-k, ``radix_topk.radix_topk`` with
+    topk_impl : ``"smpart"`` (the default: this package's top-k, ``topk.topk`` with
         ``topk_config``: the sampled top-k unless ``topk_config.algo="radix"``, in the split the other
         fields choose) or ``"vllm"`` (the hybrid: the fused launch without the top-k role and
         without the producer histogram, then vLLM 0.33's own decode top-k on ``RegionWorkspace.logits``:

@@ -449,8 +449,12 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
     if not isinstance(hist_ready, bool):
         raise TypeError(f"hist_ready: expected a bool, got {type(hist_ready).__name__}")
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
-    cfg = config or RadixTopkConfig()
-    ws = workspace
+    _radix_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, hist_ready,
+                  config or RadixTopkConfig())
+
+
+def _radix_launch(logits, context_lens, topk_indices, next_n, ws, row_lens, max_len, hist_ready, cfg) -> None:
+    """The launches of :func:`radix_topk`, its arguments already checked (``topk.topk`` checks once)."""
     T = topk_indices.shape[0]
     if T == 0:
         return

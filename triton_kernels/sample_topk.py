@@ -290,8 +290,12 @@ def sample_topk(logits, context_lens, topk_indices, *, next_n: int, workspace, r
     No host sync, no allocation; the grid depends on T and lmax only (CUDA-graph capturable).
     """
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
-    cfg = config or RadixTopkConfig()
-    ws = workspace
+    _sample_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len,
+                   config or RadixTopkConfig())
+
+
+def _sample_launch(logits, context_lens, topk_indices, next_n, ws, row_lens, max_len, cfg) -> None:
+    """The launch of :func:`sample_topk`, its arguments already checked (``topk.topk`` checks once)."""
     T = topk_indices.shape[0]
     if T == 0:
         return

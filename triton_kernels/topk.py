@@ -8,9 +8,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .radix_topk import _radix_topk_item, radix_topk
+from .radix_topk import _radix_launch, _radix_topk_item
 from .topk_config import RadixTopkConfig, _check_radix_args
-from .sample_topk import _sample_topk_item, sample_size, sample_topk
+from .sample_topk import _sample_launch, _sample_topk_item, sample_size
 
 
 def topk(logits, context_lens, topk_indices, *, next_n: int, workspace, row_lens=None, max_len=None,
@@ -35,14 +35,12 @@ def topk(logits, context_lens, topk_indices, *, next_n: int, workspace, row_lens
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
     cfg = config or RadixTopkConfig()
     if cfg.algo == "radix":
-        radix_topk(logits, context_lens, topk_indices, next_n=next_n, workspace=workspace, row_lens=row_lens,
-                   max_len=max_len, hist_ready=hist_ready, config=cfg)
+        _radix_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, hist_ready, cfg)
         return
     if hist_ready:
         raise ValueError("hist_ready: the sampled top-k (config.algo='sample') reads no histogram; build "
                          "none, or pass config.algo='radix'")
-    sample_topk(logits, context_lens, topk_indices, next_n=next_n, workspace=workspace, row_lens=row_lens,
-                max_len=max_len, config=cfg)
+    _sample_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, cfg)
 
 
 @triton.jit
