@@ -78,13 +78,15 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
         from . import tuning  # the tuned config of this bucket, else the cost model's split
 
         config = tuning.choose(T, H, next_n, ws.max_len, dev).config
+        ops = _vllm_topk_ops(None) if config.topk_impl == "vllm" else None
         # vLLM's ops do not load, or a workspace made under capture (no profile run reserved it:
         # integration.ops.workspace_for) lacks their buffers, which are not allocated under capture
-        if config.topk_impl == "vllm" and (_vllm_topk_ops(None) is None or (
+        if config.topk_impl == "vllm" and (ops is None or (
                 (ws.vllm_topk_workspace is None or ws.vllm_topk_lens is None) and _is_capturing())):
-            config = dataclasses.replace(config, topk_impl="smpart")
+            config, ops = dataclasses.replace(config, topk_impl="smpart"), None
+    else:
+        ops = _vllm_topk_ops(config) if config.topk_impl == "vllm" else None  # before any launch
     cfg = config  # field values were checked when it was made (PartitionConfig.__post_init__)
-    ops = _vllm_topk_ops(cfg) if cfg.topk_impl == "vllm" else None  # before any launch
     if ops is not None:
         ws.ensure_vllm_topk()
     N = H * dims.QK_HEAD_DIM
@@ -205,10 +207,10 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
     elif tail_cols:
         if cfg.roles & 12:
             _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, hw_cvt, prequant, xq, xs,
-                         cols, topk_chunk)
+                         cols, topk_chunk, tcfg, topk_cx)
     elif cfg.roles & 4:
         topk(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=rw, max_len=cols,
-                   hist_ready=hist, config=cfg.topk_config)
+             hist_ready=hist, config=cfg.topk_config)
 
 
 _vllm_topk_missing: str | None = None  # why vLLM's ops did not load for a tuned topk_impl="vllm" (warned once)
@@ -270,16 +272,17 @@ def _bound(name: str, programs: int, items: int, busy: int) -> None:
 
 
 def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, block_t: int, n_t_tiles: int,
-                 hw_cvt: bool, prequant: bool, xq, xs, cols: int, chunk: int) -> None:
+                 hw_cvt: bool, prequant: bool, xq, xs, cols: int, chunk: int, tcfg: RadixTopkConfig,
+                 topk_cx: dict) -> None:
     """The top-k launch with the GEMM tiles of output columns ``[n_cut, N)`` beside it: one
     program per radix top-k (row, chunk of ``chunk`` positions) item, numbered first, then the GEMM
     programs. ``cols``: the rows' length bound (``min(ws.max_len, max_blocks * 64)``, as the
     logits role clamps them; ``ws.logits`` has at least that many columns, ``check_fits``). ``xq``/``xs``: the quantized ``q_c`` the first launch wrote
-    (``prequant``), else unused placeholders."""
+    (``prequant``), else unused placeholders. ``tcfg``: the top-k config, ``topk_cx`` its constexprs
+    (``topk_sample_constexprs``), as the fused launch got them."""
     T, next_n = args.num_tokens, args.next_n
     N = args.num_heads * dims.QK_HEAD_DIM
     rw = ws.radix
-    tcfg = cfg.topk_config or RadixTopkConfig()
     n_chunks = max(triton.cdiv(cols, chunk), 1)
     n_topk = T * n_chunks if cfg.roles & 4 else 0
     bn = cfg.tail_block_n
@@ -295,7 +298,7 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
         args.k_pe, args.q, xq, xs,
         T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),
         gemm_lo, gemm_hi, max(n_gemm_p, 1),
-        NEXT_N=next_n, CHUNK=chunk, TOPK_K=TOPK_K, CAND=rw.cand, CP=rw.cp, **topk_sample_constexprs(tcfg, cols),
+        NEXT_N=next_n, CHUNK=chunk, TOPK_K=TOPK_K, CAND=rw.cand, CP=rw.cp, **topk_cx,
         USE_UE8M0=bool(use_ue8m0), HW_CVT=hw_cvt, BLOCK_N=bn, BLOCK_T=block_t, NUM_STAGES=cfg.num_stages,
         PREQUANT=prequant, ROPE_FUSED_Q=bool(args.rope_fused_q), ROPE_K_PE=bool(args.rope_k_pe),
         num_warps=tcfg.num_warps, num_stages=1,
