@@ -412,6 +412,14 @@ def test_bad_arguments_name_the_argument(over, exc, name):
                                         (4, 163840, 2)])
 @pytest.mark.parametrize("kind", ["randn", "quantized"])
 def test_gpu_large(B, L, next_n, kind):
+    ws = gpu_large_case(B, L, next_n, kind, rt.radix_topk, config=RADIX)
+    assert int(ws.hist.abs().sum()) == 0
+
+
+def gpu_large_case(B, L, next_n, kind, topk, **kw):
+    """``topk`` (a launcher with ``radix_topk``'s signature) on B requests of L/2..L positions from
+    ``context_lens`` (``next_n`` rows each) on the GPU: exact (``check_exact``), counters back to
+    zero. Returns the workspace."""
     from smpart.reference import visible_lens
 
     gen = torch.Generator().manual_seed(B + L)
@@ -421,10 +429,11 @@ def test_gpu_large(B, L, next_n, kind):
     logits = make_logits(vis.tolist(), L, kind, seed=L).cuda()
     ws = rt.RadixTopkWorkspace(B * next_n, "cuda")
     out = torch.full((B * next_n, K), -7, dtype=torch.int32, device="cuda")
-    rt.radix_topk(logits, seq.cuda(), out, next_n=next_n, workspace=ws, max_len=L, config=RADIX)
+    topk(logits, seq.cuda(), out, next_n=next_n, workspace=ws, max_len=L, **kw)
     torch.cuda.synchronize()
-    assert int(ws.hist.abs().sum()) == 0 and int(ws.counters.abs().sum()) == 0
+    assert int(ws.counters.abs().sum()) == 0
     check_exact(out, logits, vis)
+    return ws
 
 
 @pytest.mark.gpu

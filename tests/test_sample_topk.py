@@ -19,7 +19,7 @@ import triton.language as tl
 from smpart.triton_kernels import radix_topk as rt
 from smpart.triton_kernels.sample_topk import _row_cutoff, sample_size, sample_topk
 
-from test_radix_topk import K, check_exact, launches, make_logits
+from test_radix_topk import K, check_exact, gpu_large_case, launches, make_logits
 from test_radix_topk import run as radix_run
 
 # small chunks take the multi-chunk (sample, reservation, candidates, last arriver) path at CPU sizes
@@ -156,11 +156,15 @@ def test_dirty_counters_never_write_out_of_bounds(device):
             ws = rt.RadixTopkWorkspace(2, device)
             ws.counters[0, 0] = dirty
             buf = torch.full((3, K + 64), -7, dtype=torch.int32, device=device)
-            cand = ws.cand_key.clone()
+            # the candidate buffers inside guard bands of 64 slots on either side
+            n = 2 * ws.cand
+            guards = [torch.full((n + 128,), -7, dtype=torch.int32, device=device) for _ in range(2)]
+            ws.cand_key, ws.cand_pos = (g[64:64 + n].view(2, ws.cand) for g in guards)
             topk(x, None, buf[:2, :K], next_n=1, workspace=ws, row_lens=torch.tensor([L, L], dtype=torch.int32,
                  device=device), config=rt.RadixTopkConfig(chunk=2048, short_max=2048, algo=algo))
             assert bool((buf[:2, K:] == -7).all()) and bool((buf[2] == -7).all()), (algo, dirty)
-            assert cand.shape == ws.cand_key.shape
+            for g in guards:
+                assert bool((g[:64] == -7).all()) and bool((g[64 + n:] == -7).all()), (algo, dirty, "candidates")
 
 
 @pytest.mark.gpu
@@ -168,19 +172,7 @@ def test_dirty_counters_never_write_out_of_bounds(device):
                                         (4, 163840, 2)])
 @pytest.mark.parametrize("kind", ["randn", "quantized", "narrow"])
 def test_gpu_large(B, L, next_n, kind):
-    from smpart.reference import visible_lens
-
-    gen = torch.Generator().manual_seed(B + L)
-    seq = torch.randint(max(L // 2, 1), L + 1, (B,), generator=gen).to(torch.int32)
-    seq[0] = L
-    vis = visible_lens(seq, next_n)
-    logits = make_logits(vis.tolist(), L, kind, seed=L).cuda()
-    ws = rt.RadixTopkWorkspace(B * next_n, "cuda")
-    out = torch.full((B * next_n, K), -7, dtype=torch.int32, device="cuda")
-    sample_topk(logits, seq.cuda(), out, next_n=next_n, workspace=ws, max_len=L)
-    torch.cuda.synchronize()
-    assert int(ws.counters.abs().sum()) == 0
-    check_exact(out, logits, vis)
+    gpu_large_case(B, L, next_n, kind, sample_topk)
 
 
 # -- the sample: the kernel's cutoff equals its PyTorch twin; the twin's cutoff keeps the candidates
