@@ -193,8 +193,8 @@ def _check_config(path: str, config) -> None:
 
 def _check_aliasing(args, workspace) -> None:
     """No output (``kv_cache``, ``topk_indices``, ``q``, ``k_pe``, the workspace's buffers) may overlap
-    itself, another output or an input (:func:`smpart.aliasing.check_no_overlap`)."""
-    from .aliasing import check_no_overlap
+    itself, another output or an input (:func:`smpart.triton_kernels.aliasing.check_no_overlap`)."""
+    from .triton_kernels.aliasing import check_no_overlap
 
     out_names = ("kv_cache", "topk_indices", "q", "k_pe")
     if getattr(args, "index_q", None) is not None:  # the index-q prep writes them
@@ -242,7 +242,7 @@ def run_region(args: RegionArgs, path: str = "sequential", workspace=None, confi
     ------
     ValueError / TypeError : bad inputs (before any kernel runs; nothing is written): a message
         naming the argument or field. Includes outputs that overlap themselves, each other or an
-        input (``smpart.aliasing``), a ``config`` the path does not take, non-bool flags.
+        input (``smpart.triton_kernels.aliasing``), a ``config`` the path does not take, non-bool flags.
     RuntimeError : the path cannot run here (vendor kernels or green contexts unavailable, or CPU
         tensors without ``TRITON_INTERPRET=1`` set before triton was imported).
     """

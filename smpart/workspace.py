@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from .triton_kernels import dims
+from .triton_kernels.topk_config import check_buffer as _check_buffer
 
 
 def _round_up(x: int, m: int) -> int:
@@ -221,33 +222,15 @@ class RegionWorkspace:
             _check_buffer("workspace.vllm_topk_lens", self.vllm_topk_lens, torch.int32, dev, (T,))
 
     def _check_radix(self, T: int, dev) -> None:
-        """The top-k's workspace: its geometry (``cand``, ``cp``: ints the kernels take as constexprs,
-        powers of two in ``topk_config.CAND_RANGE`` / ``CP_RANGE``) and every buffer's dtype, device, shape and contiguity:
-        ``hist`` int32 ``[>= T, 2048]``, ``counters`` int32 ``[>= T, 2]``, ``cand_key``/``cand_pos``
-        int32 ``[>= T, cand]``, ``scratch`` int32 ``[>= T, 2 * cp]``; any other tensor it holds:
-        contiguous, on the batch's device, ``>= T`` rows."""
-        from .triton_kernels.radix_topk import HIST_BINS, RadixTopkWorkspace
-        from .triton_kernels.topk_config import CAND_RANGE, CP_RANGE
+        """The top-k's workspace: a ``RadixTopkWorkspace`` whose geometry and buffers fit ``T`` rows on
+        ``dev`` (``RadixTopkWorkspace.check``: ``hist`` int32 ``[>= T, 2048]``, ``counters`` int32
+        ``[>= T, 2]``, ``cand_key``/``cand_pos`` int32 ``[>= T, cand]``, ``scratch`` int32
+        ``[>= T, 2 * cp]``, ``cand``/``cp`` powers of two in ``topk_config.CAND_RANGE`` / ``CP_RANGE``)."""
+        from .triton_kernels.topk_config import RadixTopkWorkspace
 
-        rw = self.radix
-        if not isinstance(rw, RadixTopkWorkspace):
-            raise TypeError(f"workspace.radix: expected a RadixTopkWorkspace, got {type(rw).__name__}")
-        for name in ("max_tokens", "cand", "cp"):
-            v = getattr(rw, name, None)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"workspace.radix.{name}: expected an int, got {v!r}")
-        for name, (lo, hi) in (("cand", CAND_RANGE), ("cp", CP_RANGE)):
-            v = getattr(rw, name)
-            if not lo <= v <= hi or v & (v - 1):
-                raise ValueError(f"workspace.radix.{name}: expected a power of two in [{lo}, {hi}], got {v}")
-        if rw.max_tokens < T:
-            raise ValueError(f"workspace.radix.max_tokens: holds {rw.max_tokens} rows, the batch has {T}")
-        want = {"hist": HIST_BINS, "counters": 2, "cand_key": rw.cand, "cand_pos": rw.cand, "scratch": 2 * rw.cp}
-        for n, cols in want.items():
-            _check_buffer(f"workspace.radix.{n}", getattr(rw, n, None), torch.int32, dev, (T, cols), exact_cols=True)
-        for n, x in vars(rw).items():
-            if isinstance(x, torch.Tensor) and n not in want:
-                _check_buffer(f"workspace.radix.{n}", x, x.dtype, dev, (T,) + tuple(x.shape[1:]))
+        if not isinstance(self.radix, RadixTopkWorkspace):
+            raise TypeError(f"workspace.radix: expected a RadixTopkWorkspace, got {type(self.radix).__name__}")
+        self.radix.check(T, dev, name="workspace.radix")
 
     def buffers(self) -> dict:
         """Every tensor the kernels write, by name (``workspace.logits``, ...; ``None`` skipped)."""
@@ -258,22 +241,3 @@ class RegionWorkspace:
         if self.radix is not None:  # check_fits refuses a missing one; this lists what there is
             out.update({f"workspace.radix.{n}": x for n, x in vars(self.radix).items() if isinstance(x, torch.Tensor)})
         return {k: v for k, v in out.items() if v is not None}
-
-
-def _check_buffer(name: str, x, dtype: torch.dtype, device, min_shape: tuple, exact_cols: bool = False) -> None:
-    """``x`` must be a contiguous ``dtype`` tensor on ``device`` with ``len(min_shape)`` dims, each at
-    least ``min_shape`` (the last exactly, with ``exact_cols``: a row stride the kernels assume)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {x.dtype}")
-    if x.device != torch.device(device):
-        raise ValueError(f"{name}: on {x.device}, the batch is on {device}")
-    shape = tuple(x.shape)
-    if (len(shape) != len(min_shape) or any(a < b for a, b in zip(shape, min_shape))
-            or (exact_cols and shape[-1] != min_shape[-1])):
-        want = ", ".join(f">= {b}" for b in min_shape[:-1])
-        last = f"{min_shape[-1]}" if exact_cols else f">= {min_shape[-1]}"
-        raise ValueError(f"{name}: expected shape [{want + ', ' if want else ''}{last}] for this batch, got {list(shape)}")
-    if not x.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")

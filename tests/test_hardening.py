@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smpart import checks
-from smpart.aliasing import has_internal_overlap, overlap
+from smpart.triton_kernels.aliasing import has_internal_overlap, overlap
 from smpart.batch import make_decode_batch
 from smpart.region import run_region
 from smpart.triton_kernels.partitioned import PartitionConfig

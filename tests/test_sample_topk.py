@@ -143,6 +143,44 @@ def test_direct_calls_refuse_what_the_kernels_cannot_take():
     assert int(ws.counters.abs().sum()) == 0 and int(ws.hist.abs().sum()) == 0
 
 
+def test_direct_calls_refuse_a_bad_workspace_or_aliasing():
+    """``topk()`` checks what ``run_region`` checks for it: the workspace's buffers as they are now
+    (a replaced buffer too small for the batch would be written past its end) and outputs that share
+    memory with an input or each other. Nothing is written on a refused call."""
+    from smpart.triton_kernels.topk import topk
+
+    x = torch.randn(2, 5000)
+    lens = torch.tensor([5000, 3000], dtype=torch.int32)
+    out = torch.full((2, K), -7, dtype=torch.int32)
+    cases = []
+    ws = rt.RadixTopkWorkspace(2, "cpu")
+    ws.counters = torch.zeros(1, 2, dtype=torch.int32)  # one row for a two-row batch
+    cases.append((dict(workspace=ws), ValueError, "workspace.counters: expected shape"))
+    ws = rt.RadixTopkWorkspace(2, "cpu")
+    ws.cand_key = ws.cand_key.to(torch.int64)
+    cases.append((dict(workspace=ws), TypeError, "workspace.cand_key: expected dtype"))
+    ws = rt.RadixTopkWorkspace(2, "cpu")
+    ws.cand = 3000
+    cases.append((dict(workspace=ws), ValueError, "workspace.cand: expected a power of two"))
+    ws = rt.RadixTopkWorkspace(2, "cpu")
+    buf = torch.zeros(2, 5000)
+    cases.append((dict(workspace=ws, logits=buf, topk_indices=buf[:, :K].view(torch.int32)), ValueError,
+                  "topk_indices: shares memory with logits"))
+    cases.append((dict(workspace=ws, topk_indices=ws.cand_key[:, :K]), ValueError,
+                  "topk_indices: shares memory with workspace.cand_key"))
+    cases.append((dict(workspace=ws, context_lens=ws.scratch[0, :2]), ValueError,
+                  "workspace.scratch: shares memory with context_lens"))
+    for kw, exc, match in cases:
+        args = dict(logits=x, context_lens=lens, topk_indices=out, next_n=1) | kw
+        before = {k: v.clone() for k, v in vars(kw["workspace"]).items() if isinstance(v, torch.Tensor)}
+        before["topk_indices"] = args["topk_indices"].clone()
+        with pytest.raises(exc, match=match):
+            topk(**args)
+        after = {k: v for k, v in vars(kw["workspace"]).items() if isinstance(v, torch.Tensor)}
+        after["topk_indices"] = args["topk_indices"]
+        assert all(torch.equal(before[k], after[k]) for k in before), f"a refused call wrote ({match})"
+
+
 @launches
 def test_dirty_counters_never_write_out_of_bounds(device):
     """Counters left dirty (negative or huge reservations) make the selection wrong, never a store

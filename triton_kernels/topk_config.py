@@ -11,6 +11,7 @@ import torch
 import triton
 
 from . import dims
+from .aliasing import check_no_overlap
 
 TOPK_K = dims.INDEX_TOPK  # 2048
 HIST_BINS = 2048  # bins per row histogram (the bin function below is written for 2048)
@@ -132,6 +133,40 @@ class RadixTopkWorkspace:
         self.hist.zero_()
         self.counters.zero_()
 
+    def check(self, num_rows: int, device, name: str = "workspace") -> None:
+        """Refuse a workspace the kernels cannot use for ``num_rows`` rows on ``device`` (metadata
+        only; attributes may have been replaced since construction).
+
+        ``cand``/``cp`` ints, powers of two in ``CAND_RANGE``/``CP_RANGE`` (the kernels take them as
+        constexprs); ``max_tokens >= num_rows``; ``hist`` int32 ``[>= num_rows, 2048]``, ``counters``
+        int32 ``[>= num_rows, 2]``, ``cand_key``/``cand_pos`` int32 ``[>= num_rows, cand]``, ``scratch``
+        int32 ``[>= num_rows, 2 * cp]``, each contiguous on ``device``; any other tensor it holds:
+        contiguous, on ``device``, ``>= num_rows`` rows.
+
+        Raises
+        ------
+        TypeError : a geometry field that is not an int, a buffer that is not a tensor or has the
+            wrong dtype (the message names ``{name}.<field>``).
+        ValueError : a geometry field out of range, too few rows, a wrong shape, device or stride.
+        """
+        for field in ("max_tokens", "cand", "cp"):
+            v = getattr(self, field, None)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}.{field}: expected an int, got {v!r}")
+        for field, (lo, hi) in (("cand", CAND_RANGE), ("cp", CP_RANGE)):
+            v = getattr(self, field)
+            if not lo <= v <= hi or v & (v - 1):
+                raise ValueError(f"{name}.{field}: expected a power of two in [{lo}, {hi}], got {v}")
+        if self.max_tokens < num_rows:
+            raise ValueError(f"{name}.max_tokens: holds {self.max_tokens} rows, the batch has {num_rows}")
+        want = {"hist": HIST_BINS, "counters": 2, "cand_key": self.cand, "cand_pos": self.cand, "scratch": 2 * self.cp}
+        for field, cols in want.items():
+            check_buffer(f"{name}.{field}", getattr(self, field, None), torch.int32, device, (num_rows, cols),
+                         exact_cols=True)
+        for field, x in vars(self).items():
+            if isinstance(x, torch.Tensor) and field not in want:
+                check_buffer(f"{name}.{field}", x, x.dtype, device, (num_rows,) + tuple(x.shape[1:]))
+
     @property
     def nbytes(self) -> int:
         """Device bytes held by the five buffers (int32 each: ``4 * T * (2048 + 2 + 2 * cand + 2 * cp)``)."""
@@ -149,10 +184,37 @@ def radix_chunk(lmax: int, config: RadixTopkConfig | None = None) -> int:
     return cfg.chunk
 
 
+def check_buffer(name: str, x, dtype: torch.dtype, device, min_shape: tuple, exact_cols: bool = False) -> None:
+    """``x`` must be a contiguous ``dtype`` tensor on ``device`` with ``len(min_shape)`` dims, each at
+    least ``min_shape`` (the last exactly, with ``exact_cols``: a row stride the kernels assume).
+
+    Raises
+    ------
+    TypeError : not a tensor, or another dtype. ValueError : another device, shape or a
+        non-contiguous layout (each message starts with ``name``).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {x.dtype}")
+    if x.device != torch.device(device):
+        raise ValueError(f"{name}: on {x.device}, the batch is on {device}")
+    shape = tuple(x.shape)
+    if (len(shape) != len(min_shape) or any(a < b for a, b in zip(shape, min_shape))
+            or (exact_cols and shape[-1] != min_shape[-1])):
+        want = ", ".join(f">= {b}" for b in min_shape[:-1])
+        last = f"{min_shape[-1]}" if exact_cols else f">= {min_shape[-1]}"
+        raise ValueError(f"{name}: expected shape [{want + ', ' if want else ''}{last}] for this batch, got {list(shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
+
+
 def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config) -> None:
     """Metadata checks of both top-k launchers (no device reads; capturable): TypeError / ValueError
     naming the argument (types, dtypes, shapes, devices, contiguous lengths, ``next_n`` 1 or 2, the
-    workspace's rows), then RuntimeError for CPU tensors without ``TRITON_INTERPRET=1``."""
+    workspace's geometry and buffers (:meth:`RadixTopkWorkspace.check`), outputs that overlap each
+    other or an input (``aliasing.check_no_overlap``)), then RuntimeError for CPU tensors without
+    ``TRITON_INTERPRET=1``."""
     for name, x in (("logits", logits), ("topk_indices", topk_indices)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -175,11 +237,12 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
         raise ValueError(f"logits: expected fp32 [>= T, W], got {logits.dtype} {tuple(logits.shape)}")
     if logits.shape[0] < T:
         raise ValueError(f"logits: {logits.shape[0]} rows, fewer than topk_indices' {T}")
+    dev = topk_indices.device
     for name, x in (("logits", logits), ("topk_indices", topk_indices)):
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"{name}: the last dim must have unit stride, got strides {tuple(x.stride())}")
-        if x.device != workspace.hist.device:
-            raise ValueError(f"{name}: on {x.device}, the workspace on {workspace.hist.device}")
+    if logits.device != dev:
+        raise ValueError(f"logits: on {logits.device}, topk_indices on {dev}")
     if row_lens is not None:
         lens_name, lens, need = "row_lens", row_lens, T
     elif context_lens is not None:
@@ -193,10 +256,13 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
     if not lens.is_contiguous():
         raise ValueError(f"{lens_name}: expected a contiguous tensor (the kernels index its storage), got strides "
                          f"{tuple(lens.stride())}")
-    if lens.device != workspace.hist.device:
-        raise ValueError(f"{lens_name}: on {lens.device}, the workspace on {workspace.hist.device}")
-    if T > workspace.max_tokens:
-        raise ValueError(f"workspace: holds {workspace.max_tokens} rows, the batch has {T}")
+    if lens.device != dev:
+        raise ValueError(f"{lens_name}: on {lens.device}, topk_indices on {dev}")
+    workspace.check(T, dev)
+    # outputs that alias an input or each other make the result depend on program order
+    outs = {"topk_indices": topk_indices}
+    outs.update({f"workspace.{n}": x for n, x in vars(workspace).items() if isinstance(x, torch.Tensor)})
+    check_no_overlap(outs, {"logits": logits, lens_name: lens})
     if logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("logits: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing "
                            "triton), or pass CUDA tensors")

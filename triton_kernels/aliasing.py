@@ -84,10 +84,16 @@ def check_no_overlap(outputs: dict, inputs: dict) -> None:
         if t.numel() and has_internal_overlap(t):
             raise ValueError(f"{n}: elements overlap in memory (shape {list(t.shape)}, strides {t.stride()}); "
                              f"an output needs one address per element")
-    for i, (n, t) in enumerate(outs):
-        others = outs[i + 1:] + ins
-        for m, u in others:
-            if m == n:
-                continue
-            if overlap(t, u):
-                raise ValueError(f"{n}: shares memory with {m}; outputs must not alias each other or any input")
+    # byte ranges once per tensor; only pairs whose ranges intersect (views of one allocation) get the
+    # exact test, so a call with disjoint allocations costs one range per tensor
+    spans = [(i, n, t, *_byte_range(t)) for i, (n, t) in enumerate(outs + ins) if t.numel()]
+    spans.sort(key=lambda s: (str(s[2].device), s[3]))
+    for j, (i, n, t, a0, a1) in enumerate(spans):
+        for k, m, u, b0, b1 in spans[j + 1:]:
+            if b0 >= a1 or u.device != t.device:
+                break
+            # outputs come first in the list: the smaller index is an output unless both are inputs
+            if min(i, k) < len(outs) and m != n and overlap(t, u):
+                (_, first), (_, second) = sorted(((i, n), (k, m)))
+                raise ValueError(f"{first}: shares memory with {second}; outputs must not alias each other or "
+                                 f"any input")
