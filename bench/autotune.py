@@ -91,9 +91,11 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int,
         add(dataclasses.replace(model, blocks_per_item=r))
     for cfg in hybrid:
         add(cfg)
-    # the top-k's own knobs: the radix (histogram) algorithm; longer chunks of the sampled one
+    # the top-k's own knobs: the radix (histogram) algorithm; longer or shorter chunks of the sampled
+    # one (short chunks: more programs per row where rows are few)
     for tk in (RadixTopkConfig(algo="radix"), RadixTopkConfig(chunk=8192, short_max=16384),
-               RadixTopkConfig(num_warps=8)):
+               RadixTopkConfig(num_warps=8), RadixTopkConfig(short_max=4096),
+               RadixTopkConfig(chunk=2048, short_max=2048)):
         add(dataclasses.replace(model, topk_config=tk))
         add(dataclasses.replace(one, topk_config=tk))
     # one-launch splits (the GEMM in the fused launch: the split and its tile matter there)

@@ -81,6 +81,8 @@ def main(argv=None):
                 "sample": (sample_topk, C()),
                 "sample_c8k": (sample_topk, C(chunk=8192, short_max=16384)),
                 "sample_s16k": (sample_topk, C(short_max=16384)),
+                "sample_s4k": (sample_topk, C(short_max=4096)),
+                "sample_c2k": (sample_topk, C(chunk=2048, short_max=2048)),
                 "sample_hist6": (sample_topk, C(count=0, bits=6)),
                 "sample_b3": (sample_topk, C(bits=3)),
                 "sample_w8": (sample_topk, C(num_warps=8))}

@@ -22,6 +22,10 @@ radix algorithm; the radix tail 128 / 352 (4096) and 128 / 384 (8192); the stand
 kernel (16 warps) 128 / 56 at 4096-position chunks, 128 / 120 at 8192. Its parts alone do not
 spill (exact select over 4096 / 8192 lanes 84 / 107 registers, the cutoff over 2048 samples 59):
 the spills come from holding them together with the 8192-lane final select.
+
+Shared memory per block (``metadata.shared``, 2026-12-08): 16 KB (standalone sampled top-k, 8 warps)
+to 32 KB (16 warps), 33 KB GEMM-less first launch, 64 KB with GEMM tiles, 73 KB tail launch; the
+test keeps every variant under sm_90's 227 KB (a larger request fails at launch on the GPU).
 """
 
 import os
@@ -41,7 +45,7 @@ _PTR_TYPES = dict(
     q_ptr="*bf16", xq_ptr="*fp8e4nv", xs_ptr="*fp32", index_q_ptr="*fp8e4nv", index_w_ptr="*fp32",
     index_k_ptr="*bf16", kv_cache_ptr="*u8", block_table_ptr="*i32", context_lens_ptr="*i32",
     slot_mapping_ptr="*i64", logits_ptr="*fp32", topk_ptr="*i32", counters_ptr="*i32", hist_ptr="*i32",
-    rctr_ptr="*i32", cand_key_ptr="*i32", cand_pos_ptr="*i32", scratch_ptr="*i32",
+    rctr_ptr="*i32", cand_key_ptr="*i32", cand_pos_ptr="*i32", scratch_ptr="*i32", lens_ptr="*i32", ctr_ptr="*i32",
 )
 _DIV16 = {"stride_q", "stride_w", "stride_k", "stride_logits", "stride_topk", "stride_qc", "stride_q_out", "N",
           "max_len"}  # what Triton's specialization sees at real shapes
@@ -54,14 +58,15 @@ def _cuobjdump():
     return p if os.path.exists(p) else shutil.which("cuobjdump")
 
 
-def _registers(constexprs: dict, tail: bool = False, num_warps: int = 4) -> tuple[int, int]:
-    """(registers, stack bytes) of the first launch (``tail``: the top-k + GEMM tail launch) for sm_90."""
+def _registers(constexprs: dict, tail: bool = False, num_warps: int = 4, fn=None) -> tuple[int, int, int]:
+    """(registers, stack bytes, dynamic shared-memory bytes) of the first launch (``tail``: the top-k
+    + GEMM tail launch; ``fn``: another kernel) for sm_90."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from smpart.triton_kernels import partitioned as P
 
-    fn = P._topk_gemm_tail_kernel if tail else P._partitioned_kernel
+    fn = fn or (P._topk_gemm_tail_kernel if tail else P._partitioned_kernel)
     sig = {n: ("constexpr" if n in constexprs else _PTR_TYPES.get(n, "i32")) for n in fn.arg_names}
     missing = [n for n in fn.arg_names if n.endswith("_ptr") and n not in _PTR_TYPES]
     assert not missing, f"pointer arguments without a type in this test: {missing}"
@@ -76,7 +81,7 @@ def _registers(constexprs: dict, tail: bool = False, num_warps: int = 4) -> tupl
     finally:
         os.unlink(f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return int(m.group(1)), int(m.group(2))
+    return int(m.group(1)), int(m.group(2)), int(k.metadata.shared)
 
 
 _BASE = dict(USE_UE8M0=True, NEXT_N=1, BLOCKS_PER_ITEM=4, NUM_STAGES=3, BLOCK_N=64, BLOCK_T=64,
@@ -104,6 +109,11 @@ def _variants() -> dict:
     res["first GEMM-less sample"] = _registers(dict(_BASE, HIST=False, ROLES=3, QUANT_Q_C=True, DENSE=True,
                                                    TOPK_S=2048))
     res["tail sample CHUNK=4096 16w"] = _registers(dict(_TAIL, CHUNK=4096, TOPK_S=2048), tail=True, num_warps=16)
+    from smpart.triton_kernels.sample_topk import _sample_topk_kernel
+
+    res["standalone sample CHUNK=8192 16w"] = _registers(
+        dict(PER_ROW_LENS=False, CHUNK=8192, K=2048, CAND=8192, CP=256, RT=32, S=4096, BITS=4, COUNT=1),
+        num_warps=16, fn=_sample_topk_kernel)
     return res
 
 
@@ -130,7 +140,12 @@ def test_gemm_less_first_launch_compiles_no_gemm_code():
 
     res = json.loads(m.group(1))
     print(res)
-    (gemm_less, gemm_less_stack), (with_gemm, _) = res["first GEMM-less HIST=True"], res["first with GEMM HIST=True"]
+    (gemm_less, gemm_less_stack, _), (with_gemm, _, _) = res["first GEMM-less HIST=True"], res["first with GEMM HIST=True"]
+    # a launch asking for more than sm_90's 227 KB of shared memory per block fails on the GPU
+    # ("out of resources"); the variants here take 16-73 KB (2026-12-08)
+    too_big = {k: v[2] for k, v in res.items() if v[2] > 232448}
+    assert not too_big, f"shared memory over 227 KB per block: {too_big}"
+    assert res["standalone sample CHUNK=8192 16w"][2] > 0, "the shared-memory measure reads nothing"
     assert gemm_less_stack == 0, f"GEMM-less first launch with the histogram spills ({gemm_less_stack} bytes)"
     # the GEMM tile alone needs > 200 registers; the logits role about 80-100
     assert with_gemm > 160, f"the measure does not see the GEMM code ({with_gemm} registers)"
