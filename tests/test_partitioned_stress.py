@@ -221,13 +221,33 @@ _MEMCHECK_CHILD = textwrap.dedent("""
         run_region(out.args, path="partitioned", workspace=ws, config=cfg)
         torch.cuda.synchronize()
         checks.check_region(out.args, ref.args, b)
+    # the standalone top-k over long rows: chunk programs, candidate buffers, the exact fallback
+    # (row 2: four values, far more than 8192 candidates at the cutoff), an empty row
+    from smpart.triton_kernels import radix_topk as rt
+    from smpart.triton_kernels.topk import topk
+    lens = torch.tensor([20000, 5000, 40000, 0, 9000], dtype=torch.int32, device="cuda")
+    x = torch.randn(5, 40000, device="cuda")
+    x[1, :5000] = 1.0
+    x[2] = torch.randint(0, 4, (40000,), device="cuda").float()
+    ws = rt.RadixTopkWorkspace(5, "cuda")
+    for cfg in (rt.RadixTopkConfig(), rt.RadixTopkConfig(algo="radix"), rt.RadixTopkConfig(chunk=2048, short_max=2048)):
+        out = torch.full((5, 2048), -7, dtype=torch.int32, device="cuda")
+        topk(x, None, out, next_n=1, workspace=ws, row_lens=lens, config=cfg)
+        torch.cuda.synchronize()
+        for t, L in enumerate(lens.tolist()):
+            n = min(L, 2048)
+            assert bool((out[t, n:] == -1).all()), (cfg, t)
+            if n:
+                got = x[t, out[t, :n].long()].sort().values
+                assert torch.equal(got, torch.topk(x[t, :L], n).values.sort().values), (cfg, t)
     print("MEMCHECK_CHILD_OK")
 """)
 
 
 def test_memcheck_gpu():
     """``compute-sanitizer --tool memcheck`` reports no error on a small full-kernel run (static,
-    1+1 with the fused top-k, dynamic with the fused top-k); PyTorch's caching allocator is off so
+    1+1 with the fused top-k, dynamic with the fused top-k) and on the standalone top-k over long
+    rows (both algorithms, 2K chunks, the exact fallback); PyTorch's caching allocator is off so
     every tensor is its own allocation and an out-of-bounds access cannot land in a neighbour."""
     exe = shutil.which("compute-sanitizer")
     if exe is None:
