@@ -20,7 +20,7 @@ is the bucket's best partitioned config whatever won (:attr:`Choice.run_config` 
 A file is trusted only when its GPU name, SM count and torch/triton major.minor versions match the
 running process; otherwise (or when it is corrupt) it is ignored with a warning, never used.
 Writes are atomic (temporary file + ``os.replace``). Shipped results live in
-``triton_kernels/tuned/*.json``; ``SMPART_TUNING_CACHE`` points at another file.
+``smpart/tuned/*.json``; ``SMPART_TUNING_CACHE`` points at another file.
 """
 
 from __future__ import annotations
