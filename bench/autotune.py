@@ -35,6 +35,7 @@ from smpart import tuning
 from smpart.triton_kernels import dims
 from smpart.triton_kernels.partitioned import PartitionConfig
 from smpart.triton_kernels.radix_topk import RadixTopkConfig
+from smpart.triton_kernels.topk_config import PPR_MAX
 
 
 def _ints(s: str) -> list[int]:
@@ -95,7 +96,7 @@ def candidates(T: int, H: int, next_n: int, max_len: int, num_sms: int,
     # one (short chunks: more programs per row where rows are few)
     for tk in (RadixTopkConfig(algo="radix"), RadixTopkConfig(chunk=8192, short_max=16384),
                RadixTopkConfig(num_warps=8), RadixTopkConfig(short_max=4096),
-               RadixTopkConfig(chunk=2048, short_max=2048)):
+               RadixTopkConfig(chunk=2048, short_max=2048), RadixTopkConfig(programs_per_row=PPR_MAX)):
         add(dataclasses.replace(model, topk_config=tk))
         add(dataclasses.replace(one, topk_config=tk))
     # one-launch splits (the GEMM in the fused launch: the split and its tile matter there)

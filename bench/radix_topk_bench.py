@@ -75,6 +75,7 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name()
     shapes = SHAPES if a.shapes is None else [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     from smpart.triton_kernels.sample_topk import sample_topk
+    from smpart.triton_kernels.topk_config import PPR_MAX
 
     C = rt.RadixTopkConfig
     variants = {"radix": (rt.radix_topk, C()),
@@ -83,6 +84,9 @@ def main(argv=None):
                 "sample_s16k": (sample_topk, C(short_max=16384)),
                 "sample_s4k": (sample_topk, C(short_max=4096)),
                 "sample_c2k": (sample_topk, C(chunk=2048, short_max=2048)),
+                # one program per chunk (the grid before programs_per_row) and one per row
+                "sample_pchunk": (sample_topk, C(programs_per_row=PPR_MAX)),
+                "sample_p1": (sample_topk, C(programs_per_row=1)),
                 "sample_hist6": (sample_topk, C(count=0, bits=6)),
                 "sample_b3": (sample_topk, C(bits=3)),
                 "sample_w8": (sample_topk, C(num_warps=8))}
@@ -202,7 +206,8 @@ def sweep(n_batches=300, replays=1000, same=1000, impl="sample"):
         elif kind == 3:
             x = x * 2.0 ** 60
         lens = torch.randint(0, W + 1, (B,), device="cuda", generator=g, dtype=torch.int32)
-        cfg = rt.RadixTopkConfig(short_max=4096) if i % 2 else None
+        cfg = [None, rt.RadixTopkConfig(short_max=4096), rt.RadixTopkConfig(programs_per_row=1),
+               rt.RadixTopkConfig(programs_per_row=3)][(i // 4) % 4]
         topk(x, None, out[:B], next_n=1, workspace=ws, row_lens=lens, config=cfg)
         if check_values(out[:B], x, lens.tolist(), "sweep") != "ok":
             bad += 1

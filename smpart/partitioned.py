@@ -31,6 +31,7 @@ from .triton_kernels.partitioned import (GRID_X_MAX, PROGRAMS_PER_SM_MAX, Partit
                                          _topk_gemm_tail_kernel, launch_vllm_topk_prep)
 from .triton_kernels.q_b_proj import default_block_t, launch_q_c_quant
 from .triton_kernels.radix_topk import TOPK_K, RadixTopkConfig, RadixTopkWorkspace, hist_fed, radix_chunk
+from .triton_kernels.topk_config import programs_per_row
 from .triton_kernels.topk import topk, topk_sample_constexprs
 
 
@@ -275,7 +276,8 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
                  hw_cvt: bool, prequant: bool, xq, xs, cols: int, chunk: int, tcfg: RadixTopkConfig,
                  topk_cx: dict) -> None:
     """The top-k launch with the GEMM tiles of output columns ``[n_cut, N)`` beside it: one
-    program per radix top-k (row, chunk of ``chunk`` positions) item, numbered first, then the GEMM
+    program per top-k item (row, chunk of ``chunk`` positions for the radix algorithm; row, one of
+    ``topk_config.programs_per_row`` programs for the sampled one), numbered first, then the GEMM
     programs. ``cols``: the rows' length bound (``min(ws.max_len, max_blocks * 64)``, as the
     logits role clamps them; ``ws.logits`` has at least that many columns, ``check_fits``). ``xq``/``xs``: the quantized ``q_c`` the first launch wrote
     (``prequant``), else unused placeholders. ``tcfg``: the top-k config, ``topk_cx`` its constexprs
@@ -283,8 +285,8 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
     T, next_n = args.num_tokens, args.next_n
     N = args.num_heads * dims.QK_HEAD_DIM
     rw = ws.radix
-    n_chunks = max(triton.cdiv(cols, chunk), 1)
-    n_topk = T * n_chunks if cfg.roles & 4 else 0
+    ppr = programs_per_row(tcfg, T, max(triton.cdiv(cols, chunk), 1), args.q_c.device)
+    n_topk = T * ppr if cfg.roles & 4 else 0
     bn = cfg.tail_block_n
     gemm_lo = (n_cut // bn) * n_t_tiles
     gemm_hi = triton.cdiv(N, bn) * n_t_tiles if cfg.roles & 8 else gemm_lo
@@ -293,7 +295,7 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
         return
     _topk_gemm_tail_kernel[(n_topk + n_gemm_p,)](
         ws.logits, args.context_lens, args.topk_indices, rw.hist, rw.counters, rw.cand_key, rw.cand_pos, rw.scratch,
-        ws.logits.stride(0), args.topk_indices.stride(0), cols, n_topk, n_topk,
+        ws.logits.stride(0), args.topk_indices.stride(0), cols, n_topk, n_topk, ppr,
         args.q_c, args.q_b_proj_weight, args.q_b_proj_weight_scale, args.positions, args.cos_sin_cache,
         args.k_pe, args.q, xq, xs,
         T, N, args.cos_sin_cache.shape[0], args.q_c.stride(0), N, args.k_pe.stride(0), args.cos_sin_cache.stride(0),

@@ -101,6 +101,25 @@ def test_partitioned_gemm_first_launch_variants(cfg, device):
     assert bool((ws.q_c_fp8[T:].view(torch.uint8) == 0x55).all()), "rows past T written"
 
 
+@pytest.mark.parametrize("split", [PartitionConfig(indexer_programs=2, gemm_programs=3),
+                                   PartitionConfig(gemm_in_tail=1.0, tail_gemm_programs=2)], ids=["standalone", "tail"])
+def test_partitioned_sampled_topk_fewer_programs_than_chunks(split, device):
+    """The sampled top-k with fewer programs than chunks per row (``programs_per_row``): one program
+    owning its row (no atomics) and two programs taking alternate chunks of a three-chunk row, in the
+    standalone launch and beside the GEMM tiles; equal to ``reference``, counters back to zero."""
+    b = make_decode_batch([4100, 70, 2], num_heads=16, next_n=2, num_padding=1, seed=17)
+    b = b if device == "cpu" else _to(b, device)
+    ref = b.clone()
+    run_region(ref.args, path="reference")
+    for ppr in (1, 2):
+        out = b.clone()
+        ws = RegionWorkspace.for_args(out.args)
+        cfg = dataclasses.replace(split, topk_config=dataclasses.replace(SMALL_TOPK, programs_per_row=ppr))
+        run_region(out.args, path="partitioned", workspace=ws, config=cfg)
+        checks.check_region(out.args, ref.args, b)
+        _assert_clean(ws)
+
+
 RADIX_SPLITS = [
     PartitionConfig(indexer_programs=2, gemm_programs=3),  # the standalone radix top-k after
     PartitionConfig(gemm_in_tail=1.0, tail_gemm_programs=2),  # radix items beside the GEMM tiles

@@ -26,8 +26,12 @@ from test_radix_topk import run as radix_run
 SMALL = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4)
 HIST = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4, count=0, bits=6)
 B3 = rt.RadixTopkConfig(chunk=4096, short_max=4096, bits=3, sample=256)
-CFGS = [None, SMALL, HIST, B3]
-IDS = ["default", "small", "hist6", "bits3"]
+# fewer programs than chunks per row: one program owns its row (no atomics), or 3 programs take every
+# third chunk (the CPU's row counts give one program per chunk in auto mode)
+P1 = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4, programs_per_row=1)
+P3 = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4, programs_per_row=3)
+CFGS = [None, SMALL, HIST, B3, P1, P3]
+IDS = ["default", "small", "hist6", "bits3", "ppr1", "ppr3"]
 
 
 def run(lens, width, kind, **kw):
@@ -50,7 +54,7 @@ def test_long_rows(L, device):
 
 
 @launches
-@pytest.mark.parametrize("cfg", [None, SMALL], ids=["default", "small"])
+@pytest.mark.parametrize("cfg", [None, SMALL, P1], ids=["default", "small", "ppr1"])
 @pytest.mark.parametrize("kind", ["equal", "tie3000", "exact_k", "four", "negative", "huge", "subnormal", "infs",
                                   "narrow", "distinct", "quantized", "zeros", "heavy", "outliers"])
 def test_value_kinds(kind, cfg, device):
@@ -62,6 +66,8 @@ def test_fallback_when_the_cutoff_passes_too_many(device):
     # 20000 equal or nearly equal values: more than CAND reach the cutoff, the exact fallback runs
     run([20000, 9000], 20000, "narrow", config=SMALL, seed=5, device=device)
     run([20000], 20000, "equal", config=SMALL, seed=5, device=device)
+    for cfg in (P1, P3):
+        run([20000, 9000], 20000, "narrow", config=cfg, seed=5, device=device)
 
 
 @launches
@@ -101,6 +107,24 @@ def test_repeated_calls_one_workspace(device):
                                       ([8000, 8000, 8000], "tie3000"), ([1, 2, 9000], "randn")]):
         run(lens, 9000, kind, config=SMALL, seed=i, ws=ws, device=device)
         run(lens, 9000, kind, seed=i, ws=ws, device=device)
+        run(lens, 9000, kind, config=P3, seed=i, ws=ws, device=device)
+
+
+def test_programs_per_row():
+    """The grid's programs per row: one per chunk for the radix algorithm; the sampled one's
+    ``num_sms // T`` within [1, chunks], or the config's bound."""
+    from smpart.triton_kernels.topk_config import INTERPRETER_SMS, programs_per_row
+
+    assert programs_per_row(rt.RadixTopkConfig(algo="radix", programs_per_row=1), 128, 16, "cpu") == 16
+    assert programs_per_row(None, 128, 16, "cpu") == max(INTERPRETER_SMS // 128, 1) == 1
+    assert programs_per_row(None, 32, 4, "cpu") == 4
+    assert programs_per_row(None, 1, 80, "cpu") == 80
+    assert programs_per_row(None, 8, 40, "cpu") == INTERPRETER_SMS // 8
+    assert programs_per_row(P3, 1, 2, "cpu") == 2 and programs_per_row(P3, 1, 9, "cpu") == 3
+    with pytest.raises(ValueError, match="config.programs_per_row"):
+        rt.RadixTopkConfig(programs_per_row=-1)
+    with pytest.raises(TypeError, match="config.programs_per_row"):
+        rt.RadixTopkConfig(programs_per_row=1.0)
 
 
 def test_sample_size_and_config_checks():

@@ -387,8 +387,9 @@ def _indexer_logits_and_topk_item(
     if ROLES & 4:
         # a row's real items: max(cdiv(blocks, BLOCKS_PER_ITEM), 1) (run 0 always runs)
         if _arrive(row_ctr_ptr + t, tl.maximum(tl.cdiv(nblk, BLOCKS_PER_ITEM), 1)):
-            for c in range(0, tl.maximum(tl.cdiv(L, TOPK_CHUNK), 1)):
-                _topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
+            nch = tl.maximum(tl.cdiv(L, TOPK_CHUNK), 1)
+            for c in range(0, nch):  # one item per chunk (ppr = nch), in turn
+                _topk_item(t, c, L, nch, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
                            cand_key_ptr, cand_pos_ptr, scratch_ptr, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, _RT,
                            TOPK_S, TOPK_BITS, TOPK_COUNT)
 
@@ -512,7 +513,7 @@ def _partitioned_kernel(
 def _topk_gemm_tail_kernel(
     # top-k
     logits_ptr, context_lens_ptr, topk_ptr, hist_ptr, rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr,
-    stride_logits, stride_topk, lmax, n_topk_items, num_topk_programs,
+    stride_logits, stride_topk, lmax, n_topk_items, num_topk_programs, topk_ppr,
     # q side
     q_c_ptr, w_ptr, ws_ptr, positions_ptr, cos_sin_ptr, k_pe_ptr, q_ptr, xq_ptr, xs_ptr,
     T, N, max_pos, stride_qc, stride_q_out, stride_kpe, stride_cs, gemm_lo, gemm_hi, num_gemm_programs,
@@ -523,9 +524,10 @@ def _topk_gemm_tail_kernel(
     TOPK_S: tl.constexpr = 0, TOPK_BITS: tl.constexpr = 4, TOPK_COUNT: tl.constexpr = 1,
 ):
     """The top-k launch with GEMM tiles beside it (``PartitionConfig.gemm_in_tail``): programs
-    ``[0, num_topk_programs)`` take the radix top-k items (``item = chunk * T + row``,
-    ``radix_topk._radix_topk_item`` from the histograms the first launch filled; the row's last
-    chunk resolves the threshold bin and zeroes the histogram), the rest take GEMM items
+    ``[0, num_topk_programs)`` take the top-k items (``item = c * T + row``: the radix item of chunk
+    ``c`` from the histograms the first launch filled, whose row's last chunk resolves the threshold
+    bin and zeroes the histogram; or program ``c`` of the row's ``topk_ppr`` of the sampled
+    top-k), the rest take GEMM items
     ``[gemm_lo, gemm_hi)`` of the ``BLOCK_N`` x ``BLOCK_T`` tiling. The logits and histograms it
     reads are complete: the fused launch before it wrote them (stream order). ``lmax``: the rows'
     length bound (``min(max_len, max_blocks * 64)``, as the logits role clamps them)."""
@@ -536,7 +538,7 @@ def _topk_gemm_tail_kernel(
             c = (zero + item) // T
             t = (zero + item) - c * T
             L = _radix_row_len(t, context_lens_ptr, NEXT_N, lmax, False)
-            _topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
+            _topk_item(t, c, L, topk_ppr, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
                        cand_key_ptr, cand_pos_ptr, scratch_ptr, True, CHUNK, TOPK_K, CAND, CP, _RT,
                        TOPK_S, TOPK_BITS, TOPK_COUNT)
     else:

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .radix_topk import _INT_MAX, _INT_MIN, _f32_to_key, _narrow, _pick_desc, _radix_row_len, _stream_select
-from .topk_config import RADIX_RT, TOPK_K, RadixTopkConfig, _check_radix_args, launch_geometry
+from .topk_config import RADIX_RT, TOPK_K, RadixTopkConfig, _check_radix_args, launch_geometry, programs_per_row
 
 # expected row values >= tau: the window the sample aims at (1.75 x 2048 ... 2.5 x 2048). The PyTorch
 # twin of _row_cutoff (smpart.reference.sample_cutoff_torch) on 60 rows each of N(0, 1), a hot recent
@@ -189,70 +189,94 @@ def _row_cutoff(row, L, K: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr, CO
 
 
 @triton.jit
-def _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, ctr_ptr, cand_key_ptr,
+def _finish_row(row, L, n_c, out, ck, cpos, scr, CHUNK: tl.constexpr, K: tl.constexpr, CAND: tl.constexpr,
+                CP: tl.constexpr, RT: tl.constexpr, BITS: tl.constexpr, COUNT: tl.constexpr):
+    """The row's last step: exact top-``K`` of its ``n_c`` candidates (``ck``/``cpos``) into ``out``
+    when ``K <= n_c <= CAND``, else the exact streaming fallback over the whole row."""
+    if (n_c >= K) & (n_c <= CAND // 2):  # the usual case: half the lanes
+        _select_candidates(ck, cpos, n_c, out, CAND // 2, K, BITS, COUNT)
+    elif (n_c >= K) & (n_c <= CAND):
+        _select_candidates(ck, cpos, n_c, out, CAND, K, BITS, COUNT)
+    else:  # exact fallback: one program streams the row
+        _stream_select(row, L, False, 0, L, L - L + K, out, L - L, ck, cpos, scr, CHUNK, CAND, CP, RT)
+
+
+@triton.jit
+def _sample_topk_item(t, c, L, ppr, logits_ptr, stride_logits, topk_ptr, stride_topk, ctr_ptr, cand_key_ptr,
                       cand_pos_ptr, scratch_ptr, CHUNK: tl.constexpr, K: tl.constexpr, CAND: tl.constexpr,
                       CP: tl.constexpr, RT: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr,
                       COUNT: tl.constexpr):
-    """Top-k work of chunk ``c`` of row ``t`` (visible length ``L``); see the module docstring.
-    Never calls ``tl.program_id``: usable from any role of a persistent kernel."""
+    """Top-k work of program ``c`` of row ``t`` (visible length ``L``); see the module docstring.
+
+    A row of ``nch = cdiv(L, CHUNK)`` chunks has ``npr = min(ppr, nch)`` programs (``ppr`` >= 1, the
+    same for every program of the row); program ``c < npr`` takes chunks ``c, c + npr, ...``, with
+    one cutoff. With ``npr == 1`` the program owns the row: no atomics, it selects right after its
+    last chunk. Never calls ``tl.program_id``: usable from any role of a persistent kernel."""
     tl.static_assert(CHUNK >= K)
     tl.static_assert(CAND >= 2 * K)
     nch = tl.maximum(tl.cdiv(L, CHUNK), 1)
-    if c < nch:
+    npr = tl.minimum(nch, tl.maximum(ppr, 1))
+    if c < npr:
         t64 = t.to(tl.int64)
         row = logits_ptr + t64 * stride_logits
         out = topk_ptr + t64 * stride_topk
+        r = tl.arange(0, CHUNK)
         if L <= K:
             rk = tl.arange(0, K)
             tl.store(out + rk, tl.where(rk < L, rk, -1))
-        else:
-            r = tl.arange(0, CHUNK)
-            offs = c * CHUNK + r
-            msk = offs < L
+        elif nch == 1:
+            msk = r < L
             # .cg: in a persistent kernel other programs of the launch wrote the row
-            k = tl.where(msk, _f32_to_key(tl.load(row + offs, mask=msk, other=0.0, cache_modifier=".cg")), _INT_MIN)
-            if nch == 1:
-                kth, pth = _select_exact(k, offs, msk, L, L - L + K, BITS, COUNT)
-                _write_selection(k, offs, msk, kth, pth, out, K)
-            else:
-                ctr = ctr_ptr + t64 * 2
-                ck = cand_key_ptr + t64 * CAND
-                cpos = cand_pos_ptr + t64 * CAND
-                tau = _row_cutoff(row, L, K, S, BITS, COUNT)
+            k = tl.where(msk, _f32_to_key(tl.load(row + r, mask=msk, other=0.0, cache_modifier=".cg")), _INT_MIN)
+            kth, pth = _select_exact(k, r, msk, L, L - L + K, BITS, COUNT)
+            _write_selection(k, r, msk, kth, pth, out, K)
+        else:
+            ctr = ctr_ptr + t64 * 2
+            ck = cand_key_ptr + t64 * CAND
+            cpos = cand_pos_ptr + t64 * CAND
+            scr = scratch_ptr + t64 * (2 * CP)
+            tau = _row_cutoff(row, L, K, S, BITS, COUNT)
+            n_own = L - L  # candidates of this program
+            for cc in range(c, nch, npr):
+                offs = cc * CHUNK + r
+                msk = offs < L
+                k = _f32_to_key(tl.load(row + offs, mask=msk, other=0.0, cache_modifier=".cg"))
                 m = msk & (k >= tau)
                 cs = tl.cumsum(m.to(tl.int32), 0)
-                res = tl.atomic_add(ctr, tl.sum(m.to(tl.int32), 0), sem="relaxed", scope="gpu")
+                n_m = tl.sum(m.to(tl.int32), 0)
+                if npr == 1:
+                    res = n_own
+                else:
+                    res = tl.atomic_add(ctr, n_m, sem="relaxed", scope="gpu")
+                n_own += n_m
                 slot = res + cs - 1
                 ok = m & (slot >= 0) & (slot < CAND)  # (slot < 0 only from dirty counters)
                 tl.store(ck + slot, k, mask=ok)
                 tl.store(cpos + slot, offs, mask=ok)
-                tl.debug_barrier()  # every thread's stores precede the release
+            tl.debug_barrier()  # every thread's stores precede the release (or this program's reads)
+            if npr == 1:
+                _finish_row(row, L, n_own, out, ck, cpos, scr, CHUNK, K, CAND, CP, RT, BITS, COUNT)
+            else:
                 old = tl.atomic_add(ctr + 1, 1, sem="acq_rel", scope="gpu")
-                if old == nch - 1:
+                if old == npr - 1:
                     n_c = tl.atomic_xchg(ctr, 0, sem="relaxed", scope="gpu")
                     tl.atomic_xchg(ctr + 1, 0, sem="relaxed", scope="gpu")
-                    if (n_c >= K) & (n_c <= CAND // 2):  # the usual case: half the lanes
-                        _select_candidates(ck, cpos, n_c, out, CAND // 2, K, BITS, COUNT)
-                    elif (n_c >= K) & (n_c <= CAND):
-                        _select_candidates(ck, cpos, n_c, out, CAND, K, BITS, COUNT)
-                    else:  # exact fallback: one program streams the row
-                        scr = scratch_ptr + t64 * (2 * CP)
-                        _stream_select(row, L, False, 0, L, L - L + K, out, L - L, ck, cpos, scr, CHUNK, CAND, CP,
-                                       RT)
+                    _finish_row(row, L, n_c, out, ck, cpos, scr, CHUNK, K, CAND, CP, RT, BITS, COUNT)
 
 
 @triton.jit
 def _sample_topk_kernel(logits_ptr, lens_ptr, topk_ptr, ctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr,
-                        stride_logits, stride_topk, num_rows, next_n, lmax,
+                        stride_logits, stride_topk, num_rows, next_n, lmax, ppr,
                         PER_ROW_LENS: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr, CAND: tl.constexpr,
                         CP: tl.constexpr, RT: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr,
                         COUNT: tl.constexpr):
-    """Program ``c * num_rows + t``: :func:`_sample_topk_item` for chunk ``c`` of row ``t``."""
+    """Program ``c * num_rows + t``: :func:`_sample_topk_item`, program ``c`` of row ``t`` (``ppr``
+    programs per row at most)."""
     item = tl.program_id(0)
     c = item // num_rows
     t = item - c * num_rows
     L = _radix_row_len(t, lens_ptr, next_n, lmax, PER_ROW_LENS)
-    _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, ctr_ptr, cand_key_ptr,
+    _sample_topk_item(t, c, L, ppr, logits_ptr, stride_logits, topk_ptr, stride_topk, ctr_ptr, cand_key_ptr,
                       cand_pos_ptr, scratch_ptr, CHUNK, K, CAND, CP, RT, S, BITS, COUNT)
 
 
@@ -300,10 +324,11 @@ def _sample_launch(logits, context_lens, topk_indices, next_n, ws, row_lens, max
     if T == 0:
         return
     lmax, chunk, n_chunks = launch_geometry(logits, max_len, cfg)
+    ppr = programs_per_row(cfg, T, n_chunks, logits.device)
     per_row = row_lens is not None
-    _sample_topk_kernel[(T * n_chunks,)](
+    _sample_topk_kernel[(T * ppr,)](
         logits, row_lens if per_row else context_lens, topk_indices, ws.counters, ws.cand_key, ws.cand_pos,
-        ws.scratch, logits.stride(0), topk_indices.stride(0), T, next_n, lmax,
+        ws.scratch, logits.stride(0), topk_indices.stride(0), T, next_n, lmax, ppr,
         PER_ROW_LENS=per_row, CHUNK=chunk, K=TOPK_K, CAND=ws.cand, CP=ws.cp, RT=RADIX_RT,
         S=cfg.sample or sample_size(lmax), BITS=cfg.bits, COUNT=cfg.count, num_warps=cfg.num_warps,
     )

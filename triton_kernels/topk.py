@@ -44,18 +44,19 @@ def topk(logits, context_lens, topk_indices, *, next_n: int, workspace, row_lens
 
 
 @triton.jit
-def _topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, ctr_ptr, cand_key_ptr,
+def _topk_item(t, c, L, ppr, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, ctr_ptr, cand_key_ptr,
                cand_pos_ptr, scratch_ptr, HAS_HIST: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr,
                CAND: tl.constexpr, CP: tl.constexpr, RT: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr,
                COUNT: tl.constexpr):
-    """The top-k item of the persistent kernels: ``S == 0`` the radix item
+    """The top-k item of the persistent kernels: ``S == 0`` the radix item for chunk ``c``
     (``radix_topk._radix_topk_item``, histogram-fed with ``HAS_HIST``), else :func:`_sample_topk_item`
-    with ``S`` sampled values per long row (``RadixTopkConfig.algo``)."""
+    for program ``c`` of the row's ``ppr`` (``topk_config.programs_per_row``) with ``S`` sampled values
+    per long row (``RadixTopkConfig.algo``)."""
     if S == 0:
         _radix_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, ctr_ptr, cand_key_ptr,
                          cand_pos_ptr, scratch_ptr, HAS_HIST, CHUNK, K, CAND, CP, RT)
     else:
-        _sample_topk_item(t, c, L, logits_ptr, stride_logits, topk_ptr, stride_topk, ctr_ptr, cand_key_ptr,
+        _sample_topk_item(t, c, L, ppr, logits_ptr, stride_logits, topk_ptr, stride_topk, ctr_ptr, cand_key_ptr,
                           cand_pos_ptr, scratch_ptr, CHUNK, K, CAND, CP, RT, S, BITS, COUNT)
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -25,6 +26,8 @@ RADIX_SHORT = 8192  # rows up to this many positions: one program per row
 # of the pairwise rank
 CAND_RANGE = (2 * TOPK_K, 32768)
 CP_RANGE = (32, 1024)
+PPR_MAX = 1 << 16  # programs per row of the sampled top-k, at most (rows have <= 80 chunks of 2048)
+INTERPRETER_SMS = 132  # the SM count ``programs_per_row`` assumes without a GPU (an H100 SXM's)
 
 @dataclasses.dataclass(frozen=True)
 class RadixTopkConfig:
@@ -40,6 +43,10 @@ class RadixTopkConfig:
         3 or 4 (2..6 with ``count=0``; 1 never narrows a bracket whose fp32 log2 rounds up: ``_span_shift``).
     count : how a round counts: 0 ``tl.histogram``, 1 packed one-hot int64 sums.
     sample : sampled values per long row (power of two in [256, 8192]); 0 = ``sample_topk.sample_size``.
+    programs_per_row : the sampled top-k's programs per long row, at most (each takes every
+        ``programs_per_row``-th chunk; one program owns its row with no atomics); 0 = auto
+        (:func:`programs_per_row`: ``num_sms // T``, so that many rows get one program each and
+        few rows get one per chunk). The radix algorithm always runs one program per chunk.
     algo : ``"sample"`` (default: ``sample_topk``, a sampled cutoff, no histogram) or ``"radix"``
         (this module: the 2048-bin histogram, built by the logits producer or a pass of its own);
         read by ``topk.topk`` and the persistent kernels.
@@ -52,6 +59,7 @@ class RadixTopkConfig:
     bits: int = 4
     count: int = 1
     sample: int = 0
+    programs_per_row: int = 0
     algo: str = "sample"
 
     def __post_init__(self):
@@ -59,7 +67,7 @@ class RadixTopkConfig:
         non-str ``algo``), ValueError for a value out of range."""
         if not isinstance(self.algo, str):
             raise TypeError(f"config.algo: expected a str, got {type(self.algo).__name__}")
-        for name in ("chunk", "short_max", "num_warps", "hist_warps", "bits", "count", "sample"):
+        for name in ("chunk", "short_max", "num_warps", "hist_warps", "bits", "count", "sample", "programs_per_row"):
             v = getattr(self, name)
             if type(v) is not int:
                 raise TypeError(f"config.{name}: expected an int, got {type(v).__name__} {v!r}")
@@ -77,6 +85,8 @@ class RadixTopkConfig:
         s = self.sample
         if type(s) is not int or (s != 0 and (not 256 <= s <= 8192 or s & (s - 1))):
             raise ValueError(f"config.sample: expected 0 or a power of two in [256, 8192], got {s!r}")
+        if not 0 <= self.programs_per_row <= PPR_MAX:
+            raise ValueError(f"config.programs_per_row: expected 0 (auto) .. {PPR_MAX}, got {self.programs_per_row!r}")
 
 
 class RadixTopkWorkspace:
@@ -268,10 +278,35 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
                            "triton), or pass CUDA tensors")
 
 
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def programs_per_row(config: RadixTopkConfig | None, num_rows: int, n_chunks: int, device) -> int:
+    """Programs per row of a top-k launch over ``num_rows`` rows of ``n_chunks`` chunks (its grid is
+    ``num_rows`` times this; every row's programs take its chunks in turn).
+
+    The radix algorithm: ``n_chunks`` (one program per chunk). The sampled one:
+    ``config.programs_per_row`` if set, else ``num_sms // num_rows`` (one wave of one 16-warp program
+    per SM: each extra program of a row repeats the row's sampled cutoff and adds atomics; a row
+    alone needs many programs to read it fast), both within ``[1, n_chunks]``. ``device``: the
+    logits' (its SM count; ``INTERPRETER_SMS`` off CUDA).
+    """
+    cfg = config or RadixTopkConfig()
+    if cfg.algo == "radix":
+        return n_chunks
+    want = cfg.programs_per_row or _num_sms(torch.device(device)) // max(num_rows, 1)
+    return min(max(want, 1), n_chunks)
+
+
 def launch_geometry(logits, max_len, config: RadixTopkConfig | None) -> tuple[int, int, int]:
     """``(lmax, chunk, n_chunks)`` of a top-k launch over ``logits`` [T, W]: the rows' length bound
     ``lmax = max(min(W, max_len), 0)`` (``max_len`` None: W), the positions per program
-    (:func:`radix_chunk`) and the programs per row (>= 1); both algorithms launch ``T * n_chunks``."""
+    (:func:`radix_chunk`) and the chunks per row (>= 1); the radix top-k launches ``T * n_chunks``
+    programs, the sampled one ``T * programs_per_row(...)``."""
     lmax = logits.shape[1] if max_len is None else min(logits.shape[1], int(max_len))
     lmax = max(lmax, 0)
     chunk = radix_chunk(lmax, config)
