@@ -235,12 +235,18 @@ def _sample_topk_item(t, c, L, ppr, logits_ptr, stride_logits, topk_ptr, stride_
             ck = cand_key_ptr + t64 * CAND
             cpos = cand_pos_ptr + t64 * CAND
             scr = scratch_ptr + t64 * (2 * CP)
+            # the first chunk's load is in flight while the cutoff is computed, and each chunk's
+            # while the one before is compacted (one chunk of registers ahead)
+            x = tl.load(row + c * CHUNK + r, mask=c * CHUNK + r < L, other=0.0, cache_modifier=".cg")
             tau = _row_cutoff(row, L, K, S, BITS, COUNT)
             n_own = L - L  # candidates of this program
             for cc in range(c, nch, npr):
                 offs = cc * CHUNK + r
                 msk = offs < L
-                k = _f32_to_key(tl.load(row + offs, mask=msk, other=0.0, cache_modifier=".cg"))
+                nxt = offs + npr * CHUNK
+                x_next = tl.load(row + nxt, mask=nxt < L, other=0.0, cache_modifier=".cg")
+                k = _f32_to_key(x)
+                x = x_next
                 m = msk & (k >= tau)
                 cs = tl.cumsum(m.to(tl.int32), 0)
                 n_m = tl.sum(m.to(tl.int32), 0)
