@@ -19,9 +19,9 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 pip install --no-deps --no-build-isolation -e . -q 2>&1 | tail -2
 if [ "$STAGE" = ops ]; then
   mkdir -p /tmp/vso && xz -T16 -dc .vx/_C_stable_libtorch.abi3.so.xz > /tmp/vso/_C_stable_libtorch.abi3.so
-  timeout "${TOPK_TIMEOUT:-300}" python -m smpart.bench.radix_topk_bench --out "$OUT/topk" ${TOPK_ARGS:-} 2>&1 \
+  timeout "${TOPK_TIMEOUT:-380}" python -m smpart.bench.radix_topk_bench --out "$OUT/topk" ${TOPK_ARGS:-} 2>&1 \
     | grep -v Warning | tee "$OUT/topk.log"
-  timeout "${SWEEP_TIMEOUT:-150}" python -m smpart.bench.radix_topk_bench --sweep --impl sample 2>&1 \
+  timeout "${SWEEP_TIMEOUT:-170}" python -m smpart.bench.radix_topk_bench --sweep --impl sample 2>&1 \
     | grep -v Warning | tee "$OUT/sweep.log"
 elif [ "$STAGE" = accept ]; then
   test -f /tmp/vso/_C_stable_libtorch.abi3.so || echo "no /tmp/vso: run stage ops first (vLLM columns read n/a)"
