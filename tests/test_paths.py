@@ -101,12 +101,12 @@ def test_partitioned_gemm_first_launch_variants(cfg, device):
     assert bool((ws.q_c_fp8[T:].view(torch.uint8) == 0x55).all()), "rows past T written"
 
 
-@pytest.mark.parametrize("split", [PartitionConfig(indexer_programs=2, gemm_programs=3),
-                                   PartitionConfig(gemm_in_tail=1.0, tail_gemm_programs=2)], ids=["standalone", "tail"])
-def test_partitioned_sampled_topk_fewer_programs_than_chunks(split, device):
+def test_partitioned_sampled_topk_fewer_programs_than_chunks(device):
     """The sampled top-k with fewer programs than chunks per row (``programs_per_row``): one program
-    owning its row (no atomics) and two programs taking alternate chunks of a three-chunk row, in the
-    standalone launch and beside the GEMM tiles; equal to ``reference``, counters back to zero."""
+    owning its row (no atomics) and two programs taking alternate chunks of a three-chunk row, beside
+    the GEMM tiles in the tail launch (``tests/test_sample_topk.py`` covers the standalone launch);
+    equal to ``reference``, counters back to zero."""
+    split = PartitionConfig(gemm_in_tail=1.0, tail_gemm_programs=2)
     b = make_decode_batch([4100, 70, 2], num_heads=16, next_n=2, num_padding=1, seed=17)
     b = b if device == "cpu" else _to(b, device)
     ref = b.clone()

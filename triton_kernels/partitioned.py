@@ -87,11 +87,11 @@ class PartitionConfig:
     block_n, block_t : GEMM tile (weight rows x tokens); ``block_t=None`` = by T.
     blocks_per_item : 64-token cache blocks per logits item (divides 256).
     num_warps, num_stages : shared by both roles.
-    fuse_topk : run the top-k inside the launch: the last arriving logits item of a row runs
-        ``radix_topk._radix_topk_item`` for each chunk of the row in turn, at the launch's
-        ``num_warps``; False runs the fused launch without it (fewer registers, higher occupancy for
-        the GEMM and logits roles), then the radix top-k as a second launch
-        (``radix_topk.radix_topk(hist_ready=True)``, or the tail launch with ``gemm_in_tail``).
+    fuse_topk : run the top-k inside the launch: the last arriving logits item of a row runs the
+        row's top-k at the launch's ``num_warps`` (the sampled top-k as the row's only program; the
+        radix item for each chunk in turn); False runs the fused launch without it (fewer
+        registers, higher occupancy for the GEMM and logits roles), then the top-k as a second
+        launch (``topk.topk``, or the tail launch with ``gemm_in_tail``).
     topk_config : ``radix_topk.RadixTopkConfig`` of the top-k (``None`` = its defaults): ``chunk``
         and ``short_max`` set the positions per top-k item (``radix_topk.radix_chunk``) in every
         split, ``num_warps`` the warps of the second launch (standalone or tail; the tail's GEMM
@@ -387,11 +387,15 @@ def _indexer_logits_and_topk_item(
     if ROLES & 4:
         # a row's real items: max(cdiv(blocks, BLOCKS_PER_ITEM), 1) (run 0 always runs)
         if _arrive(row_ctr_ptr + t, tl.maximum(tl.cdiv(nblk, BLOCKS_PER_ITEM), 1)):
-            nch = tl.maximum(tl.cdiv(L, TOPK_CHUNK), 1)
-            for c in range(0, nch):  # one item per chunk (ppr = nch), in turn
-                _topk_item(t, c, L, nch, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr, rctr_ptr,
-                           cand_key_ptr, cand_pos_ptr, scratch_ptr, HIST, TOPK_CHUNK, TOPK_K, CAND, CP, _RT,
-                           TOPK_S, TOPK_BITS, TOPK_COUNT)
+            if TOPK_S == 0:  # the radix items, one per chunk, in turn
+                for c in range(0, tl.maximum(tl.cdiv(L, TOPK_CHUNK), 1)):
+                    _topk_item(t, c, L, L - L + 1, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr,
+                               rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr, HIST, TOPK_CHUNK, TOPK_K, CAND,
+                               CP, _RT, TOPK_S, TOPK_BITS, TOPK_COUNT)
+            else:  # the sampled top-k: this program owns the row (one cutoff, no atomics)
+                _topk_item(t, L - L, L, L - L + 1, logits_ptr, stride_logits, topk_ptr, stride_topk, hist_ptr,
+                           rctr_ptr, cand_key_ptr, cand_pos_ptr, scratch_ptr, HIST, TOPK_CHUNK, TOPK_K, CAND, CP,
+                           _RT, TOPK_S, TOPK_BITS, TOPK_COUNT)
 
 
 @triton.jit
