@@ -23,6 +23,11 @@ kernel (16 warps) 128 / 56 at 4096-position chunks, 128 / 120 at 8192. Its parts
 spill (exact select over 4096 / 8192 lanes 84 / 107 registers, the cutoff over 2048 samples 59):
 the spills come from holding them together with the 8192-lane final select.
 
+With programs per row (2026-12-08, later; a program takes every npr-th chunk, the next chunk's
+load in flight): the standalone sampled top-k 128 / 32 at 4096-position chunks, 128 / 64 at 8192
+(16 warps); the tail launch 128 / 760 (4096) and 128 / 824 (8192); the in-launch sampled top-k
+(4 warps, the row's only program) 255 / 2512 GEMM-less.
+
 Shared memory per block (``metadata.shared``, 2026-12-08): 16 KB (standalone sampled top-k, 8 warps)
 to 32 KB (16 warps), 33 KB GEMM-less first launch, 64 KB with GEMM tiles, 73 KB tail launch; the
 test keeps every variant under sm_90's 227 KB (a larger request fails at launch on the GPU).
