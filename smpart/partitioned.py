@@ -210,8 +210,9 @@ def partitioned_region(args, ws, config: PartitionConfig | None = None, use_ue8m
             _tail_launch(args, ws, cfg, use_ue8m0, N - tail_cols, block_t, n_t_tiles, hw_cvt, prequant, xq, xs,
                          cols, topk_chunk, tcfg, topk_cx)
     elif cfg.roles & 4:
+        # check_values=False: run_region checked the workspace's clean state before the first launch
         topk(ws.logits, args.context_lens, args.topk_indices, next_n=next_n, workspace=rw, max_len=cols,
-             hist_ready=hist, config=cfg.topk_config)
+             hist_ready=hist, config=cfg.topk_config, check_values=False)
 
 
 _vllm_topk_missing: str | None = None  # why vLLM's ops did not load for a tuned topk_impl="vllm" (warned once)
@@ -285,7 +286,8 @@ def _tail_launch(args, ws, cfg: PartitionConfig, use_ue8m0: bool, n_cut: int, bl
     T, next_n = args.num_tokens, args.next_n
     N = args.num_heads * dims.QK_HEAD_DIM
     rw = ws.radix
-    ppr = programs_per_row(tcfg, T, max(triton.cdiv(cols, chunk), 1), args.q_c.device)
+    n_chunks = max(triton.cdiv(cols, chunk), 1)
+    ppr = n_chunks if tcfg.algo == "radix" else programs_per_row(tcfg, T, n_chunks, args.q_c.device)
     n_topk = T * ppr if cfg.roles & 4 else 0
     bn = cfg.tail_block_n
     gemm_lo = (n_cut // bn) * n_t_tiles

@@ -111,11 +111,11 @@ def test_repeated_calls_one_workspace(device):
 
 
 def test_programs_per_row():
-    """The grid's programs per row: one per chunk for the radix algorithm; the sampled one's
-    ``num_sms // T`` within [1, chunks], or the config's bound."""
+    """The sampled top-k's programs per row: ``num_sms // T`` within [1, chunks], or the config's
+    bound (``config.algo`` is not read: ``sample_topk`` ignores it); arguments checked."""
     from smpart.triton_kernels.topk_config import INTERPRETER_SMS, programs_per_row
 
-    assert programs_per_row(rt.RadixTopkConfig(algo="radix", programs_per_row=1), 128, 16, "cpu") == 16
+    assert programs_per_row(rt.RadixTopkConfig(algo="radix", programs_per_row=1), 128, 16, "cpu") == 1
     assert programs_per_row(None, 128, 16, "cpu") == max(INTERPRETER_SMS // 128, 1) == 1
     assert programs_per_row(None, 32, 4, "cpu") == 4
     assert programs_per_row(None, 1, 80, "cpu") == 80
@@ -125,6 +125,41 @@ def test_programs_per_row():
         rt.RadixTopkConfig(programs_per_row=-1)
     with pytest.raises(TypeError, match="config.programs_per_row"):
         rt.RadixTopkConfig(programs_per_row=1.0)
+    for args, exc, match in (((None, 1, 0, "cpu"), ValueError, "n_chunks"), ((None, -1, 4, "cpu"), ValueError,
+                             "num_rows"), (("x", 1, 3, "cpu"), TypeError, "config"),
+                             ((None, 1, 3, "bogus"), ValueError, "device"), ((None, True, 3, "cpu"), TypeError,
+                             "num_rows")):
+        with pytest.raises(exc, match=match):
+            programs_per_row(*args)
+    ws = rt.RadixTopkWorkspace(2, "cpu")
+    for args, exc, match in (((-1, "cpu"), ValueError, "num_rows"), ((True, "cpu"), TypeError, "num_rows"),
+                             (("2", "cpu"), TypeError, "num_rows"), ((2, "bogus"), ValueError, "device")):
+        with pytest.raises(exc, match=match):
+            ws.check(*args)
+
+
+@launches
+def test_sample_topk_honours_programs_per_row_whatever_algo_says(device, monkeypatch):
+    """``sample_topk`` is the sampled top-k whatever ``config.algo`` says, and its grid follows
+    ``programs_per_row`` (one program for a five-chunk row here)."""
+    from smpart.triton_kernels import sample_topk as st
+
+    grids = []
+    kernel = st._sample_topk_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(st, "_sample_topk_kernel", Spy())
+    x = torch.randn(1, 9000, device=device)
+    out = torch.full((1, K), -7, dtype=torch.int32, device=device)
+    lens = torch.tensor([9000], dtype=torch.int32, device=device)
+    cfg = rt.RadixTopkConfig(chunk=2048, short_max=2048, num_warps=4, programs_per_row=1, algo="radix")
+    sample_topk(x, None, out, next_n=1, workspace=rt.RadixTopkWorkspace(1, device), row_lens=lens, config=cfg)
+    assert grids == [(1,)]
+    check_exact(out, x, lens.cpu())
 
 
 def test_sample_size_and_config_checks():
@@ -194,6 +229,15 @@ def test_direct_calls_refuse_a_bad_workspace_or_aliasing():
                   "topk_indices: shares memory with workspace.cand_key"))
     cases.append((dict(workspace=ws, context_lens=ws.scratch[0, :2]), ValueError,
                   "workspace.scratch: shares memory with context_lens"))
+    big = torch.zeros(2, 300000)  # views of one allocation over 1 MiB: refused, and the message says why
+    cases.append((dict(workspace=ws, logits=big[:, :150000], topk_indices=big[:, 200000:200000 + K].view(torch.int32)),
+                  ValueError, r"topk_indices: shares memory with logits \(or may"))
+    ws = rt.RadixTopkWorkspace(2, "cpu")
+    ws.hist[1, 7] = 1
+    cases.append((dict(workspace=ws, config=rt.RadixTopkConfig(algo="radix")), ValueError,
+                  "workspace.hist: 1 entries are not zero"))
+    cases.append((dict(workspace=ws, config=rt.RadixTopkConfig(algo="radix"), check_values=1), TypeError,
+                  "check_values"))
     for kw, exc, match in cases:
         args = dict(logits=x, context_lens=lens, topk_indices=out, next_n=1) | kw
         before = {k: v.clone() for k, v in vars(kw["workspace"]).items() if isinstance(v, torch.Tensor)}
@@ -222,8 +266,13 @@ def test_dirty_counters_never_write_out_of_bounds(device):
             n = 2 * ws.cand
             guards = [torch.full((n + 128,), -7, dtype=torch.int32, device=device) for _ in range(2)]
             ws.cand_key, ws.cand_pos = (g[64:64 + n].view(2, ws.cand) for g in guards)
-            topk(x, None, buf[:2, :K], next_n=1, workspace=ws, row_lens=torch.tensor([L, L], dtype=torch.int32,
-                 device=device), config=rt.RadixTopkConfig(chunk=2048, short_max=2048, algo=algo))
+            lens = torch.tensor([L, L], dtype=torch.int32, device=device)
+            cfg = rt.RadixTopkConfig(chunk=2048, short_max=2048, algo=algo)
+            with pytest.raises(ValueError, match="workspace.counters: 1 entries are not zero"):
+                topk(x, None, buf[:2, :K], next_n=1, workspace=ws, row_lens=lens, config=cfg)
+            assert bool((buf == -7).all()), "a refused call wrote"
+            # past the eager check (as under a CUDA graph): wrong rows, never a store out of bounds
+            topk(x, None, buf[:2, :K], next_n=1, workspace=ws, row_lens=lens, config=cfg, check_values=False)
             assert bool((buf[:2, K:] == -7).all()) and bool((buf[2] == -7).all()), (algo, dirty)
             for g in guards:
                 assert bool((g[:64] == -7).all()) and bool((g[64 + n:] == -7).all()), (algo, dirty, "candidates")

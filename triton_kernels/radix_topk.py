@@ -414,7 +414,8 @@ def hist_fed(num_rows: int, lmax: int, config: RadixTopkConfig | None = None) ->
 
 def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_indices: torch.Tensor, *, next_n: int,
                workspace: RadixTopkWorkspace, row_lens: torch.Tensor | None = None, max_len: int | None = None,
-               hist_ready: bool = False, config: RadixTopkConfig | None = None) -> None:
+               hist_ready: bool = False, config: RadixTopkConfig | None = None,
+               check_values: bool | None = None) -> None:
     """Top-2048 positions of every decode row's visible logits, -1 padded (one or two launches), by
     this module's histogram algorithm whatever ``config.algo`` says (``topk.topk`` is the entry point
     that dispatches on it).
@@ -427,28 +428,42 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
     topk_indices : int32 [T, 2048] output, unit stride in the last dim (T = its first dim).
     next_n : rows per request (1 or 2).
     workspace : :class:`RadixTopkWorkspace` with ``max_tokens >= T``.
-    row_lens : optional int32 [T] visible lengths (replaces ``context_lens``/``next_n``).
-    max_len : optional host bound on every ``L_t``; lengths are clamped to ``lmax = min(W, max_len)``.
+    row_lens : optional int32 [T] visible lengths (replaces ``context_lens``/``next_n``, which are
+        then not read).
+    max_len : optional host bound on every ``L_t``; lengths are clamped to ``lmax = min(W, max_len)``
+        (so a length past the logits' width W is cut to W, silently).
     hist_ready : (``algo="radix"`` only) the producer already added each row's ``L_t`` visible values to
         ``workspace.hist`` (``mqa_logits.paged_mqa_logits(hist=workspace.hist)`` with the same
         lengths); else a histogram pass runs first when a row spans several chunks.
     config : :class:`RadixTopkConfig`.
+    check_values : refuse a workspace left dirty by a launch that did not complete (non-zero
+        ``counters``, and ``hist`` unless ``hist_ready``): one host sync. None (default): on unless
+        a CUDA graph is being captured on the current stream.
 
     Raises
     ------
     TypeError : an argument of the wrong type (not a tensor, a workspace or config of another
-        class, a non-int ``next_n`` / ``max_len``).
-    ValueError : wrong dtype / rank / device / last-dim stride, ``topk_indices`` not 2048 wide,
-        ``logits`` or the lengths shorter than T rows, neither ``context_lens`` nor ``row_lens``,
-        ``next_n`` < 1, ``max_len`` < 0, workspace too small (metadata only: no host sync).
+        class, a non-int ``next_n`` / ``max_len`` (a numpy int too), a non-bool ``hist_ready`` /
+        ``check_values``); a workspace buffer of the wrong dtype.
+    ValueError : wrong dtype / rank / device / last-dim stride of an argument, ``topk_indices`` not
+        2048 wide, ``logits`` or the lengths shorter than T rows, non-contiguous lengths, neither
+        ``context_lens`` nor ``row_lens``, ``next_n`` not 1 or 2, ``max_len`` < 0, a workspace that
+        does not fit (``RadixTopkWorkspace.check``), an output sharing memory with an input or
+        another output (views of one allocation over 1 MiB are refused unless provably disjoint by
+        their byte ranges), dirty workspace state (``check_values``).
+    RuntimeError : CPU tensors without ``TRITON_INTERPRET=1``.
 
     Notes
     -----
-    No host sync, no allocation; the grid depends on T and lmax only (CUDA-graph capturable).
+    No allocation, and no host sync unless ``check_values``; the grid depends on T and lmax only
+    (CUDA-graph capturable). NaN: keys follow the fp32 bits (``_f32_to_key``): +NaN ranks above
+    +inf, -NaN below -inf (``torch.topk`` ranks every NaN first); ``run_region`` refuses
+    non-finite inputs before they reach the logits.
     """
     if not isinstance(hist_ready, bool):
         raise TypeError(f"hist_ready: expected a bool, got {type(hist_ready).__name__}")
-    _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
+    _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config,
+                      check_values, hist_ready)
     _radix_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, hist_ready,
                   config or RadixTopkConfig())
 

@@ -294,7 +294,7 @@ def sample_size(lmax: int) -> int:
 
 
 def sample_topk(logits, context_lens, topk_indices, *, next_n: int, workspace, row_lens=None, max_len=None,
-                config=None) -> None:
+                config=None, check_values=None) -> None:
     """Top-2048 positions of every decode row's visible logits, -1 padded (one launch).
 
     Parameters
@@ -309,17 +309,23 @@ def sample_topk(logits, context_lens, topk_indices, *, next_n: int, workspace, r
     row_lens : optional int32 [T] visible lengths (replaces ``context_lens``/``next_n``).
     max_len : optional host bound on every ``L_t``; lengths are clamped to ``lmax = min(W, max_len)``.
     config : ``radix_topk.RadixTopkConfig`` (``chunk``, ``short_max``, ``num_warps``, ``bits``,
-        ``count``, ``sample``); None = its defaults.
+        ``count``, ``sample``, ``programs_per_row``; ``algo`` is not read: this is the sampled
+        top-k); None = its defaults.
+    check_values : as ``radix_topk.radix_topk`` (non-zero ``counters`` refused; one host sync; None:
+        unless capturing).
 
     Raises
     ------
-    TypeError, ValueError : as ``radix_topk.radix_topk`` (the same checks, before any launch).
+    TypeError, ValueError, RuntimeError : as ``radix_topk.radix_topk`` (the same checks, before any
+        launch).
 
     Notes
     -----
-    No host sync, no allocation; the grid depends on T and lmax only (CUDA-graph capturable).
+    No allocation, and no host sync unless ``check_values``; the grid depends on T and lmax only
+    (CUDA-graph capturable). NaN ordering as ``radix_topk.radix_topk``.
     """
-    _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
+    _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config,
+                      check_values, False)
     _sample_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len,
                    config or RadixTopkConfig())
 
@@ -330,7 +336,7 @@ def _sample_launch(logits, context_lens, topk_indices, next_n, ws, row_lens, max
     if T == 0:
         return
     lmax, chunk, n_chunks = launch_geometry(logits, max_len, cfg)
-    ppr = programs_per_row(cfg, T, n_chunks, logits.device)
+    ppr = programs_per_row(cfg, T, n_chunks, logits.device)  # (config.algo is not read)
     per_row = row_lens is not None
     _sample_topk_kernel[(T * ppr,)](
         logits, row_lens if per_row else context_lens, topk_indices, ws.counters, ws.cand_key, ws.cand_pos,

@@ -14,25 +14,33 @@ from .sample_topk import _sample_launch, _sample_topk_item, sample_size
 
 
 def topk(logits, context_lens, topk_indices, *, next_n: int, workspace, row_lens=None, max_len=None,
-         hist_ready: bool = False, config: RadixTopkConfig | None = None) -> None:
+         hist_ready: bool = False, config: RadixTopkConfig | None = None, check_values: bool | None = None) -> None:
     """Top-2048 positions of every decode row's visible logits, -1 padded: ``config.algo``
     ``"sample"`` (default) runs ``sample_topk.sample_topk``, ``"radix"`` ``radix_topk.radix_topk``.
 
     Parameters
     ----------
-    logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config : as
-        ``radix_topk.radix_topk`` (shapes, dtypes and the length rule are documented there).
+    logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config, check_values : as
+        ``radix_topk.radix_topk`` (shapes, dtypes, the length rule, NaN ordering and the dirty-state
+        check are documented there).
     hist_ready : the logits producer filled ``workspace.hist`` for these rows (``algo="radix"`` only).
 
     Raises
     ------
-    TypeError, ValueError : as ``radix_topk.radix_topk`` (argument checks before any launch), and
-        ``hist_ready`` with ``algo="sample"`` (the sampled top-k reads no histogram, so nothing would
-        zero it).
+    TypeError, ValueError, RuntimeError : as ``radix_topk.radix_topk`` (checks before any launch),
+        and ``hist_ready`` with ``algo="sample"`` (the sampled top-k reads no histogram, so nothing
+        would zero it).
+
+    Example
+    -------
+    >>> ws = RadixTopkWorkspace(T, "cuda")              # topk_config.RadixTopkWorkspace, once
+    >>> out = torch.empty(T, 2048, dtype=torch.int32, device="cuda")
+    >>> topk(logits, None, out, next_n=1, workspace=ws, row_lens=lens)  # lens: int32 [T]
     """
     if not isinstance(hist_ready, bool):
         raise TypeError(f"hist_ready: expected a bool, got {type(hist_ready).__name__}")
-    _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config)
+    _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config,
+                      check_values, hist_ready)
     cfg = config or RadixTopkConfig()
     if cfg.algo == "radix":
         _radix_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, hist_ready, cfg)

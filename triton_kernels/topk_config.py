@@ -46,7 +46,8 @@ class RadixTopkConfig:
     programs_per_row : the sampled top-k's programs per long row, at most (each takes every
         ``programs_per_row``-th chunk; one program owns its row with no atomics); 0 = auto
         (:func:`programs_per_row`: ``num_sms // T``, so that many rows get one program each and
-        few rows get one per chunk). The radix algorithm always runs one program per chunk.
+        few rows get one per chunk). The radix algorithm always runs one program per chunk
+        (``radix_topk.radix_topk`` ignores it, as ``sample_topk.sample_topk`` ignores ``algo``).
     algo : ``"sample"`` (default: ``sample_topk``, a sampled cutoff, no histogram) or ``"radix"``
         (this module: the 2048-bin histogram, built by the logits producer or a pass of its own);
         read by ``topk.topk`` and the persistent kernels.
@@ -138,8 +139,9 @@ class RadixTopkWorkspace:
 
     def reset(self) -> None:
         """Zero ``hist`` and ``counters`` (both are zero between launches; a launch that did not
-        complete, e.g. an interrupted graph replay, leaves them dirty and the next launch's
-        selection wrong; never out of bounds: every store is masked to its row and slots)."""
+        complete, e.g. an interrupted graph replay, leaves them dirty and every later launch's
+        selection wrong, rows possibly unwritten; never out of bounds: every store is masked to its
+        row and slots). The launchers refuse dirty counters in eager mode (:meth:`check_clean`)."""
         self.hist.zero_()
         self.counters.zero_()
 
@@ -157,8 +159,17 @@ class RadixTopkWorkspace:
         ------
         TypeError : a geometry field that is not an int, a buffer that is not a tensor or has the
             wrong dtype (the message names ``{name}.<field>``).
-        ValueError : a geometry field out of range, too few rows, a wrong shape, device or stride.
+        ValueError : a geometry field out of range, too few rows, a wrong shape, device or stride;
+            ``num_rows`` < 0, ``device`` not a device (TypeError: ``num_rows`` not an int).
         """
+        if isinstance(num_rows, bool) or not isinstance(num_rows, int):
+            raise TypeError(f"num_rows: expected an int, got {num_rows!r}")
+        if num_rows < 0:
+            raise ValueError(f"num_rows: expected >= 0, got {num_rows}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: not a torch device ({e})") from None
         for field in ("max_tokens", "cand", "cp"):
             v = getattr(self, field, None)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -176,6 +187,19 @@ class RadixTopkWorkspace:
         for field, x in vars(self).items():
             if isinstance(x, torch.Tensor) and field not in want:
                 check_buffer(f"{name}.{field}", x, x.dtype, device, (num_rows,) + tuple(x.shape[1:]))
+
+    def check_clean(self, num_rows: int, hist: bool = False, name: str = "workspace") -> None:
+        """Raise ``ValueError`` if ``counters[:num_rows]`` (and ``hist[:num_rows]`` with ``hist``) is
+        not zero: state left by a launch that did not complete. With it every later launch is
+        wrong (no program is elected last arriver, so rows may stay unwritten, and the counters drift
+        further), never out of bounds; :meth:`reset` clears it. Reads the buffers on the host (one
+        sync): not under CUDA-graph capture."""
+        for field, on in (("counters", True), ("hist", hist)):
+            if on:
+                nz = int(torch.count_nonzero(getattr(self, field)[:num_rows]).item())
+                if nz:
+                    raise ValueError(f"{name}.{field}: {nz} entries are not zero (a launch did not complete); "
+                                     f"call {name}.reset() before reusing this workspace")
 
     @property
     def nbytes(self) -> int:
@@ -219,12 +243,15 @@ def check_buffer(name: str, x, dtype: torch.dtype, device, min_shape: tuple, exa
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
 
 
-def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config) -> None:
-    """Metadata checks of both top-k launchers (no device reads; capturable): TypeError / ValueError
-    naming the argument (types, dtypes, shapes, devices, contiguous lengths, ``next_n`` 1 or 2, the
-    workspace's geometry and buffers (:meth:`RadixTopkWorkspace.check`), outputs that overlap each
-    other or an input (``aliasing.check_no_overlap``)), then RuntimeError for CPU tensors without
-    ``TRITON_INTERPRET=1``."""
+def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config,
+                      check_values=None, hist_ready=False) -> None:
+    """Checks of every top-k launcher, before any launch: TypeError / ValueError naming the argument
+    (types, dtypes, shapes, devices, contiguous lengths, ``next_n`` 1 or 2, the workspace's geometry
+    and buffers (:meth:`RadixTopkWorkspace.check`), outputs that overlap each other or an input
+    (``aliasing.check_no_overlap``)), RuntimeError for CPU tensors without ``TRITON_INTERPRET=1``
+    (all from metadata: capturable); then, with ``check_values`` (None: unless a CUDA graph is being
+    captured), the workspace's clean state from its values (:meth:`RadixTopkWorkspace.check_clean`:
+    one host sync)."""
     for name, x in (("logits", logits), ("topk_indices", topk_indices)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -276,6 +303,15 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
     if logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("logits: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing "
                            "triton), or pass CUDA tensors")
+    if check_values is not None and not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool or None, got {check_values!r}")
+    if check_values if check_values is not None else not _capturing():
+        workspace.check_clean(T, hist=not hist_ready and (config or RadixTopkConfig()).algo == "radix")
+
+
+def _capturing() -> bool:
+    """Is a CUDA graph being captured on the current stream (no host reads then)?"""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @functools.lru_cache(maxsize=16)
@@ -286,19 +322,33 @@ def _num_sms(device: torch.device) -> int:
 
 
 def programs_per_row(config: RadixTopkConfig | None, num_rows: int, n_chunks: int, device) -> int:
-    """Programs per row of a top-k launch over ``num_rows`` rows of ``n_chunks`` chunks (its grid is
-    ``num_rows`` times this; every row's programs take its chunks in turn).
+    """Programs per row of a sampled top-k launch over ``num_rows`` rows of ``n_chunks`` chunks (its
+    grid is ``num_rows`` times this; every row's programs take its chunks in turn; the radix
+    algorithm always runs one program per chunk and does not call this).
 
-    The radix algorithm: ``n_chunks`` (one program per chunk). The sampled one:
-    ``config.programs_per_row`` if set, else ``num_sms // num_rows`` (one wave of one 16-warp program
-    per SM: each extra program of a row repeats the row's sampled cutoff and adds atomics; a row
-    alone needs many programs to read it fast), both within ``[1, n_chunks]``. ``device``: the
+    Returns ``config.programs_per_row`` if set, else ``num_sms // num_rows`` (one wave of one 16-warp
+    program per SM: each extra program of a row repeats the row's sampled cutoff and adds atomics; a
+    row alone needs many programs to read it fast), both within ``[1, n_chunks]``. ``device``: the
     logits' (its SM count; ``INTERPRETER_SMS`` off CUDA).
+
+    Raises
+    ------
+    TypeError : ``config`` not a RadixTopkConfig or None; ``num_rows`` / ``n_chunks`` not an int.
+    ValueError : ``num_rows`` < 0, ``n_chunks`` < 1, ``device`` not a device.
     """
+    if config is not None and not isinstance(config, RadixTopkConfig):
+        raise TypeError(f"config: expected a RadixTopkConfig or None, got {type(config).__name__}")
+    for name, v, lo in (("num_rows", num_rows, 0), ("n_chunks", n_chunks, 1)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected an int, got {v!r}")
+        if v < lo:
+            raise ValueError(f"{name}: expected >= {lo}, got {v}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: not a torch device ({e})") from None
     cfg = config or RadixTopkConfig()
-    if cfg.algo == "radix":
-        return n_chunks
-    want = cfg.programs_per_row or _num_sms(torch.device(device)) // max(num_rows, 1)
+    want = cfg.programs_per_row or _num_sms(device) // max(num_rows, 1)
     return min(max(want, 1), n_chunks)
 
 
