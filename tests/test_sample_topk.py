@@ -247,6 +247,11 @@ def test_direct_calls_refuse_a_bad_workspace_or_aliasing():
         after = {k: v for k, v in vars(kw["workspace"]).items() if isinstance(v, torch.Tensor)}
         after["topk_indices"] = args["topk_indices"]
         assert all(torch.equal(before[k], after[k]) for k in before), f"a refused call wrote ({match})"
+    ws = rt.RadixTopkWorkspace(2, "cpu")
+    ws.hist[0, 3] = 2
+    with pytest.raises(ValueError, match="workspace.hist"):  # radix_topk runs the radix algorithm whatever config says
+        rt.radix_topk(x, lens, out, next_n=1, workspace=ws)
+    assert bool((out == -7).all())
 
 
 @launches

@@ -463,7 +463,7 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
     if not isinstance(hist_ready, bool):
         raise TypeError(f"hist_ready: expected a bool, got {type(hist_ready).__name__}")
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config,
-                      check_values, hist_ready)
+                      check_values, hist_ready, "radix")
     _radix_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, hist_ready,
                   config or RadixTopkConfig())
 

@@ -325,7 +325,7 @@ def sample_topk(logits, context_lens, topk_indices, *, next_n: int, workspace, r
     (CUDA-graph capturable). NaN ordering as ``radix_topk.radix_topk``.
     """
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config,
-                      check_values, False)
+                      check_values, False, "sample")
     _sample_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len,
                    config or RadixTopkConfig())
 

@@ -40,7 +40,7 @@ def topk(logits, context_lens, topk_indices, *, next_n: int, workspace, row_lens
     if not isinstance(hist_ready, bool):
         raise TypeError(f"hist_ready: expected a bool, got {type(hist_ready).__name__}")
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config,
-                      check_values, hist_ready)
+                      check_values, hist_ready, (config or RadixTopkConfig()).algo)
     cfg = config or RadixTopkConfig()
     if cfg.algo == "radix":
         _radix_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, hist_ready, cfg)

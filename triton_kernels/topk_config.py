@@ -244,14 +244,14 @@ def check_buffer(name: str, x, dtype: torch.dtype, device, min_shape: tuple, exa
 
 
 def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config,
-                      check_values=None, hist_ready=False) -> None:
+                      check_values=None, hist_ready=False, algo: str = "sample") -> None:
     """Checks of every top-k launcher, before any launch: TypeError / ValueError naming the argument
     (types, dtypes, shapes, devices, contiguous lengths, ``next_n`` 1 or 2, the workspace's geometry
     and buffers (:meth:`RadixTopkWorkspace.check`), outputs that overlap each other or an input
     (``aliasing.check_no_overlap``)), RuntimeError for CPU tensors without ``TRITON_INTERPRET=1``
     (all from metadata: capturable); then, with ``check_values`` (None: unless a CUDA graph is being
     captured), the workspace's clean state from its values (:meth:`RadixTopkWorkspace.check_clean`:
-    one host sync)."""
+    one host sync; ``hist`` too when ``algo`` is the radix algorithm that runs and not ``hist_ready``)."""
     for name, x in (("logits", logits), ("topk_indices", topk_indices)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -306,7 +306,7 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
     if check_values is not None and not isinstance(check_values, bool):
         raise TypeError(f"check_values: expected a bool or None, got {check_values!r}")
     if check_values if check_values is not None else not _capturing():
-        workspace.check_clean(T, hist=not hist_ready and (config or RadixTopkConfig()).algo == "radix")
+        workspace.check_clean(T, hist=algo == "radix" and not hist_ready)
 
 
 def _capturing() -> bool:
