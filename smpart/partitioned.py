@@ -254,8 +254,10 @@ def _vllm_topk_launch(args, ws, ops, cols: int) -> None:
     The ops read each row's length from ``ws.vllm_topk_lens`` viewed ``[B, next_n]`` (written by
     ``launch_vllm_topk_prep``: the visible length clamped to ``cols``, the logits' bound, since
     ``context_lens`` is not trusted under CUDA graphs); ``max_seq_len`` (a host int: vLLM passes
-    ``max(seq_lens)``, whose read would sync) is ``cols``, a bound of every row's length from
-    shapes only. They write each row's top positions and -1 past ``min(L, 2048)``; the prep's -1
+    ``max(seq_lens)`` in eager steps, whose read would sync) is ``cols``, a bound of every row's length
+    from shapes only. In the FULL CUDA graphs a vLLM server replays, vLLM itself captured the top-k
+    with ``max_seq_len = max_model_len`` (``v1/worker/gpu_model_runner.py``,
+    ``_build_attention_metadata(for_cudagraph_capture=True)``), about what ``cols`` is there. They write each row's top positions and -1 past ``min(L, 2048)``; the prep's -1
     fill covers any slot they leave unwritten.
     """
     T, next_n = args.num_tokens, args.next_n
