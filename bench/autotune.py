@@ -212,6 +212,7 @@ def _name(cfg: PartitionConfig | None, path: str) -> str:
     tk = cfg.topk_config
     if tk is not None and tk != RadixTopkConfig():
         tail += f"-topk:{tk.algo}-c{tk.chunk}-s{tk.short_max}-w{tk.num_warps}"
+        tail += f"-p{tk.programs_per_row}" if tk.programs_per_row else ""
     split = (f"dense/{cfg.gemm_programs or 'tiles'}" if cfg.dense_first  # indexer_programs unused
              else f"{cfg.indexer_programs}/{cfg.gemm_programs}")
     return f"partitioned:{split}-bn{cfg.block_n}-r{cfg.blocks_per_item}{'-fusedtopk' if cfg.fuse_topk else ''}{tail}"
