@@ -229,8 +229,8 @@ def test_direct_calls_refuse_a_bad_workspace_or_aliasing():
                   "topk_indices: shares memory with workspace.cand_key"))
     cases.append((dict(workspace=ws, context_lens=ws.scratch[0, :2]), ValueError,
                   "workspace.scratch: shares memory with context_lens"))
-    big = torch.zeros(2, 300000)  # views of one allocation over 1 MiB: refused, and the message says why
-    cases.append((dict(workspace=ws, logits=big[:, :150000], topk_indices=big[:, 200000:200000 + K].view(torch.int32)),
+    big = torch.zeros(2, 1200000)  # views of one allocation over 4 MiB: refused, and the message says why
+    cases.append((dict(workspace=ws, logits=big[:, :600000], topk_indices=big[:, 700000:700000 + K].view(torch.int32)),
                   ValueError, r"topk_indices: shares memory with logits \(or may"))
     ws = rt.RadixTopkWorkspace(2, "cpu")
     ws.hist[1, 7] = 1

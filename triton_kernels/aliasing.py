@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-# bytes per tensor compared address by address (host memory and time: 8 B and ~0.1 us per byte; vLLM's
-# [T, 576] bf16 kv_a output, whose last 64 columns are k_pe, is 295 KB at T = 256)
-_EXACT_LIMIT = 1 << 20
+# bytes per tensor compared address by address (host memory and time: 8 B and ~0.1 us per byte, so up
+# to ~0.6 s for a pair of interleaved views near the limit; vLLM's q_c and kv_a (k_pe its last 64
+# columns) can be views of one [T, 2112] bf16 GEMM output: q_c is 786 KB at T = 256)
+_EXACT_LIMIT = 1 << 22
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:

@@ -449,7 +449,7 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
         2048 wide, ``logits`` or the lengths shorter than T rows, non-contiguous lengths, neither
         ``context_lens`` nor ``row_lens``, ``next_n`` not 1 or 2, ``max_len`` < 0, a workspace that
         does not fit (``RadixTopkWorkspace.check``), an output sharing memory with an input or
-        another output (views of one allocation over 1 MiB are refused unless provably disjoint by
+        another output (views of one allocation over 4 MiB are refused unless provably disjoint by
         their byte ranges), dirty workspace state (``check_values``).
     RuntimeError : CPU tensors without ``TRITON_INTERPRET=1``.
 
