@@ -460,8 +460,6 @@ def radix_topk(logits: torch.Tensor, context_lens: torch.Tensor | None, topk_ind
     +inf, -NaN below -inf (``torch.topk`` ranks every NaN first); ``run_region`` refuses
     non-finite inputs before they reach the logits.
     """
-    if not isinstance(hist_ready, bool):
-        raise TypeError(f"hist_ready: expected a bool, got {type(hist_ready).__name__}")
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config,
                       check_values, hist_ready, "radix")
     _radix_launch(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, hist_ready,

@@ -37,8 +37,6 @@ def topk(logits, context_lens, topk_indices, *, next_n: int, workspace, row_lens
     >>> out = torch.empty(T, 2048, dtype=torch.int32, device="cuda")
     >>> topk(logits, None, out, next_n=1, workspace=ws, row_lens=lens)  # lens: int32 [T]
     """
-    if not isinstance(hist_ready, bool):
-        raise TypeError(f"hist_ready: expected a bool, got {type(hist_ready).__name__}")
     _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row_lens, max_len, config,
                       check_values, hist_ready, (config or RadixTopkConfig()).algo)
     cfg = config or RadixTopkConfig()

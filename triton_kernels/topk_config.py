@@ -252,6 +252,8 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
     (all from metadata: capturable); then, with ``check_values`` (None: unless a CUDA graph is being
     captured), the workspace's clean state from its values (:meth:`RadixTopkWorkspace.check_clean`:
     one host sync; ``hist`` too when ``algo`` is the radix algorithm that runs and not ``hist_ready``)."""
+    if not isinstance(hist_ready, bool):
+        raise TypeError(f"hist_ready: expected a bool, got {type(hist_ready).__name__}")
     for name, x in (("logits", logits), ("topk_indices", topk_indices)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
