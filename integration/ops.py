@@ -74,6 +74,7 @@ import weakref
 import torch
 
 from smpart.triton_kernels import dims
+from smpart.triton_kernels.topk_config import is_capturing as _is_capturing
 from smpart.region import PATHS, RegionArgs, run_region
 from smpart.workspace import RegionWorkspace
 
@@ -107,10 +108,6 @@ def log_off_once(reason: str) -> None:
 def register_layer(name: str, layer) -> None:
     """Make ``layer`` (the MLA wrapper) findable by the op's fallback under ``name``."""
     _LAYERS[name] = weakref.ref(layer)
-
-
-def _is_capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _round_up(x: int, m: int) -> int:

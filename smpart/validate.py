@@ -12,10 +12,7 @@ from __future__ import annotations
 import torch
 
 from .triton_kernels import dims
-
-
-def _is_capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+from .triton_kernels.topk_config import is_capturing as _is_capturing
 
 
 def _check(name: str, t, dtype: torch.dtype, shape: tuple, device: torch.device, contiguous: bool = True):
@@ -30,7 +27,6 @@ def _check(name: str, t, dtype: torch.dtype, shape: tuple, device: torch.device,
         raise ValueError(f"{name}: expected device {device} (the device of q_c), got {t.device}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
-
 
 
 def check_args_type(args, name: str = "args") -> None:

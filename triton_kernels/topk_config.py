@@ -307,12 +307,14 @@ def _check_radix_args(logits, context_lens, topk_indices, next_n, workspace, row
                            "triton), or pass CUDA tensors")
     if check_values is not None and not isinstance(check_values, bool):
         raise TypeError(f"check_values: expected a bool or None, got {check_values!r}")
-    if check_values if check_values is not None else not _capturing():
+    if check_values if check_values is not None else not is_capturing():
         workspace.check_clean(T, hist=algo == "radix" and not hist_ready)
 
 
-def _capturing() -> bool:
-    """Is a CUDA graph being captured on the current stream (no host reads then)?"""
+def is_capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (then no host read or
+    allocation may happen); False without CUDA. The one definition the runtime
+    (``smpart.validate``) and the plugin (``integration.ops``) use too."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
